@@ -1,0 +1,30 @@
+"""The installed package and its command-line entry points."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import hysac_jax
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version_is_a_release_string():
+  parts = hysac_jax.__version__.split(".")
+  assert len(parts) == 3 and all(p.isdigit() for p in parts)
+
+
+def test_cli_help_prints_usage():
+  for script in ("train.py", "eval.py"):
+    out = subprocess.run([sys.executable, str(ROOT / script), "--help"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    # absl prints the usage and exits with status 1 after --help.
+    assert out.returncode in (0, 1), out.stderr
+    assert "--config" in out.stdout and "--workdir" in out.stdout
+
+
+def test_bundled_vocabulary_ships_with_its_licence():
+  import importlib_resources
+  assets = importlib_resources.files("hysac_jax.data") / "assets"
+  assert (assets / "bpe_simple_vocab_16e6.txt.gz").is_file()
+  assert "MIT" in (assets / "LICENSE-CLIP-BPE").read_text()
