@@ -1,0 +1,59 @@
+"""HySAC on ViSU with CLIP ViT-L/14: the paper recipe (SPEC.md §2-3).
+
+  python train.py --config configs/vitl14.py --workdir runs/vitl14 \
+      --config.data.manual_dir=/data/visu
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.size = "vitl14"  # named size (hysac_jax.models.sizes), used when `clip` is empty
+  c.model.clip = "openai/clip-vit-large-patch14"  # HF dir or hub id; "" = random init of `size`
+  c.model.mode = "hyp"  # "hyp" (HySAC) or "euc" (CLIP baseline, cosine logits)
+  c.model.dtype = "bfloat16"  # tower compute dtype; params, geometry and losses stay float32
+  c.model.remat = False
+  c.model.curv_init = 1.0
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 16
+  c.model.lora.alpha = 1.0
+  c.model.lora.dropout = 0.1
+  c.model.lora.targets = ("k_proj", "v_proj", "out_proj", "fc1", "fc2",
+                          "patch_embedding")
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.entail_weight = 1.0  # lambda of SPEC §3
+  c.loss.aperture_scale = 1.0
+  c.loss.local_negatives = False  # True reproduces the release (local batch only)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.2  # LoRA matrices only; 0 on the head scalars
+  c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
+  c.optim.schedule = "constant"  # or "warmup_cosine" (MERU: linear warm-up, cos^2 decay)
+  c.optim.warmup_steps = 0
+  c.optim.accum_steps = 1  # gradient accumulation micro-batches
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "visu"  # visu | synthetic_visu
+  c.data.data_dir = "~/tensorflow_datasets"
+  c.data.manual_dir = ""  # ViSU JSON files + COCO + unsafe images (visu only)
+  c.data.batch_size_per_device = 32
+  c.data.eval_batch_size_per_device = 64
+  c.data.num_workers = 4
+  c.data.augment = False  # random-resized-crop, off as in the release
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 50
+  c.train.patience = 5  # early stopping on validation loss and recall sum
+  c.train.log_every = 50
+  c.train.keep_last = 2
+  c.train.use_wandb = False
+  return c
