@@ -1,0 +1,110 @@
+"""Orbax checkpoints of a training run.
+
+A run directory holds three Orbax managers:
+
+  checkpoints/<step>/   the last `keep_last` checkpoints (resume from here)
+  best_loss/<step>/     the checkpoint with the lowest validation loss
+  best_recall/<step>/   the checkpoint with the highest validation recall sum
+
+Each checkpoint has three items: `state` (a pytree of arrays: trainable params,
+optimizer state, step, RNG key), `data` (the input iterator's state, JSON) and
+`meta` (epoch, early-stopping counters and metrics, JSON). Orbax writes into a
+temporary directory and renames it when complete, so a crash mid-save never
+leaves a checkpoint that looks finished.
+"""
+
+import math
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+LAST, BEST_LOSS, BEST_RECALL = "checkpoints", "best_loss", "best_recall"
+
+
+def _manager(directory, max_to_keep):
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def _check_finite(tree, what):
+  """Raises if any floating leaf holds NaN or Inf: never save such a state."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    arr = np.asarray(jax.device_get(leaf)) if not hasattr(
+        leaf, "is_fully_addressable") or leaf.is_fully_addressable else None
+    if arr is not None and np.issubdtype(arr.dtype, np.floating):
+      if not np.isfinite(arr).all():
+        raise FloatingPointError(
+            f"refusing to save {what}: {jax.tree_util.keystr(path)} holds "
+            "NaN or Inf")
+
+
+class RunCheckpoints:
+  """The last-N and best-by-metric checkpoints of one run directory."""
+
+  def __init__(self, workdir, keep_last=2):
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.workdir = workdir
+    self.managers = {
+        LAST: _manager(os.path.join(workdir, LAST), keep_last),
+        BEST_LOSS: _manager(os.path.join(workdir, BEST_LOSS), 1),
+        BEST_RECALL: _manager(os.path.join(workdir, BEST_RECALL), 1),
+    }
+
+  def save(self, step, state, data_state, meta, kind=LAST):
+    """Saves `state` (pytree), `data_state` and `meta` (JSON-able) at `step`."""
+    _check_finite(state, f"checkpoint {kind}/{step}")
+    manager = self.managers[kind]
+    if step in manager.all_steps():
+      return
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(_json_safe(meta))))
+    manager.wait_until_finished()
+
+  def latest_step(self, kind=LAST):
+    return self.managers[kind].latest_step()
+
+  def restore(self, abstract_state, step=None, kind=LAST):
+    """Restores (state, data_state, meta); None when there is no checkpoint.
+
+    Args:
+      abstract_state: a pytree of `jax.ShapeDtypeStruct` (with shardings) or
+        arrays giving the structure, dtypes and target placement; arrays are
+        resharded onto it, so a run can resume on another device count.
+      step: which step; the latest when None.
+      kind: LAST, BEST_LOSS or BEST_RECALL.
+    """
+    manager = self.managers[kind]
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                  abstract_state)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return restored.state, restored.data, restored.meta
+
+  def close(self):
+    for manager in self.managers.values():
+      manager.close()
+
+
+def _json_safe(tree):
+  """Converts numpy / jax scalars (and non-finite floats) for JSON."""
+  if isinstance(tree, dict):
+    return {str(k): _json_safe(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_json_safe(v) for v in tree]
+  if hasattr(tree, "item") and np.ndim(tree) == 0:
+    tree = tree.item()
+  if isinstance(tree, float) and not math.isfinite(tree):
+    return str(tree)
+  return tree

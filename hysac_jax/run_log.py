@@ -1,0 +1,68 @@
+"""Metric logging for a run: metrics.jsonl, TensorBoard and (optionally) W&B.
+
+Only process 0 writes; other processes get a writer that drops everything, so
+callers never need to check the process index themselves.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+
+def _scalar(value):
+  value = np.asarray(jax.device_get(value))
+  return value.item() if value.ndim == 0 else value.tolist()
+
+
+class RunLog:
+  """Writes `{"step", "kind", **metrics}` lines and TensorBoard scalars."""
+
+  def __init__(self, workdir, use_wandb=False, config=None, enabled=None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._tb = self._wandb = self._jsonl = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a",
+                       encoding="utf-8")
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if use_wandb:
+      try:
+        import wandb
+      except ImportError as e:
+        raise ImportError("config.train.use_wandb=True but wandb is not "
+                          "installed: pip install wandb") from e
+      self._wandb = wandb.init(
+          dir=workdir, config=config.to_dict() if config is not None else None,
+          resume="allow", id=os.path.basename(os.path.normpath(workdir)))
+
+  def write(self, step, metrics, kind="train"):
+    """Logs a dict of scalars at `step` under `kind` ("train", "val", ...)."""
+    if not self.enabled:
+      return
+    values = {k: _scalar(v) for k, v in metrics.items()}
+    line = {"step": int(step), "kind": kind, "time": time.time(), **values}
+    # NaN/Inf are written as strings: strict JSON has no literal for them.
+    line = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in line.items()}
+    self._jsonl.write(json.dumps(line, default=str) + "\n")
+    self._jsonl.flush()
+    for name, value in values.items():
+      if isinstance(value, (int, float)) and math.isfinite(value):
+        self._tb.add_scalar(f"{kind}/{name}", value, int(step))
+    self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log({f"{kind}/{k}": v for k, v in values.items()},
+                      step=int(step))
+
+  def close(self):
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
