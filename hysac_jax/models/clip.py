@@ -1,0 +1,384 @@
+"""Flax CLIP text and vision towers (Hugging Face `CLIPModel` layout), with LoRA.
+
+Behaviour is that of Hugging Face `CLIPTextModelWithProjection` and
+`CLIPVisionModelWithProjection` (SPEC.md §2): pre-LayerNorm blocks, quick-GELU
+(or GELU per config), a causal text mask with pooling at the end-of-text
+token, a vision class token with learned positions and `pre_layrnorm`, pooled
+= `post_layernorm(class token)`, and bias-free patch conv and projections.
+
+Param names follow Hugging Face (`text_model/encoder/layers_3/self_attn/
+k_proj/kernel`), so that `hysac_jax.convert` is a rename plus a transpose.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hysac_jax.models import lora as lora_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """The text transformer. `eos_token_id` None or 2 -> pool at argmax(ids)."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  max_position_embeddings: int
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  eos_token_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """The ViT image tower."""
+  image_size: int
+  patch_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_channels: int = 3
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """Both towers and the shared projection width."""
+  text: TextConfig
+  vision: VisionConfig
+  projection_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """LoRA on both towers (SPEC.md §2). `rank` 0 means no LoRA."""
+  rank: int = 16
+  alpha: float = 1.0
+  dropout: float = 0.1
+  targets: tuple[str, ...] = ("k_proj", "v_proj", "out_proj", "fc1", "fc2",
+                              "patch_embedding")
+
+
+def quick_gelu(x):
+  """OpenAI CLIP's `x · sigmoid(1.702 x)`."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def activation(name):
+  """The activation function of a HF `hidden_act` name."""
+  if name not in _ACTIVATIONS:
+    raise ValueError(f"unsupported hidden_act {name!r}; known: "
+                     f"{sorted(_ACTIVATIONS)}")
+  return _ACTIVATIONS[name]
+
+
+def _lora_kwargs(lora, name):
+  """LoRA attributes for the layer called `name` (none when not targeted)."""
+  if lora is None or lora.rank <= 0 or name not in lora.targets:
+    return {}
+  return dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention, computed head-major (B, heads, L, head_dim)."""
+  hidden_size: int
+  num_heads: int
+  lora: LoRAConfig | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic=True):
+    """x: (B, L, D); bias: None or additive (L, L) float32 -> (B, L, D)."""
+    b, l, d = x.shape
+    h = self.num_heads
+    hd = d // h
+
+    def proj(name):
+      return lora_lib.LoRADense(d, dtype=self.dtype, name=name,
+                                **_lora_kwargs(self.lora, name))
+
+    def heads(t):  # (B, L, D) -> (B, H, L, hd)
+      return t.reshape(b, l, h, hd).transpose(0, 2, 1, 3)
+
+    q = heads(proj("q_proj")(x, deterministic) * jnp.asarray(hd**-0.5,
+                                                              self.dtype))
+    k = heads(proj("k_proj")(x, deterministic))
+    v = heads(proj("v_proj")(x, deterministic))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k,
+                        preferred_element_type=jnp.float32)
+    if bias is not None:
+      scores = scores + bias
+    # Softmax in float32 (as HF does), then back to the compute dtype.
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    out = out.transpose(0, 2, 1, 3).reshape(b, l, d)
+    return proj("out_proj")(out, deterministic)
+
+
+class MLP(nn.Module):
+  """fc1 -> activation -> fc2."""
+  hidden_size: int
+  intermediate_size: int
+  hidden_act: str
+  lora: LoRAConfig | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    """x: (B, L, D) -> (B, L, D)."""
+    y = lora_lib.LoRADense(self.intermediate_size, dtype=self.dtype,
+                           name="fc1", **_lora_kwargs(self.lora, "fc1"))(
+                               x, deterministic)
+    y = activation(self.hidden_act)(y)
+    return lora_lib.LoRADense(self.hidden_size, dtype=self.dtype, name="fc2",
+                              **_lora_kwargs(self.lora, "fc2"))(
+                                  y, deterministic)
+
+
+class EncoderLayer(nn.Module):
+  """A pre-LayerNorm transformer block (HF `CLIPEncoderLayer`)."""
+  hidden_size: int
+  intermediate_size: int
+  num_heads: int
+  hidden_act: str
+  layer_norm_eps: float
+  lora: LoRAConfig | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic=True):
+    """x: (B, L, D) -> (B, L, D); `bias` as in `Attention`."""
+    def norm(name):
+      return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                          name=name)
+
+    y = norm("layer_norm1")(x)
+    y = Attention(self.hidden_size, self.num_heads, self.lora, self.dtype,
+                  name="self_attn")(y, bias, deterministic)
+    x = x + y
+    y = norm("layer_norm2")(x)
+    y = MLP(self.hidden_size, self.intermediate_size, self.hidden_act,
+            self.lora, self.dtype, name="mlp")(y, deterministic)
+    return x + y
+
+
+class Encoder(nn.Module):
+  """A stack of `EncoderLayer`s named `layers_0 ... layers_{n-1}`."""
+  num_layers: int
+  hidden_size: int
+  intermediate_size: int
+  num_heads: int
+  hidden_act: str
+  layer_norm_eps: float
+  lora: LoRAConfig | None = None
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic=True):
+    """x: (B, L, D) -> (B, L, D)."""
+    # static_argnums counts `self`: (self, x, bias, deterministic).
+    layer_cls = (nn.remat(EncoderLayer, static_argnums=(3,))
+                 if self.remat else EncoderLayer)
+    for i in range(self.num_layers):
+      x = layer_cls(self.hidden_size, self.intermediate_size, self.num_heads,
+                    self.hidden_act, self.layer_norm_eps, self.lora,
+                    self.dtype, name=f"layers_{i}")(x, bias, deterministic)
+    return x
+
+
+def _embedding_init():
+  return nn.initializers.normal(0.02)
+
+
+class TextTransformer(nn.Module):
+  """HF `CLIPTextTransformer`: ids -> pooled (B, D) before the projection."""
+  config: TextConfig
+  lora: LoRAConfig | None = None
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, input_ids, deterministic=True):
+    """input_ids: (B, L) int, L <= max_position_embeddings -> (B, D)."""
+    cfg = self.config
+    l = input_ids.shape[1]
+    if l > cfg.max_position_embeddings:
+      raise ValueError(f"text length {l} exceeds max_position_embeddings "
+                       f"{cfg.max_position_embeddings}")
+    x = _TextEmbeddings(cfg.vocab_size, cfg.max_position_embeddings,
+                        cfg.hidden_size, name="embeddings")(input_ids)
+    x = x.astype(self.dtype)
+    causal = jnp.tril(jnp.ones((l, l), bool))
+    bias = jnp.where(causal, 0.0, jnp.finfo(jnp.float32).min).astype(
+        jnp.float32)
+    x = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
+                cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps,
+                self.lora, self.dtype, self.remat, name="encoder")(
+                    x, bias, deterministic)
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
+                     name="final_layer_norm")(x)
+    pos = pool_positions(input_ids, cfg.eos_token_id)
+    return jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
+
+
+class _TextEmbeddings(nn.Module):
+  """HF `CLIPTextEmbeddings`: `token_embedding` and `position_embedding`."""
+  vocab_size: int
+  max_positions: int
+  hidden_size: int
+
+  @nn.compact
+  def __call__(self, input_ids):
+    """(B, L) int -> (B, L, D) float32: token + position embeddings."""
+    length = input_ids.shape[1]
+    tok = nn.Embed(self.vocab_size, self.hidden_size,
+                   embedding_init=_embedding_init(), name="token_embedding")
+    pos = nn.Embed(self.max_positions, self.hidden_size,
+                   embedding_init=_embedding_init(), name="position_embedding")
+    return tok(input_ids) + pos.embedding[None, :length]
+
+
+def pool_positions(input_ids, eos_token_id):
+  """The end-of-text position of each sequence (HF's rule).
+
+  Args:
+    input_ids: (B, L) int.
+    eos_token_id: None or 2 (the original OpenAI configs): the position of
+      the highest id (the end-of-text token has the largest id in the OpenAI
+      vocabulary). Otherwise the first position of `eos_token_id`.
+
+  Returns:
+    (B,) int32 positions.
+  """
+  if eos_token_id is None or eos_token_id == 2:
+    return jnp.argmax(input_ids, axis=-1).astype(jnp.int32)
+  return jnp.argmax(input_ids == eos_token_id, axis=-1).astype(jnp.int32)
+
+
+class VisionTransformer(nn.Module):
+  """HF `CLIPVisionTransformer`: pixels -> pooled (B, D) before projection."""
+  config: VisionConfig
+  lora: LoRAConfig | None = None
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, pixels, deterministic=True):
+    """pixels: (B, H, W, C) float, normalised, H = W = image_size -> (B, D)."""
+    cfg = self.config
+    if pixels.shape[1:] != (cfg.image_size, cfg.image_size, cfg.num_channels):
+      raise ValueError(
+          f"pixels must be (B, {cfg.image_size}, {cfg.image_size}, "
+          f"{cfg.num_channels}) NHWC, got {pixels.shape}")
+    x = _VisionEmbeddings(cfg, self.lora, self.dtype, name="embeddings")(
+        pixels, deterministic)
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
+                     name="pre_layrnorm")(x)
+    x = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
+                cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps,
+                self.lora, self.dtype, self.remat, name="encoder")(
+                    x, None, deterministic)
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
+                        name="post_layernorm")(x[:, 0])
+
+
+class _VisionEmbeddings(nn.Module):
+  config: VisionConfig
+  lora: LoRAConfig | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels, deterministic=True):
+    """(B, H, W, C) -> (B, 1 + num_patches, D): class token + patches."""
+    cfg = self.config
+    d = cfg.hidden_size
+    n_pos = (cfg.image_size // cfg.patch_size)**2 + 1
+    cls = self.param("class_embedding", _embedding_init(), (d,), jnp.float32)
+    patches = lora_lib.LoRAPatchConv(
+        d, cfg.patch_size, dtype=self.dtype, name="patch_embedding",
+        **_lora_kwargs(self.lora, "patch_embedding"))(pixels, deterministic)
+    b = patches.shape[0]
+    patches = patches.reshape(b, -1, d)
+    cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d))
+    x = jnp.concatenate([cls, patches], axis=1)
+    pos = nn.Embed(n_pos, d, embedding_init=_embedding_init(),
+                   name="position_embedding")
+    return x + pos.embedding[None].astype(self.dtype)
+
+
+class CLIPModel(nn.Module):
+  """Both CLIP towers with their projections (HF `CLIPModel` without
+  `logit_scale`).
+
+  Attributes:
+    config: `CLIPConfig`.
+    lora: `LoRAConfig`, or None (or rank 0) for no LoRA.
+    dtype: compute dtype (e.g. `jnp.bfloat16`); params stay float32 and the
+      outputs are float32.
+    remat: rematerialise each transformer block in the backward pass.
+
+  `model.init(rng, input_ids, pixels)` creates both towers' params;
+  `model.apply(variables, ids, method="encode_text")` runs one tower.
+  LoRA dropout (when `deterministic=False`) draws from the "dropout" stream.
+  """
+  config: CLIPConfig
+  lora: LoRAConfig | None = None
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    lora = self.lora if (self.lora is not None and self.lora.rank > 0) else None
+    self.text_model = TextTransformer(self.config.text, lora, self.dtype,
+                                      self.remat)
+    self.vision_model = VisionTransformer(self.config.vision, lora,
+                                          self.dtype, self.remat)
+    self.text_projection = lora_lib.LoRADense(
+        self.config.projection_dim, use_bias=False, dtype=self.dtype)
+    self.visual_projection = lora_lib.LoRADense(
+        self.config.projection_dim, use_bias=False, dtype=self.dtype)
+
+  def encode_text(self, input_ids, deterministic=True):
+    """input_ids: (B, L) int32 -> (B, projection_dim) float32, not normalised."""
+    pooled = self.text_model(input_ids, deterministic)
+    return self.text_projection(pooled).astype(jnp.float32)
+
+  def encode_image(self, pixels, deterministic=True):
+    """pixels: (B, H, W, 3) float32 NHWC, normalised -> (B, projection_dim)
+    float32, not normalised."""
+    pooled = self.vision_model(pixels, deterministic)
+    return self.visual_projection(pooled).astype(jnp.float32)
+
+  def __call__(self, input_ids, pixels, deterministic=True):
+    """Both towers: returns (text (B_t, P), image (B_i, P)) float32."""
+    return (self.encode_text(input_ids, deterministic),
+            self.encode_image(pixels, deterministic))
+
+
+def dummy_inputs(config, batch=1):
+  """Zero inputs of the right shapes for `CLIPModel.init`.
+
+  Returns:
+    (input_ids (batch, max_position_embeddings) int32,
+     pixels (batch, image_size, image_size, num_channels) float32).
+  """
+  ids = jnp.zeros((batch, config.text.max_position_embeddings), jnp.int32)
+  v = config.vision
+  pixels = jnp.zeros((batch, v.image_size, v.image_size, v.num_channels),
+                     jnp.float32)
+  return ids, pixels

@@ -1,0 +1,295 @@
+"""LoRA (low-rank adaptation) layers for the CLIP towers, and merging.
+
+A LoRA layer computes `y = x W + b + s · B(A(drop(x)))` with `s = alpha / r`
+(SPEC.md §2). The base `kernel` is frozen by the optimizer; `lora_A` and
+`lora_B` sit beside it in the same param dict, so one labelling function can
+tell them apart by name. The layouts mirror peft transposed into Flax order,
+so conversion from peft is a rename plus a transpose:
+
+| layer | `kernel` | `lora_A` | `lora_B` |
+| --- | --- | --- | --- |
+| `LoRADense` | `(in, out)` | `(in, r)` | `(r, out)` |
+| `LoRAPatchConv` | `(p, p, C, out)` | `(p, p, C, r)` (conv, same stride) | `(1, 1, r, out)` (1x1 conv) |
+
+Two details exist for speed (issue 10's CPU profile):
+- the LoRA branch has a hand-written backward (`lora_branch`, a
+  `jax.custom_vjp`) that contracts over tokens with the small operand
+  transposed, instead of letting XLA transpose a tokens×features array;
+- dropout masks come from uint8 random bits against a threshold
+  (`dropout_keep_mask`), far cheaper than float uniforms.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LORA_A = "lora_A"
+LORA_B = "lora_B"
+
+
+def kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
+  """peft's `kaiming_uniform_(a=sqrt(5))` init for a Flax-layout LoRA `A`.
+
+  With `a = sqrt(5)` the bound is `1 / sqrt(fan_in)`, where `fan_in` is the
+  product of all axes but the last (the rank axis): `in` for a dense layer,
+  `p·p·C` for a conv.
+
+  Args:
+    key: PRNG key.
+    shape: `(in, r)` or `(kh, kw, C, r)`.
+    dtype: param dtype.
+
+  Returns:
+    Array of `shape`, uniform in `[-1/sqrt(fan_in), 1/sqrt(fan_in)]`.
+  """
+  fan_in = int(np.prod(shape[:-1]))
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def dropout_keep_mask(rng, shape, rate):
+  """Draws a Bernoulli keep-mask cheaply from uint8 random bits.
+
+  An element is dropped when its byte is below `t = round(256 · rate)`, so the
+  exact drop rate is `t / 256`: for `rate = 0.1`, `t = 26` and the drop rate
+  is 26/256 = 0.1015625 (the keep probability is 230/256). Use
+  `keep_probability(rate)` to rescale kept values so that the expectation is
+  preserved exactly.
+
+  Args:
+    rng: PRNG key.
+    shape: mask shape.
+    rate: nominal drop probability in [0, 1).
+
+  Returns:
+    bool array of `shape`, True where the element is kept.
+  """
+  threshold = _drop_threshold(rate)
+  bits = jax.random.bits(rng, shape, jnp.uint8)
+  return bits >= jnp.uint8(threshold)
+
+
+def _drop_threshold(rate):
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"LoRA dropout rate must be in [0, 1), got {rate}")
+  return int(round(256 * rate))
+
+
+def keep_probability(rate):
+  """The exact keep probability of `dropout_keep_mask` (a multiple of 1/256)."""
+  return 1.0 - _drop_threshold(rate) / 256.0
+
+
+@jax.custom_vjp
+def lora_branch(x, a, b, scale, keep):
+  """`scale · ((x ⊙ keep) @ a) @ b` with a hand-written backward.
+
+  Args:
+    x: (N, in) inputs (already flattened over batch and tokens).
+    a: (in, r) LoRA `A`, same dtype as `x`.
+    b: (r, out) LoRA `B`, same dtype as `x`.
+    scale: scalar (float) multiplier, `alpha / r` divided by the keep
+      probability when dropout is on.
+    keep: (N, in) bool keep-mask, or None for no dropout.
+
+  Returns:
+    (N, out) the LoRA update.
+  """
+  return _lora_forward(x, a, b, scale, keep)[0]
+
+
+def _masked(x, keep):
+  return x if keep is None else jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+def _lora_forward(x, a, b, scale, keep):
+  xm = _masked(x, keep)
+  h = xm @ a  # (N, r): small, kept for the backward pass
+  y = (h @ b) * jnp.asarray(scale, x.dtype)
+  return y, h
+
+
+def _lora_fwd(x, a, b, scale, keep):
+  y, h = _lora_forward(x, a, b, scale, keep)
+  return y, (x, a, b, scale, keep, h)
+
+
+def _lora_bwd(res, g):
+  x, a, b, scale, keep, h = res
+  s = jnp.asarray(scale, g.dtype)
+  gs = g * s  # (N, out)
+  # Contract over tokens with the *small* (N, r) operand transposed, so that
+  # the large (N, in) / (N, out) arrays are read in their natural layout.
+  db = h.T @ gs  # (r, out)
+  dh = gs @ b.T  # (N, r)
+  da = (dh.T @ _masked(x, keep)).T  # (in, r)
+  dx = _masked(dh @ a.T, keep)  # (N, in)
+  return dx, da.astype(a.dtype), db.astype(b.dtype), None, None
+
+
+lora_branch.defvjp(_lora_fwd, _lora_bwd)
+
+
+class LoRADense(nn.Module):
+  """A dense layer (HF `nn.Linear` names) with an optional LoRA branch.
+
+  Params: `kernel (in, out)`, `bias (out,)` when `use_bias`, and when
+  `rank > 0`: `lora_A (in, r)` (Kaiming-uniform) and `lora_B (r, out)` (zeros,
+  so the layer starts equal to the base layer).
+
+  Attributes:
+    features: output width.
+    use_bias: whether the base layer has a bias.
+    rank: LoRA rank; 0 disables LoRA.
+    alpha: LoRA alpha; the update is scaled by `alpha / rank`.
+    dropout: LoRA-input dropout rate (rng stream "dropout"); see
+      `dropout_keep_mask` for the exact rate.
+    dtype: compute dtype; params are `param_dtype`.
+  """
+  features: int
+  use_bias: bool = True
+  rank: int = 0
+  alpha: float = 1.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    """x: (..., in) -> (..., features) in `dtype`."""
+    d_in = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (d_in, self.features),
+                        self.param_dtype)
+    x = x.astype(self.dtype)
+    y = x @ kernel.astype(self.dtype)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    if self.rank > 0:
+      a = self.param(LORA_A, kaiming_uniform_a_sqrt5, (d_in, self.rank),
+                     self.param_dtype)
+      b = self.param(LORA_B, nn.initializers.zeros, (self.rank, self.features),
+                     self.param_dtype)
+      y = y + _apply_lora(self, x, a, b, deterministic).reshape(y.shape)
+    return y
+
+
+class LoRAPatchConv(nn.Module):
+  """The ViT patch embedding: a bias-free conv with stride = kernel = patch.
+
+  Computed as patchify + matmul (identical to the conv with VALID padding:
+  trailing pixels that do not fill a patch are dropped). Params:
+  `kernel (p, p, C, out)` and, when `rank > 0`, peft's conv LoRA: `lora_A
+  (p, p, C, r)` (a conv with the same kernel and stride) and `lora_B
+  (1, 1, r, out)` (a 1x1 conv).
+
+  Attributes: as `LoRADense`, with `features` the embedding width and `patch`
+  the patch size.
+  """
+  features: int
+  patch: int
+  rank: int = 0
+  alpha: float = 1.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels, deterministic=True):
+    """pixels: (B, H, W, C) -> (B, H//p, W//p, features) in `dtype`."""
+    n, h, w, c = pixels.shape
+    p = self.patch
+    gh, gw = h // p, w // p
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (p, p, c, self.features), self.param_dtype)
+    x = pixels[:, :gh * p, :gw * p, :].astype(self.dtype)
+    # (B, gh, p, gw, p, C) -> (B, gh, gw, p, p, C): patch vectors in the
+    # (kh, kw, C) order of the kernel.
+    x = x.reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(n, gh, gw, p * p * c)
+    y = x @ kernel.reshape(p * p * c, self.features).astype(self.dtype)
+    if self.rank > 0:
+      a = self.param(LORA_A, kaiming_uniform_a_sqrt5, (p, p, c, self.rank),
+                     self.param_dtype)
+      b = self.param(LORA_B, nn.initializers.zeros,
+                     (1, 1, self.rank, self.features), self.param_dtype)
+      a = a.reshape(p * p * c, self.rank)
+      b = b.reshape(self.rank, self.features)
+      # Dropout on the conv input is elementwise, so it commutes with
+      # patchifying; mask the patch vectors.
+      y = y + _apply_lora(self, x, a, b, deterministic).reshape(y.shape)
+    return y
+
+
+def _apply_lora(module, x, a, b, deterministic):
+  """Flattens x to (N, in), draws the dropout mask, calls `lora_branch`."""
+  x2 = x.reshape(-1, x.shape[-1])
+  scale = module.alpha / module.rank
+  keep = None
+  if module.dropout > 0.0 and not deterministic:
+    keep = dropout_keep_mask(module.make_rng("dropout"), x2.shape,
+                             module.dropout)
+    scale = scale / keep_probability(module.dropout)
+  return lora_branch(x2, a.astype(x.dtype), b.astype(x.dtype), scale, keep)
+
+
+def lora_delta(lora_a, lora_b, scale):
+  """The merged weight update `scale · A·B` in the base kernel's layout.
+
+  Args:
+    lora_a: `(in, r)` or `(kh, kw, C, r)`.
+    lora_b: `(r, out)` or `(1, 1, r, out)`.
+    scale: `alpha / r`.
+
+  Returns:
+    `(in, out)` or `(kh, kw, C, out)`, float32.
+  """
+  a = jnp.asarray(lora_a, jnp.float32)
+  b = jnp.asarray(lora_b, jnp.float32)
+  r = a.shape[-1]
+  b2 = b.reshape(r, b.shape[-1])
+  return scale * jnp.einsum("...r,ro->...o", a, b2)
+
+
+def merge_lora(params, lora_config):
+  """Folds every LoRA pair into its base kernel and removes the LoRA leaves.
+
+  `kernel ← kernel + (alpha / r) · A·B` wherever a dict holds `kernel`,
+  `lora_A` and `lora_B`. The result has the param tree of a model built
+  without LoRA (`lora=None`).
+
+  Args:
+    params: a param tree (nested dicts); may be wrapped, e.g. `{"params":
+      ...}` or the HySAC tree with a `"clip"` subtree.
+    lora_config: an object with `rank` and `alpha` (`LoRAConfig`); the rank
+      must equal the stored `A`'s last axis.
+
+  Returns:
+    A new tree, the same nesting, without `lora_A` / `lora_B` leaves.
+  """
+  def merge(node, path):
+    if not isinstance(node, dict) and not hasattr(node, "items"):
+      return node
+    node = dict(node)
+    if LORA_A in node or LORA_B in node:
+      if not (LORA_A in node and LORA_B in node and "kernel" in node):
+        raise ValueError(f"incomplete LoRA pair at {'/'.join(path)}: has "
+                         f"{sorted(node)}")
+      a, b = node.pop(LORA_A), node.pop(LORA_B)
+      if a.shape[-1] != lora_config.rank:
+        raise ValueError(
+            f"LoRA rank mismatch at {'/'.join(path)}: lora_A has rank "
+            f"{a.shape[-1]}, lora_config.rank is {lora_config.rank}")
+      kernel = node["kernel"]
+      delta = lora_delta(a, b, lora_config.alpha / lora_config.rank)
+      node["kernel"] = (jnp.asarray(kernel, jnp.float32) + delta).astype(
+          kernel.dtype)
+    return {k: merge(v, path + (k,)) for k, v in node.items()}
+
+  return merge(params, ())
