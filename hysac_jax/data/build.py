@@ -1,0 +1,100 @@
+"""Building and opening the datasets: one entry point for all builders.
+
+  builder = build_dataset("synthetic_visu", data_dir="~/tensorflow_datasets")
+  builder = build_dataset("visu", data_dir=..., manual_dir="/data/visu")
+  builder = build_dataset("visu_text", data_dir=..., manual_dir="/data/visu",
+                          text_files={"test": "visu_test.parquet"})
+
+TFDS writes a dataset into `<name>/<config>/<version>` only by renaming a
+finished `incomplete.*` directory, so a half-written dataset is never taken
+for a complete one. A build that raises removes its temporary directory; one
+killed outright leaves it behind, and the next `build_dataset` deletes such
+leftovers of the same version before starting afresh.
+"""
+
+import os
+import shutil
+
+import tensorflow_datasets as tfds
+
+BUILDERS = ("visu", "visu_text", "synthetic_visu")
+INCOMPLETE_PREFIX = "incomplete."
+
+
+def _builder_class(name):
+  # Imported here: each module registers its builder with TFDS on import.
+  if name == "synthetic_visu":
+    from hysac_jax.data import synthetic
+    return synthetic.SyntheticVisu
+  if name == "visu":
+    from hysac_jax.data import visu
+    return visu.Visu
+  if name == "visu_text":
+    from hysac_jax.data import visu_text
+    return visu_text.VisuText
+  raise ValueError(f"unknown dataset {name!r}; expected one of {BUILDERS}")
+
+
+def get_builder(name, data_dir, **builder_kwargs):
+  """Instantiates a builder (array_record files) without building it.
+
+  Args:
+    name: one of `BUILDERS`.
+    data_dir: the TFDS data directory (`~` is expanded).
+    **builder_kwargs: builder options, e.g. `skip_invalid=True`,
+      `split_files={...}` (visu), `text_files={...}` (visu_text),
+      `config=synthetic.synthetic_config(...)` (synthetic_visu).
+  """
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  return _builder_class(name)(data_dir=data_dir, file_format="array_record",
+                              **builder_kwargs)
+
+
+def remove_stale_incomplete(builder):
+  """Deletes `incomplete.*` directories a killed build of this version left.
+
+  Returns:
+    The removed paths.
+  """
+  final = os.fspath(builder.data_path)
+  parent, version = os.path.split(final)
+  removed = []
+  if not os.path.isdir(parent):
+    return removed
+  for entry in os.listdir(parent):
+    # TFDS names them `incomplete.<random>_<version>`.
+    if entry.startswith(INCOMPLETE_PREFIX) and entry.endswith("_" + version):
+      path = os.path.join(parent, entry)
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+  return removed
+
+
+def build_dataset(name, data_dir, manual_dir=None, **builder_kwargs):
+  """Builds the dataset if it is not complete yet; returns the builder.
+
+  Call it from one process (e.g. `jax.process_index() == 0`) before the
+  others open the data.
+
+  Args:
+    name: "visu", "visu_text" or "synthetic_visu".
+    data_dir: where the TFDS dataset lives or will be written.
+    manual_dir: the user's files (visu, visu_text); unused by synthetic_visu.
+    **builder_kwargs: passed to `get_builder`.
+
+  Returns:
+    The prepared `tfds.core.DatasetBuilder`; read it with
+    `builder.as_data_source()` or `hysac_jax.data.pipeline`.
+  """
+  builder = get_builder(name, data_dir, **builder_kwargs)
+  if builder.is_prepared():
+    return builder
+  for path in remove_stale_incomplete(builder):
+    print(f"removed the leftovers of an interrupted build: {path}")
+  config = None
+  if manual_dir:
+    config = tfds.download.DownloadConfig(
+        manual_dir=os.path.expanduser(os.fspath(manual_dir)))
+  builder.download_and_prepare(download_config=config,
+                               file_format="array_record")
+  return builder

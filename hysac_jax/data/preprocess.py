@@ -1,0 +1,115 @@
+"""CLIP image preprocessing: decode, resize, crop, normalise.
+
+`clip_preprocess` reproduces the slow (PIL) `transformers.CLIPImageProcessor`:
+convert to RGB, resize the shorter side to `image_size` with PIL bicubic
+(longer side `int(image_size * long / short)`), centre crop with offset
+`(size - crop) // 2`, scale to [0, 1], normalise with the OpenAI CLIP mean and
+std. `random_resized_crop` is the optional training augmentation (off by
+default, as in the HySAC release).
+"""
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def decode_image(data):
+  """Decodes JPEG/PNG bytes into an RGB PIL image (fully loaded).
+
+  Raises:
+    OSError / PIL.UnidentifiedImageError: unreadable or truncated bytes.
+  """
+  img = Image.open(io.BytesIO(data))
+  img.load()  # Forces the full decode, so truncated files fail here.
+  return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _to_pil(image):
+  if isinstance(image, (bytes, bytearray)):
+    return decode_image(bytes(image))
+  if isinstance(image, np.ndarray):
+    return Image.fromarray(np.asarray(image, np.uint8))
+  return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _normalise(pixels_uint8):
+  """uint8 (H, W, 3) -> float32 (H, W, 3) in CLIP-normalised units."""
+  x = pixels_uint8.astype(np.float32) * np.float32(1 / 255)
+  return (x - CLIP_MEAN) / CLIP_STD
+
+
+def resize_shorter_side(img, size):
+  """Bicubic resize so that the shorter side is `size` (HF's rounding)."""
+  w, h = img.size
+  if w <= h:
+    new_w, new_h = size, int(size * h / w)
+  else:
+    new_w, new_h = int(size * w / h), size
+  if (new_w, new_h) == (w, h):
+    return img
+  return img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+
+
+def clip_preprocess(image, image_size):
+  """The CLIP evaluation transform.
+
+  Args:
+    image: encoded bytes, a PIL image, or a uint8 (H, W, 3) array.
+    image_size: output side length.
+
+  Returns:
+    float32 (image_size, image_size, 3), NHWC channel order, normalised.
+  """
+  img = resize_shorter_side(_to_pil(image), image_size)
+  pixels = np.asarray(img, np.uint8)
+  h, w = pixels.shape[:2]
+  top, left = (h - image_size) // 2, (w - image_size) // 2
+  pixels = pixels[top:top + image_size, left:left + image_size]
+  return _normalise(pixels)
+
+
+def random_resized_crop(image, image_size, rng, scale=(0.5, 1.0),
+                        ratio=(3 / 4, 4 / 3)):
+  """Random-resized-crop augmentation (torchvision's sampling rule).
+
+  A box covering `scale` of the area with aspect ratio in `ratio` (sampled in
+  log space) is cut out and resized bicubically to the output size; after 10
+  failed draws it falls back to the centre crop. MERU uses scale (0.5, 1).
+
+  Args:
+    image: encoded bytes, a PIL image, or a uint8 (H, W, 3) array.
+    image_size: output side length.
+    rng: a `np.random.Generator`; the crop is a pure function of its state.
+    scale: range of the crop area as a fraction of the image area.
+    ratio: range of the crop aspect ratio (width / height).
+
+  Returns:
+    float32 (image_size, image_size, 3), normalised.
+  """
+  img = _to_pil(image)
+  w, h = img.size
+  area = w * h
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw = int(round(math.sqrt(target * aspect)))
+    ch = int(round(math.sqrt(target / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      left = int(rng.integers(0, w - cw + 1))
+      top = int(rng.integers(0, h - ch + 1))
+      box = (left, top, left + cw, top + ch)
+      out = img.resize((image_size, image_size),
+                       resample=Image.Resampling.BICUBIC, box=box)
+      return _normalise(np.asarray(out, np.uint8))
+  return clip_preprocess(img, image_size)
+
+
+def denormalise(pixels):
+  """Inverse of the normalisation: float (..., 3) -> values in [0, 1]."""
+  return np.clip(np.asarray(pixels) * CLIP_STD + CLIP_MEAN, 0.0, 1.0)
