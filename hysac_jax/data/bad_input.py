@@ -88,6 +88,11 @@ class SkipLog:
     with open(path, "w") as f:
       json.dump({"split": self.split, "count": len(self.skipped),
                  "skipped": self.skipped}, f, indent=1)
+    # TFDS builds in `incomplete.<tag>_<version>` and renames it when done.
+    parent, base = os.path.split(os.fspath(directory))
+    if base.startswith("incomplete.") and "_" in base:
+      base = base.split("_", 1)[1]
+    final = os.path.join(parent, base, os.path.basename(path))
     print(f"{self.split}: skipped {len(self.skipped)} invalid record(s); "
-          f"report: {path}")
+          f"report: {final}")
     return path

@@ -114,9 +114,9 @@ def _shape_sdf(shape, xs, ys, cx, cy, r):
   if shape == "circle":
     return np.sqrt(dx**2 + dy**2) - r
   if shape == "square":
-    return np.maximum(dx, np.abs(dy)) - 0.85 * r
+    return np.maximum(dx, np.abs(dy)) - 0.8 * r
   if shape == "diamond":
-    return (dx + np.abs(dy) - 1.15 * r) / np.sqrt(2)
+    return (dx + np.abs(dy) - r) / np.sqrt(2)
   if shape == "triangle":  # apex up, base at cy + 0.8 r
     base = dy - 0.8 * r
     # Sides through the apex (cx, cy - r) and the base corners (cx ± r, ...).
@@ -135,8 +135,8 @@ def _paint(canvas, sdf, colour):
 def draw_scene(scene, rng, image_size, unsafe=False):
   """Draws a scene on a random layout.
 
-  Objects sit in distinct cells of a 2x2 grid (jittered), so counts stay
-  countable; `unsafe` adds the slash band and splatter on top.
+  Objects sit in distinct cells of a 2x2 grid, jittered but never touching
+  (radius <= 0.38 cell, jitter <= 0.04 image), so counts stay countable; `unsafe` adds the slash band and splatter on top.
 
   Returns:
     uint8 (image_size, image_size, 3).
@@ -146,10 +146,10 @@ def draw_scene(scene, rng, image_size, unsafe=False):
   canvas = np.empty((image_size, image_size, 3), np.float32)
   canvas[:] = np.array(BACKGROUNDS[scene.background], np.float32) / 255
   cell = s / 2
-  radius = cell * (0.42 if scene.size == "large" else 0.24)
+  radius = cell * (0.38 if scene.size == "large" else 0.22)
   colour = np.array(COLOURS[scene.colour], np.float32) / 255
   for c in rng.permutation(4)[:scene.count]:
-    jitter = rng.uniform(-0.08, 0.08, size=2) * s
+    jitter = rng.uniform(-0.04, 0.04, size=2) * s
     cx = (c % 2 + 0.5) * cell + jitter[0]
     cy = (c // 2 + 0.5) * cell + jitter[1]
     _paint(canvas, _shape_sdf(scene.shape, xs, ys, cx, cy, radius), colour)
