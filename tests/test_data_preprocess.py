@@ -1,0 +1,96 @@
+"""CLIP preprocessing against transformers' slow (PIL) CLIPImageProcessor."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hysac_jax.data import preprocess
+
+
+def _encoded(rng, h, w, fmt="JPEG", mode="RGB"):
+  pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+  img = Image.fromarray(pixels).convert(mode)
+  buf = io.BytesIO()
+  img.save(buf, fmt)
+  return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def slow_processor():
+  transformers = pytest.importorskip("transformers")
+  del transformers
+  from transformers.models.clip import image_processing_pil_clip
+
+  def make(size):
+    return image_processing_pil_clip.CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size})
+  return make
+
+
+@pytest.mark.parametrize("h,w,size,fmt,mode", [
+    (100, 150, 64, "JPEG", "RGB"),   # landscape, downscale
+    (151, 97, 64, "JPEG", "RGB"),    # portrait, odd sizes
+    (64, 64, 64, "PNG", "RGB"),      # already the right size
+    (40, 70, 64, "PNG", "RGBA"),     # upscale, alpha dropped
+    (120, 90, 32, "JPEG", "L"),      # greyscale -> RGB
+    (333, 500, 224, "JPEG", "RGB"),  # a COCO-like image at CLIP size
+])
+def test_clip_preprocess_matches_slow_hf_processor(slow_processor, h, w, size,
+                                                   fmt, mode):
+  data = _encoded(np.random.default_rng(h * w), h, w, fmt, mode)
+  ref = slow_processor(size)(images=Image.open(io.BytesIO(data)),
+                             return_tensors="np")["pixel_values"][0]
+  ref = ref.transpose(1, 2, 0)  # CHW -> HWC
+  ours = preprocess.clip_preprocess(data, size)
+  assert ours.shape == (size, size, 3) and ours.dtype == np.float32
+  # Compare in [0, 1] pixel units: within 1/255 per pixel.
+  err = np.abs(ours - ref) * preprocess.CLIP_STD
+  assert err.max() <= 1 / 255
+
+
+def test_clip_preprocess_accepts_arrays_and_pil_alike():
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)
+  a = preprocess.clip_preprocess(pixels, 32)
+  b = preprocess.clip_preprocess(Image.fromarray(pixels), 32)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_normalisation_is_clip_mean_std_in_float64():
+  pixels = np.full((8, 8, 3), 200, np.uint8)
+  out = preprocess.clip_preprocess(pixels, 8)
+  want = (200 / 255 - np.array([0.48145466, 0.4578275, 0.40821073],
+                               np.float64)) / np.array(
+                                   [0.26862954, 0.26130258, 0.27577711])
+  np.testing.assert_allclose(out[0, 0], want, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(preprocess.denormalise(out), 200 / 255,
+                             atol=1e-6)
+
+
+def test_random_resized_crop_is_a_pure_function_of_the_rng():
+  data = _encoded(np.random.default_rng(1), 80, 120)
+  a = preprocess.random_resized_crop(data, 32, np.random.default_rng(5))
+  b = preprocess.random_resized_crop(data, 32, np.random.default_rng(5))
+  c = preprocess.random_resized_crop(data, 32, np.random.default_rng(6))
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (32, 32, 3) and a.dtype == np.float32
+  assert not np.array_equal(a, c)
+  assert not np.array_equal(a, preprocess.clip_preprocess(data, 32))
+
+
+def test_random_resized_crop_full_square_box_is_a_plain_resize():
+  pixels = np.random.default_rng(2).integers(0, 256, (48, 48, 3), np.uint8)
+  out = preprocess.random_resized_crop(pixels, 24, np.random.default_rng(0),
+                                       scale=(1.0, 1.0), ratio=(1.0, 1.0))
+  ref = np.asarray(Image.fromarray(pixels).resize(
+      (24, 24), Image.Resampling.BICUBIC), np.float32) / 255
+  np.testing.assert_allclose(preprocess.denormalise(out), ref, atol=1e-6)
+
+
+def test_decode_image_rejects_truncated_bytes():
+  data = _encoded(np.random.default_rng(3), 64, 64)
+  with pytest.raises(OSError):
+    preprocess.decode_image(data[:len(data) // 2])
