@@ -1,0 +1,622 @@
+"""PyTorch / Hugging Face CLIP and HySAC checkpoints -> Flax params; export.
+
+Our param names are the Hugging Face `CLIPModel` names (see
+`hysac_jax/models/clip.py`), so conversion is a rename plus a transpose:
+
+| Flax leaf | PyTorch key suffix | transform |
+| --- | --- | --- |
+| `.../kernel` (dense) | `weight` `(out, in)` | transpose |
+| `patch_embedding/kernel` | `weight` `(out, C, p, p)` | `(p, p, C, out)` |
+| `.../lora_A`, `.../lora_B` | `lora_A.weight`, `lora_B.weight` | as the kernel |
+| LayerNorm `scale` / `bias` | `weight` / `bias` | none |
+| `.../embedding` | `weight` | none |
+| `layers_3` | `layers.3` | |
+
+Entry points:
+- `clip_params_from_hf(path)`: a Hugging Face CLIP directory or hub id ->
+  `(CLIPConfig, params)`.
+- `hysac_params_from_pytorch(checkpoint, clip_path)`: a checkpoint in the
+  HySAC release layout -> `(CLIPConfig, LoRAConfig, HySAC params)`.
+- `save_pretrained(out_dir, ...)` / `load_pretrained(out_dir)`: the converted
+  directory, read back as a model with `encode_image` / `encode_text`.
+- CLI: `python -m hysac_jax.convert --clip PATH_OR_ID
+  [--hysac-checkpoint FILE] --out DIR`.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from hysac_jax.models.clip import (CLIPConfig, CLIPModel, LoRAConfig,
+                                   TextConfig, VisionConfig, dummy_inputs)
+from hysac_jax.models.lora import LORA_A, LORA_B
+from hysac_jax.models.sizes import clip_config_from_hf
+
+FORMAT = "hysac_jax.pretrained"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.safetensors"
+HEAD_FILE = "head.json"
+
+# Keys that carry no weights we use: buffers and CLIP's own logit scale.
+_IGNORED_HF = re.compile(r"(^|\.)(position_ids|logit_scale)$")
+# The release also stores the image-normalisation buffers of its model.
+_IGNORED_RELEASE = re.compile(r"(^|\.)(position_ids|pixel_mean|pixel_std)$")
+# Release head scalars (all stored as logarithms, as in MERU) -> our names.
+RELEASE_HEAD = {"curv": "log_curv", "visual_alpha": "log_alpha_image",
+                "textual_alpha": "log_alpha_text",
+                "logit_scale": "log_logit_scale"}
+_TOWERS = {"visual": ("vision_model.", "visual_projection."),
+           "textual": ("text_model.", "text_projection.")}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not match the model (names the file and keys)."""
+
+
+# --------------------------------------------------------------------------
+# Name mapping (pure functions).
+
+
+def torch_key(path):
+  """The PyTorch state-dict key of a Flax param path.
+
+  Args:
+    path: tuple of names, e.g. `("text_model", "encoder", "layers_0",
+      "self_attn", "k_proj", "kernel")`.
+
+  Returns:
+    e.g. `"text_model.encoder.layers.0.self_attn.k_proj.weight"`.
+  """
+  *mods, leaf = path
+  mods = [re.sub(r"^layers_(\d+)$", r"layers.\1", m) for m in mods]
+  if leaf == "class_embedding":
+    return ".".join(mods + [leaf])
+  suffix = {"kernel": "weight", "scale": "weight", "embedding": "weight",
+            "bias": "bias", LORA_A: f"{LORA_A}.weight",
+            LORA_B: f"{LORA_B}.weight"}.get(leaf)
+  if suffix is None:
+    raise ValueError(f"no PyTorch name for param {'/'.join(path)}")
+  return ".".join(mods + [suffix])
+
+
+def _to_flax(path, array):
+  """PyTorch layout -> Flax layout for the leaf at `path`."""
+  if path[-1] in ("kernel", LORA_A, LORA_B):
+    if array.ndim == 2:
+      return array.T
+    if array.ndim == 4:  # conv (out, in, kh, kw) -> (kh, kw, in, out)
+      return array.transpose(2, 3, 1, 0)
+  return array
+
+
+def _torch_shape(path, flax_shape):
+  """The PyTorch shape that maps to `flax_shape` at `path` (for messages)."""
+  if path[-1] in ("kernel", LORA_A, LORA_B):
+    if len(flax_shape) == 2:
+      return tuple(flax_shape[::-1])
+    if len(flax_shape) == 4:
+      kh, kw, c, o = flax_shape
+      return (o, c, kh, kw)
+  return tuple(flax_shape)
+
+
+def clip_template(config, lora=None):
+  """Flat `{path: ShapeDtypeStruct}` of a `CLIPModel`'s params (no compute)."""
+  model = CLIPModel(config, lora)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          *dummy_inputs(config))
+  return traverse_util.flatten_dict(shapes["params"])
+
+
+def params_from_state_dict(state, config, lora=None, source="checkpoint",
+                           ignore=_IGNORED_HF):
+  """Builds `CLIPModel` params from a state dict with HF `CLIPModel` keys.
+
+  Args:
+    state: dict of PyTorch-layout numpy arrays, keyed like HF `CLIPModel`
+      (`text_model.…`, `vision_model.…`, `text_projection.weight`,
+      `visual_projection.weight`; peft LoRA as `….lora_A.weight`).
+    config: `CLIPConfig`.
+    lora: `LoRAConfig` or None; decides which LoRA keys are expected.
+    source: a name for error messages (the file).
+    ignore: regex of keys that may be present and are skipped.
+
+  Returns:
+    Nested param dict (float32 numpy leaves) in the `CLIPModel` layout.
+
+  Raises:
+    CheckpointError: listing missing and unexpected keys, or naming a key
+      whose shape is wrong with both shapes.
+  """
+  template = clip_template(config, lora)
+  flat, missing, used = {}, [], set()
+  for path, spec in template.items():
+    key = torch_key(path)
+    if key not in state:
+      missing.append(key)
+      continue
+    used.add(key)
+    array = np.asarray(state[key])
+    expected = _torch_shape(path, spec.shape)
+    if tuple(array.shape) != expected:
+      raise CheckpointError(
+          f"{source}: shape mismatch for {key}: checkpoint has "
+          f"{tuple(array.shape)}, the model expects {expected}")
+    flat[path] = np.ascontiguousarray(_to_flax(path, array)).astype(
+        np.float32)
+  unexpected = sorted(k for k in state
+                      if k not in used and not ignore.search(k))
+  if missing or unexpected:
+    if len(missing) == len(template):
+      raise CheckpointError(
+          f"{source} does not look like a CLIP checkpoint: none of the "
+          f"{len(template)} expected keys (e.g. {missing[0]}) is present; it "
+          f"has {len(state)} keys such as {sorted(state)[:5]}")
+    raise CheckpointError(
+        f"{source} does not match the model: {len(missing)} missing keys "
+        f"{_preview(missing)}; {len(unexpected)} unexpected keys "
+        f"{_preview(unexpected)}")
+  return traverse_util.unflatten_dict(flat)
+
+
+def _preview(keys, n=12):
+  shown = ", ".join(keys[:n])
+  return f"[{shown}{', …' if len(keys) > n else ''}]"
+
+
+# --------------------------------------------------------------------------
+# Reading files.
+
+
+def _load_torch_file(path):
+  """A `torch.save`d dict -> {key: numpy array} (torch imported lazily)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs torch: pip install "
+                      "'hysac-jax[torch]' (or convert to safetensors)") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle errors have many types
+    raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
+                          f"{type(e).__name__}: {e}") from e
+  return _state_dict_to_numpy(obj, path)
+
+
+def _state_dict_to_numpy(obj, source):
+  """Unwraps {"model"/"state_dict": …} and converts tensors to numpy."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if isinstance(obj, dict):
+    for wrapper in ("state_dict", "model"):
+      if wrapper in obj and isinstance(obj[wrapper], dict):
+        obj = obj[wrapper]
+        break
+  if not isinstance(obj, dict) or not all(
+      isinstance(v, torch.Tensor) for v in obj.values()):
+    raise CheckpointError(f"{source} is not a state dict of tensors (got "
+                          f"{type(obj).__name__})")
+  return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point()
+          else v.numpy() for k, v in obj.items()}
+
+
+def _resolve_hf_dir(path_or_id):
+  """A local directory, or a hub id downloaded with huggingface_hub."""
+  if os.path.isdir(path_or_id):
+    return path_or_id
+  if os.path.exists(path_or_id):
+    raise CheckpointError(f"{path_or_id} is a file; expected a Hugging Face "
+                          "CLIP directory (config.json + weights) or hub id")
+  try:
+    from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
+    return snapshot_download(
+        path_or_id, allow_patterns=["config.json", "model.safetensors",
+                                    "model.safetensors.index.json",
+                                    "model-*.safetensors"])
+  except Exception as e:
+    raise FileNotFoundError(
+        f"{path_or_id!r} is not a local directory and could not be fetched "
+        f"from the Hugging Face hub ({type(e).__name__}: {e}). Offline? "
+        "Download it elsewhere (huggingface-cli download "
+        f"{path_or_id}) and pass the directory.") from e
+
+
+def load_hf_state_dict(directory):
+  """The weights of a HF CLIP directory as {key: float32 numpy array}.
+
+  Reads `model.safetensors` (or a sharded index) with `safetensors.numpy`,
+  no torch needed; falls back to `pytorch_model.bin` via torch.
+  """
+  st = os.path.join(directory, "model.safetensors")
+  index = os.path.join(directory, "model.safetensors.index.json")
+  binary = os.path.join(directory, "pytorch_model.bin")
+  if os.path.isfile(st):
+    files = [st]
+  elif os.path.isfile(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    files = [os.path.join(directory, s) for s in shards]
+  elif os.path.isfile(binary):
+    return _load_torch_file(binary)
+  else:
+    raise FileNotFoundError(
+        f"no weights in {directory}: expected model.safetensors, "
+        "model.safetensors.index.json or pytorch_model.bin")
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  state = {}
+  for file in files:
+    try:
+      state.update(load_file(file))
+    except Exception as e:
+      raise CheckpointError(f"{file} is not a readable safetensors file: "
+                            f"{e}") from e
+  return state
+
+
+def clip_params_from_hf(path):
+  """Converts a Hugging Face CLIP checkpoint to `CLIPModel` params.
+
+  Args:
+    path: a directory with `config.json` and `model.safetensors` (or
+      `pytorch_model.bin`), or a hub id such as
+      `"openai/clip-vit-large-patch14"` (needs the network or the HF cache).
+
+  Returns:
+    `(CLIPConfig, params)`: params is the nested `CLIPModel` param dict
+    (float32 numpy leaves), without LoRA.
+  """
+  directory = _resolve_hf_dir(os.fspath(path))
+  config = clip_config_from_hf(directory)
+  state = load_hf_state_dict(directory)
+  return config, params_from_state_dict(state, config, None, source=directory)
+
+
+# --------------------------------------------------------------------------
+# The HySAC release layout.
+
+
+def _release_key(key):
+  """Canonical name of a release key: (tower or None, HF-style key).
+
+  Handles `module.` (DDP), peft's `base_model.model.` prefix, the new
+  `base_layer` wrapper and the adapter name (`lora_A.default.weight`).
+  """
+  key = re.sub(r"^module\.", "", key)
+  tower, _, rest = key.partition(".")
+  if tower not in _TOWERS:
+    return None, key
+  rest = re.sub(r"^base_model\.model\.", "", rest)
+  rest = rest.replace(".base_layer.", ".")
+  rest = re.sub(r"\.(lora_[AB])\.(?!weight$)[^.]+\.weight$", r".\1.weight",
+                rest)
+  return tower, rest
+
+
+def _lora_from_state(canonical, alpha, dropout):
+  """The LoRAConfig implied by the LoRA keys present (None if there are none)."""
+  ranks, targets = set(), set()
+  for key, array in canonical.items():
+    m = re.search(r"\.([^.]+)\.lora_A\.weight$", key)
+    if m:
+      ranks.add(int(array.shape[0]))
+      targets.add(m.group(1))
+  if not ranks:
+    return None
+  if len(ranks) > 1:
+    raise CheckpointError(f"LoRA ranks differ across layers: {sorted(ranks)}")
+  order = LoRAConfig().targets
+  return LoRAConfig(rank=ranks.pop(), alpha=alpha, dropout=dropout,
+                    targets=tuple(sorted(targets, key=lambda t: (
+                        order.index(t) if t in order else len(order), t))))
+
+
+def hysac_params_from_pytorch(checkpoint, clip_path, lora_alpha=1.0,
+                              lora_dropout=0.1):
+  """Converts a checkpoint in the HySAC release layout.
+
+  The release (`hysac_model.pth`) is a `torch.save`d `HySAC.state_dict()`:
+  peft-wrapped towers under `visual.base_model.model.vision_model…` /
+  `textual.base_model.model.text_model…` (plus `visual_projection` /
+  `text_projection`), the scalars `curv`, `visual_alpha`, `textual_alpha`,
+  `logit_scale` — all stored as logarithms, as in MERU — and the
+  `pixel_mean` / `pixel_std` buffers (ignored). Both peft layouts are
+  accepted: old (`k_proj.weight`) and new (`k_proj.base_layer.weight`), with
+  or without the adapter name (`lora_A.default.weight` / `lora_A.weight`).
+
+  Args:
+    checkpoint: path to the `.pth` file, or an already loaded state dict
+      (tensors or numpy arrays).
+    clip_path: the base CLIP (HF directory or hub id, only its config.json is
+      read) or a `CLIPConfig`.
+    lora_alpha: LoRA alpha (not stored in the checkpoint; the release uses 1).
+    lora_dropout: LoRA dropout for further training (release: 0.1).
+
+  Returns:
+    `(CLIPConfig, LoRAConfig or None, params)` with params the HySAC tree
+    `{"clip": …, "log_curv", "log_alpha_image", "log_alpha_text",
+    "log_logit_scale"}` (float32 numpy leaves). The rank and targets of the
+    LoRAConfig are read from the checkpoint.
+  """
+  if isinstance(checkpoint, (str, os.PathLike)):
+    source = os.fspath(checkpoint)
+    if not os.path.isfile(source):
+      raise FileNotFoundError(f"HySAC checkpoint not found: {source}")
+    state = _load_torch_file(source)
+  else:
+    source = "HySAC state dict"
+    state = {k: _as_numpy(v) for k, v in checkpoint.items()}
+  config = clip_path if isinstance(clip_path, CLIPConfig) else (
+      clip_config_from_hf(_resolve_hf_config(clip_path)))
+
+  canonical, head, others = {}, {}, []
+  for key, array in state.items():
+    tower, name = _release_key(key)
+    if tower is None:
+      if name in RELEASE_HEAD:
+        head[RELEASE_HEAD[name]] = np.asarray(array, np.float32).reshape(())
+      elif not _IGNORED_RELEASE.search(name):
+        others.append(key)
+      continue
+    if not name.startswith(_TOWERS[tower]):
+      others.append(key)
+      continue
+    canonical[name] = array
+  lora = _lora_from_state(canonical, lora_alpha, lora_dropout)
+  missing_head = [f"{k} (-> {v})" for k, v in RELEASE_HEAD.items()
+                  if v not in head]
+  if not canonical:
+    raise CheckpointError(
+        f"{source} is not a HySAC checkpoint: no `visual.`/`textual.` tower "
+        f"keys; it has {len(state)} keys such as {sorted(state)[:5]}")
+  if missing_head or others:
+    raise CheckpointError(
+        f"{source} does not match the HySAC release layout: missing head "
+        f"scalars {missing_head}; unexpected keys {_preview(sorted(others))}")
+  clip = params_from_state_dict(canonical, config, lora, source=source,
+                                ignore=_IGNORED_RELEASE)
+  return config, lora, {"clip": clip, **head}
+
+
+def _as_numpy(value):
+  if hasattr(value, "detach"):
+    value = value.detach().float().numpy()
+  return np.asarray(value)
+
+
+def _resolve_hf_config(path_or_id):
+  """The config.json of a HF directory or hub id (downloads only that)."""
+  path = os.fspath(path_or_id)
+  if os.path.isdir(path) or os.path.isfile(path):
+    return path
+  try:
+    from huggingface_hub import hf_hub_download  # pylint: disable=g-import-not-at-top
+    return hf_hub_download(path, CONFIG_FILE)
+  except Exception as e:
+    raise FileNotFoundError(
+        f"{path!r} is not a local path and its config.json could not be "
+        f"fetched from the Hugging Face hub ({type(e).__name__}: {e})") from e
+
+
+# --------------------------------------------------------------------------
+# The converted directory.
+
+
+def _config_to_dict(config):
+  return dataclasses.asdict(config)
+
+
+def _config_from_dict(d):
+  return CLIPConfig(text=TextConfig(**d["text"]),
+                    vision=VisionConfig(**d["vision"]),
+                    projection_dim=d["projection_dim"])
+
+
+def initial_head(config, curv_init=1.0):
+  """The HySAC head scalars at their initial values (SPEC.md §2).
+
+  Read from the HySAC module's own initialisers: called without inputs it
+  creates only the four head params.
+  """
+  from hysac_jax.models.hysac import HySAC  # pylint: disable=g-import-not-at-top
+  head = HySAC(config, None, curv_init=curv_init).init(jax.random.key(0))
+  return {k: np.asarray(v, np.float32) for k, v in head["params"].items()}
+
+
+def save_pretrained(out_dir, config, params, lora=None, mode="hyp",
+                    curv_init=1.0, source=None):
+  """Writes a converted HySAC model directory.
+
+  Files: `config.json` (CLIP + LoRA configs, mode, curv_init),
+  `params.safetensors` (float32, keys are `/`-joined param paths, e.g.
+  `clip/text_model/encoder/layers_0/self_attn/k_proj/kernel`) and
+  `head.json` (the four head scalars, stored logs and clamped values, for
+  reading).
+
+  Args:
+    out_dir: directory (created).
+    config: `CLIPConfig`.
+    params: the HySAC params tree (`{"clip": …, "log_curv", …}`).
+    lora: `LoRAConfig` of the LoRA leaves in `params`, or None.
+    mode: "hyp" or "euc".
+    curv_init: c0, which sets the curvature's clamp range.
+    source: optional dict describing where the weights came from.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  meta = {"format": FORMAT, "version": FORMAT_VERSION,
+          "clip": _config_to_dict(config),
+          "lora": None if lora is None else _config_to_dict(lora),
+          "mode": mode, "curv_init": curv_init, "source": source or {}}
+  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+    json.dump(meta, f, indent=2)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  save_file({k: np.ascontiguousarray(np.asarray(v, np.float32))
+             for k, v in flat.items()}, os.path.join(out_dir, PARAMS_FILE))
+  from hysac_jax.models.hysac import head_scalars  # pylint: disable=g-import-not-at-top
+  values = head_scalars(params, curv_init)
+  head = {"stored_logs": {k: float(params[k]) for k in RELEASE_HEAD.values()},
+          "values": {k: float(v) for k, v in values.items()}}
+  with open(os.path.join(out_dir, HEAD_FILE), "w") as f:
+    json.dump(head, f, indent=2)
+
+
+class PretrainedHySAC:
+  """A converted HySAC model, ready to embed (see `load_pretrained`).
+
+  Attributes:
+    config: `CLIPConfig`.
+    lora: `LoRAConfig` or None.
+    mode: "hyp" or "euc".
+    curv_init: c0.
+    module: the `hysac_jax.models.hysac.HySAC` linen module.
+    params: the HySAC params tree (jax arrays).
+  """
+
+  def __init__(self, config, params, lora=None, mode="hyp", curv_init=1.0,
+               dtype=jnp.float32):
+    from hysac_jax.models.hysac import HySAC  # pylint: disable=g-import-not-at-top
+    self.config, self.lora, self.mode = config, lora, mode
+    self.curv_init = curv_init
+    self.module = HySAC(config, lora, mode=mode, dtype=dtype,
+                        curv_init=curv_init)
+    self.params = jax.tree.map(jnp.asarray, params)
+    module = self.module
+    self._image = jax.jit(lambda p, x: module.apply(
+        {"params": p}, x, method="encode_image"))
+    self._text = jax.jit(lambda p, t: module.apply(
+        {"params": p}, t, method="encode_text"))
+
+  @property
+  def head(self):
+    """dict(curv, alpha_image, alpha_text, logit_scale): clamped floats."""
+    from hysac_jax.models.hysac import head_scalars  # pylint: disable=g-import-not-at-top
+    return {k: float(v) for k, v in
+            head_scalars(self.params, self.curv_init).items()}
+
+  @property
+  def curv(self):
+    """The curvature magnitude c (clamped), a float."""
+    return self.head["curv"]
+
+  def encode_image(self, pixels):
+    """(B, H, W, 3) float32 NHWC normalised pixels -> (B, D) float32 points
+    (space components on the hyperboloid; unit vectors in "euc" mode)."""
+    return self._image(self.params, jnp.asarray(pixels, jnp.float32))
+
+  def encode_text(self, token_ids):
+    """(B, L) int32 token ids, or a string / list of strings (tokenised with
+    the CLIP tokenizer) -> (B, D) float32 points."""
+    if isinstance(token_ids, str) or (
+        isinstance(token_ids, (list, tuple)) and token_ids
+        and isinstance(token_ids[0], str)):
+      from hysac_jax.data.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
+      token_ids = tokenize(token_ids,
+                           max_len=self.config.text.max_position_embeddings)
+    return self._text(self.params, jnp.asarray(token_ids, jnp.int32))
+
+
+def load_pretrained(path, dtype=jnp.float32, merge=False):
+  """Reads a directory written by `save_pretrained` (or the CLI).
+
+  Args:
+    path: the directory.
+    dtype: tower compute dtype (e.g. `jnp.bfloat16` on accelerators).
+    merge: fold LoRA into the base weights (same outputs, faster).
+
+  Returns:
+    `PretrainedHySAC` with `encode_image`, `encode_text`, `curv`, `params`.
+  """
+  path = os.fspath(path)
+  cfg_file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(cfg_file):
+    raise FileNotFoundError(f"not a converted hysac_jax directory: "
+                            f"{cfg_file} is missing")
+  with open(cfg_file) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise CheckpointError(f"{cfg_file} is not a {FORMAT} config (format "
+                          f"{meta.get('format')!r}); write it with "
+                          "`python -m hysac_jax.convert`")
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  params = traverse_util.unflatten_dict(
+      load_file(os.path.join(path, PARAMS_FILE)), sep="/")
+  config = _config_from_dict(meta["clip"])
+  lora = None
+  if meta.get("lora"):
+    lora = LoRAConfig(**{**meta["lora"],
+                         "targets": tuple(meta["lora"]["targets"])})
+  if merge and lora is not None:
+    from hysac_jax.models.lora import merge_lora  # pylint: disable=g-import-not-at-top
+    params = merge_lora(params, lora)
+    lora = None
+  return PretrainedHySAC(config, params, lora, mode=meta.get("mode", "hyp"),
+                         curv_init=meta.get("curv_init", 1.0), dtype=dtype)
+
+
+def convert(clip, out, hysac_checkpoint=None, merge=False, curv_init=1.0,
+            lora_alpha=1.0):
+  """Converts CLIP (and optionally a HySAC release checkpoint) to `out`.
+
+  Without `hysac_checkpoint` the head scalars take their initial values, so
+  the directory is the HySAC starting point (CLIP lifted to the hyperboloid).
+
+  Returns:
+    The `out` directory.
+  """
+  if hysac_checkpoint:
+    config, lora, params = hysac_params_from_pytorch(
+        hysac_checkpoint, clip, lora_alpha=lora_alpha)
+  else:
+    config, clip_params = clip_params_from_hf(clip)
+    lora = None
+    params = {"clip": clip_params, **initial_head(config, curv_init)}
+  if merge and lora is not None:
+    from hysac_jax.models.lora import merge_lora  # pylint: disable=g-import-not-at-top
+    params = merge_lora(params, lora)
+    lora = None
+  save_pretrained(out, config, params, lora=lora, curv_init=curv_init,
+                  source={"clip": os.fspath(clip),
+                          "hysac_checkpoint": hysac_checkpoint and
+                                              os.fspath(hysac_checkpoint),
+                          "merged_lora": bool(merge)})
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog="python -m hysac_jax.convert",
+      description="Convert Hugging Face CLIP (and a HySAC release "
+                  "checkpoint) to a hysac_jax directory.")
+  parser.add_argument("--clip", required=True,
+                      help="Hugging Face CLIP directory or hub id")
+  parser.add_argument("--hysac-checkpoint", default=None,
+                      help="HySAC release checkpoint (hysac_model.pth)")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--merge-lora", action="store_true",
+                      help="fold LoRA into the base weights")
+  parser.add_argument("--curv-init", type=float, default=1.0)
+  parser.add_argument("--lora-alpha", type=float, default=1.0,
+                      help="LoRA alpha of the checkpoint (release: 1)")
+  args = parser.parse_args(argv)
+  try:
+    out = convert(args.clip, args.out, args.hysac_checkpoint,
+                  merge=args.merge_lora, curv_init=args.curv_init,
+                  lora_alpha=args.lora_alpha)
+  except (CheckpointError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  with open(os.path.join(out, HEAD_FILE)) as f:
+    print(f"wrote {out}: {json.load(f)['values']}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,275 @@
+"""Flax CLIP towers against the Hugging Face PyTorch CLIP of the same weights."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+
+from hysac_jax.convert import clip_params_from_hf
+from hysac_jax.data.tokenizer import tokenize
+from hysac_jax.models import sizes
+from hysac_jax.models.clip import (CLIPModel, LoRAConfig, dummy_inputs,
+                                   pool_positions)
+
+# float32 parity with PyTorch: |ours - torch| <= ATOL + RTOL * |torch|.
+ATOL = 1e-5
+RTOL = 1e-5
+
+
+def hf_config(cfg, **text_overrides):
+  """A transformers CLIPConfig with the dims of our CLIPConfig."""
+  t, v = cfg.text, cfg.vision
+  return transformers.CLIPConfig(
+      text_config=dict(
+          vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+          intermediate_size=t.intermediate_size,
+          num_hidden_layers=t.num_hidden_layers,
+          num_attention_heads=t.num_attention_heads,
+          max_position_embeddings=t.max_position_embeddings,
+          hidden_act=t.hidden_act, **text_overrides),
+      vision_config=dict(
+          image_size=v.image_size, patch_size=v.patch_size,
+          hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+          num_hidden_layers=v.num_hidden_layers,
+          num_attention_heads=v.num_attention_heads, hidden_act=v.hidden_act),
+      projection_dim=cfg.projection_dim)
+
+
+def randomize_(model, seed):
+  """Non-trivial weights: HF inits LayerNorm to (1, 0) and biases to 0."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("logit_scale"):
+        continue
+      p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def build_hf(tmp_path_factory, cfg, name, seed=0, hidden_act=None):
+  """A random HF CLIPModel saved with save_pretrained; returns (model, dir)."""
+  if hidden_act:
+    cfg = dataclasses.replace(
+        cfg, text=dataclasses.replace(cfg.text, hidden_act=hidden_act),
+        vision=dataclasses.replace(cfg.vision, hidden_act=hidden_act))
+  torch.manual_seed(seed)
+  model = transformers.CLIPModel(hf_config(cfg)).eval()
+  randomize_(model, seed)
+  path = tmp_path_factory.mktemp(name)
+  model.save_pretrained(path)
+  return model, path
+
+
+def torch_text(model, ids):
+  with torch.no_grad():
+    pooled = model.text_model(input_ids=torch.as_tensor(ids)).pooler_output
+    return model.text_projection(pooled).numpy()
+
+
+def torch_image(model, pixels_nhwc):
+  with torch.no_grad():
+    px = torch.as_tensor(np.asarray(pixels_nhwc).transpose(0, 3, 1, 2))
+    pooled = model.vision_model(pixel_values=px).pooler_output
+    return model.visual_projection(pooled).numpy()
+
+
+def caption_ids():
+  """Real tokenizer ids plus an id sequence where the max id is mid-way."""
+  ids = tokenize(["a photo of a cat", "two dogs playing in the snow"])
+  rng = np.random.default_rng(0)
+  rand = rng.integers(1, 49406, size=(1, 77)).astype(np.int32)
+  rand[0, 40] = 49407
+  return np.concatenate([ids, rand])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  model, path = build_hf(tmp_path_factory, sizes.get_clip_config("tiny"),
+                         "tiny_clip")
+  config, params = clip_params_from_hf(path)
+  return model, config, params
+
+
+@pytest.fixture(scope="module")
+def vitl_widths(tmp_path_factory):
+  """ViT-L/14 widths and 224 px input, but 2 layers per tower."""
+  base = sizes.get_clip_config("vitl14")
+  cfg = dataclasses.replace(
+      base, text=dataclasses.replace(base.text, num_hidden_layers=2),
+      vision=dataclasses.replace(base.vision, num_hidden_layers=2))
+  model, path = build_hf(tmp_path_factory, cfg, "vitl_clip", seed=1)
+  config, params = clip_params_from_hf(path)
+  return model, config, params
+
+
+def with_random_lora(params, config, lora, seed):
+  """`params` plus LoRA leaves drawn N(0, 0.05²) (non-zero B: LoRA matters)."""
+  shapes = jax.eval_shape(CLIPModel(config, lora).init, jax.random.key(0),
+                          *dummy_inputs(config))["params"]
+  base = traverse_util.flatten_dict(params)
+  rng = np.random.default_rng(seed)
+  flat = {k: base[k] if k in base else
+             (0.05 * rng.normal(size=v.shape)).astype(np.float32)
+          for k, v in traverse_util.flatten_dict(shapes).items()}
+  return traverse_util.unflatten_dict(flat)
+
+
+def assert_parity(ours, theirs):
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=ATOL, rtol=RTOL)
+
+
+def test_tiny_text_features_match_pytorch(tiny):
+  model, config, params = tiny
+  ids = caption_ids()
+  ours = CLIPModel(config).apply({"params": params}, jnp.asarray(ids),
+                                 method="encode_text")
+  assert ours.dtype == jnp.float32 and ours.shape == (3, 64)
+  assert_parity(ours, torch_text(model, ids))
+
+
+def test_tiny_image_features_match_pytorch(tiny):
+  model, config, params = tiny
+  pixels = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype(
+      np.float32)
+  ours = CLIPModel(config).apply({"params": params}, jnp.asarray(pixels),
+                                 method="encode_image")
+  assert ours.dtype == jnp.float32 and ours.shape == (3, 64)
+  assert_parity(ours, torch_image(model, pixels))
+
+
+def test_vitl14_widths_text_and_image_match_pytorch(vitl_widths):
+  model, config, params = vitl_widths
+  assert config.vision.hidden_size == 1024 and config.vision.image_size == 224
+  ids = caption_ids()[:2]
+  pixels = np.random.default_rng(2).normal(size=(1, 224, 224, 3)).astype(
+      np.float32)
+  clip = CLIPModel(config)
+  text, image = jax.jit(clip.apply)({"params": params}, jnp.asarray(ids),
+                                    jnp.asarray(pixels))
+  assert_parity(text, torch_text(model, ids))
+  assert_parity(image, torch_image(model, pixels))
+
+
+def test_gelu_activation_matches_pytorch(tmp_path_factory):
+  model, path = build_hf(tmp_path_factory, sizes.get_clip_config("tiny"),
+                         "gelu_clip", seed=3, hidden_act="gelu")
+  config, params = clip_params_from_hf(path)
+  assert config.text.hidden_act == "gelu"
+  ids = caption_ids()
+  ours = CLIPModel(config).apply({"params": params}, jnp.asarray(ids),
+                                 method="encode_text")
+  assert_parity(ours, torch_text(model, ids))
+
+
+def test_eos_token_pooling_matches_pytorch(tiny):
+  """A config with a non-legacy eos id pools at its first occurrence."""
+  model, config, params = tiny
+  eos = 500
+  ids = caption_ids()[2:].copy()
+  ids[0, 20] = eos  # before the max id (49407 at 40): the two rules differ
+  ids[0, 60] = eos
+  assert pool_positions(jnp.asarray(ids), eos)[0] == 20
+  assert pool_positions(jnp.asarray(ids), 2)[0] == 40
+  assert pool_positions(jnp.asarray(ids), None)[0] == 40
+  cfg = dataclasses.replace(
+      config, text=dataclasses.replace(config.text, eos_token_id=eos))
+  ours = CLIPModel(cfg).apply({"params": params}, jnp.asarray(ids),
+                              method="encode_text")
+  saved = model.text_model.eos_token_id
+  try:
+    model.text_model.eos_token_id = eos
+    theirs = torch_text(model, ids)
+  finally:
+    model.text_model.eos_token_id = saved
+  assert_parity(ours, theirs)
+
+
+def test_causal_mask_makes_features_ignore_tokens_after_eot(tiny):
+  _, config, params = tiny
+  ids = tokenize(["a photo of a cat"])
+  other = ids.copy()
+  other[0, 10:] = 320  # change only tokens after the end-of-text token
+  other[0, 6] = 49407
+  clip = CLIPModel(config)
+  a = clip.apply({"params": params}, jnp.asarray(ids), method="encode_text")
+  b = clip.apply({"params": params}, jnp.asarray(other), method="encode_text")
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny):
+  _, config, params = tiny
+  ids = caption_ids()
+  ref = CLIPModel(config).apply({"params": params}, jnp.asarray(ids),
+                                method="encode_text")
+  clip16 = CLIPModel(config, dtype=jnp.bfloat16)
+  out = clip16.apply({"params": params}, jnp.asarray(ids),
+                     method="encode_text")
+  assert out.dtype == jnp.float32
+  rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+  assert 0 < rel < 0.05
+  init = jax.eval_shape(clip16.init, jax.random.key(0), jnp.asarray(ids),
+                        jnp.zeros((1, 32, 32, 3)))
+  assert {x.dtype for x in jax.tree.leaves(init)} == {jnp.dtype("float32")}
+
+
+def test_remat_gives_same_features_and_gradients_with_lora_dropout(tiny):
+  _, config, params = tiny
+  pixels = jnp.asarray(np.random.default_rng(4).normal(size=(2, 32, 32, 3)),
+                       jnp.float32)
+  lora = LoRAConfig(rank=2, dropout=0.1)
+  full = with_random_lora(params, config, lora, seed=5)
+  variables = {"params": {k: full[k]  # the image tower only
+                          for k in ("vision_model", "visual_projection")}}
+  rngs = {"dropout": jax.random.key(7)}
+
+  def loss(p, remat):
+    out = CLIPModel(config, lora, remat=remat).apply(
+        p, pixels, deterministic=False, method="encode_image", rngs=rngs)
+    return jnp.sum(out**2)
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (v0, g0), (v1, g1) = grad(variables, False), grad(variables, True)
+  np.testing.assert_allclose(v0, v1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_image_size_is_refused(tiny):
+  _, config, params = tiny
+  with pytest.raises(ValueError, match=r"\(B, 32, 32, 3\) NHWC"):
+    CLIPModel(config).apply({"params": params}, jnp.zeros((1, 3, 32, 32)),
+                            method="encode_image")
+
+
+def test_named_sizes_match_openai_dims():
+  b32 = sizes.get_clip_config("vitb32")
+  hf_default = sizes.clip_config_from_hf(transformers.CLIPConfig().to_dict())
+  # transformers' CLIPConfig defaults are OpenAI's ViT-B/32.
+  assert b32.vision == hf_default.vision
+  assert b32.projection_dim == hf_default.projection_dim
+  assert dataclasses.replace(b32.text, eos_token_id=49407) == hf_default.text
+  l14 = sizes.get_clip_config("vitl14")
+  assert (l14.vision.hidden_size, l14.vision.num_hidden_layers,
+          l14.vision.num_attention_heads, l14.vision.patch_size) == (
+              1024, 24, 16, 14)
+  assert (l14.text.hidden_size, l14.text.num_hidden_layers,
+          l14.projection_dim) == (768, 12, 768)
+  assert sizes.get_clip_config("vitl14_336").vision.image_size == 336
+  assert sizes.get_clip_config("vitb16").vision.patch_size == 16
+  with pytest.raises(ValueError, match="unknown CLIP size 'vit_huge'"):
+    sizes.get_clip_config("vit_huge")
+
+
+def test_clip_config_from_hf_reads_legacy_eos_and_refuses_non_clip(tmp_path):
+  cfg = sizes.clip_config_from_hf({
+      "text_config": {"eos_token_id": 2, "hidden_size": 768},
+      "vision_config": {"patch_size": 14}, "projection_dim": 768})
+  assert cfg.text.eos_token_id == 2 and cfg.text.hidden_size == 768
+  assert cfg.vision.patch_size == 14 and cfg.projection_dim == 768
+  (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+  with pytest.raises(ValueError, match="not a Hugging Face CLIPModel config"):
+    sizes.clip_config_from_hf(tmp_path)
