@@ -37,8 +37,8 @@ def _to_pil(image):
   return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _normalise(pixels_uint8):
-  """uint8 (H, W, 3) -> float32 (H, W, 3) in CLIP-normalised units."""
+def normalise(pixels_uint8):
+  """uint8 (..., 3) -> float32 (..., 3) in CLIP-normalised units."""
   x = pixels_uint8.astype(np.float32) * np.float32(1 / 255)
   return (x - CLIP_MEAN) / CLIP_STD
 
@@ -55,26 +55,41 @@ def resize_shorter_side(img, size):
   return img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
 
 
-def clip_preprocess(image, image_size):
-  """The CLIP evaluation transform.
+def resize_crop(image, image_size):
+  """Shorter-side bicubic resize then centre crop, still uint8.
 
   Args:
     image: encoded bytes, a PIL image, or a uint8 (H, W, 3) array.
     image_size: output side length.
 
   Returns:
-    float32 (image_size, image_size, 3), NHWC channel order, normalised.
+    uint8 (image_size, image_size, 3).
   """
   img = resize_shorter_side(_to_pil(image), image_size)
   pixels = np.asarray(img, np.uint8)
   h, w = pixels.shape[:2]
   top, left = (h - image_size) // 2, (w - image_size) // 2
-  pixels = pixels[top:top + image_size, left:left + image_size]
-  return _normalise(pixels)
+  return pixels[top:top + image_size, left:left + image_size]
+
+
+def clip_preprocess(image, image_size):
+  """The CLIP evaluation transform: `normalise(resize_crop(...))`.
+
+  Returns:
+    float32 (image_size, image_size, 3), NHWC channel order, normalised.
+  """
+  return normalise(resize_crop(image, image_size))
 
 
 def random_resized_crop(image, image_size, rng, scale=(0.5, 1.0),
                         ratio=(3 / 4, 4 / 3)):
+  """`random_resized_crop_uint8`, normalised: float32 (S, S, 3)."""
+  return normalise(random_resized_crop_uint8(image, image_size, rng, scale,
+                                             ratio))
+
+
+def random_resized_crop_uint8(image, image_size, rng, scale=(0.5, 1.0),
+                              ratio=(3 / 4, 4 / 3)):
   """Random-resized-crop augmentation (torchvision's sampling rule).
 
   A box covering `scale` of the area with aspect ratio in `ratio` (sampled in
@@ -89,7 +104,7 @@ def random_resized_crop(image, image_size, rng, scale=(0.5, 1.0),
     ratio: range of the crop aspect ratio (width / height).
 
   Returns:
-    float32 (image_size, image_size, 3), normalised.
+    uint8 (image_size, image_size, 3).
   """
   img = _to_pil(image)
   w, h = img.size
@@ -106,8 +121,8 @@ def random_resized_crop(image, image_size, rng, scale=(0.5, 1.0),
       box = (left, top, left + cw, top + ch)
       out = img.resize((image_size, image_size),
                        resample=Image.Resampling.BICUBIC, box=box)
-      return _normalise(np.asarray(out, np.uint8))
-  return clip_preprocess(img, image_size)
+      return np.asarray(out, np.uint8)
+  return resize_crop(img, image_size)
 
 
 def denormalise(pixels):
