@@ -1,18 +1,64 @@
-"""Trains HySAC: `python train.py --config configs/tiny.py --workdir runs/tiny`."""
+"""Trains HySAC.
+
+  python train.py --config configs/tiny.py --workdir runs/tiny
+  python train.py --config configs/vitl14.py --workdir runs/vitl14 \
+      --config.data.manual_dir=/data/visu --config.optim.lr=5e-5
+
+Every config field can be overridden with --config.FIELD=VALUE. The resolved
+config is saved as WORKDIR/config.json. A workdir that already holds
+checkpoints is resumed (exactly: same batches, same dropout keys) unless
+--noresume is given.
+"""
+
+import json
+import sys
 
 from absl import app
+from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Run directory: checkpoints, logs, bounds.")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "Start from a converted HySAC directory "
+    "(python -m hysac_jax.convert ... --out DIR).")
+_RESUME = flags.DEFINE_bool(
+    "resume", None, "Continue from the latest checkpoint in --workdir "
+    "(default: when there is one). --noresume starts afresh and fails if "
+    "the workdir already has checkpoints.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process "
+    "runs on clusters without auto-detection (Slurm, Open MPI and TPU pods "
+    "are detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index in [0, N).")
 
 
 def main(argv):
-  del argv
-  raise SystemExit("train.py: training lands with the train.py issue; "
-                   f"config {_CONFIG.value!r}, workdir {_WORKDIR.value!r}.")
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  from hysac_jax import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)
+  from hysac_jax import trainer
+  try:
+    summary = trainer.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value,
+        resume=_RESUME.value)
+  except (ValueError, FileNotFoundError, trainer.TrainingDiverged) as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    return 1
+  import jax
+  if jax.process_index() == 0:
+    print(json.dumps({k: v for k, v in summary.items() if k != "bounds"},
+                     indent=2, default=str))
+  return 0
 
 
 if __name__ == "__main__":

@@ -49,11 +49,13 @@ def get_config():
   c.data.eval_batch_size_per_device = 64
   c.data.num_workers = 4
   c.data.augment = False  # random-resized-crop, off as in the release
+  c.data.skip_invalid = False  # visu: skip bad records (report file) instead of failing
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 50
   c.train.patience = 5  # early stopping on validation loss and recall sum
   c.train.log_every = 50
   c.train.keep_last = 2
+  c.train.checkpoint_every = 1000  # steps between mid-epoch checkpoints; 0 = epoch ends only
   c.train.use_wandb = False
   return c

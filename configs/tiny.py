@@ -1,0 +1,29 @@
+"""The embedded default: a tiny random-init CLIP on `synthetic_visu`.
+
+Trains and evaluates in a few minutes on a 2-core CPU (`make demo`).
+"""
+
+from configs import vitl14
+
+
+def get_config():
+  c = vitl14.get_config()
+  c.model.size = "tiny"
+  c.model.clip = ""  # random init: no pretrained CLIP is needed offline
+  c.model.dtype = "float32"
+  # LoRA as in the paper, but with scale alpha/rank = 1: adapters on a small
+  # random tower must move it far within a few minutes.
+  c.model.lora.alpha = 16.0
+  c.data.name = "synthetic_visu"
+  c.data.synthetic_sizes = (4096, 512, 1024)  # train, validation, test
+  c.data.synthetic_seed = 0
+  c.data.batch_size_per_device = 64
+  c.data.eval_batch_size_per_device = 128
+  c.data.num_workers = 0
+  c.optim.lr = 1e-3
+  c.optim.weight_decay = 0.0
+  c.train.epochs = 8
+  c.train.patience = 3
+  c.train.log_every = 10
+  c.train.checkpoint_every = 0
+  return c

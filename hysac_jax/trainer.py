@@ -1,0 +1,515 @@
+"""The training loop behind train.py: epochs, validation, checkpoints, bounds.
+
+    summary = trainer.train_and_evaluate(config, workdir)
+
+One loop, one process or many: every process runs the same code on its own
+shard of each global batch (`hysac_jax.data.pipeline`), the step is jitted
+over a mesh of all devices (`hysac_jax.train_lib`), and only process 0 logs.
+
+Determinism: the step's dropout key is `fold_in(key, step)` and the input
+order is a pure function of (seed, epoch, batch), so a run resumed from a
+checkpoint continues with exactly the batches and keys it would have used.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from hysac_jax import checkpoint as ckpt_lib
+from hysac_jax import run_log
+from hysac_jax import safety
+from hysac_jax import train_lib
+from hysac_jax.models import hysac as hysac_lib
+
+MODES = ("hyp", "euc")
+DATASETS = ("synthetic_visu", "visu")
+SCHEDULES = ("constant", "warmup_cosine")
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN or Inf."""
+
+
+# ---------------------------------------------------------------- config ---
+
+
+def check_config(config):
+  """Raises ValueError naming the first config field with a bad value."""
+
+  def bad(field, value, expected):
+    raise ValueError(f"config.{field}={value!r}: expected {expected}")
+
+  m, d, o, t, l = (config.model, config.data, config.optim, config.train,
+                   config.loss)
+  if m.mode not in MODES:
+    bad("model.mode", m.mode, " or ".join(map(repr, MODES)))
+  if m.dtype not in train_lib.DTYPES:
+    bad("model.dtype", m.dtype, f"one of {sorted(train_lib.DTYPES)}")
+  if not m.clip:
+    from hysac_jax.models import sizes
+    try:
+      sizes.get_clip_config(m.size)
+    except (KeyError, ValueError):
+      bad("model.size", m.size, "a named size of hysac_jax.models.sizes")
+  if m.lora.rank < 0:
+    bad("model.lora.rank", m.lora.rank, "rank >= 0")
+  if not 0.0 <= m.lora.dropout < 1.0:
+    bad("model.lora.dropout", m.lora.dropout, "a rate in [0, 1)")
+  if not m.curv_init > 0:
+    bad("model.curv_init", m.curv_init, "a positive curvature")
+  if d.name not in DATASETS:
+    bad("data.name", d.name, f"one of {DATASETS}")
+  if d.name == "visu" and not d.manual_dir:
+    bad("data.manual_dir", d.manual_dir,
+        "the directory holding the ViSU JSON files, coco/ and the unsafe "
+        "images (see README, 'Train HySAC on ViSU')")
+  for field in ("batch_size_per_device", "eval_batch_size_per_device"):
+    if d[field] < 1:
+      bad(f"data.{field}", d[field], "a positive batch size")
+  if d.num_workers < 0:
+    bad("data.num_workers", d.num_workers, "0 or more worker processes")
+  if not o.lr > 0:
+    bad("optim.lr", o.lr, "a positive learning rate")
+  if o.schedule not in SCHEDULES:
+    bad("optim.schedule", o.schedule, f"one of {SCHEDULES}")
+  if o.accum_steps < 1:
+    bad("optim.accum_steps", o.accum_steps, "1 or more micro-batches")
+  if o.grad_clip < 0:
+    bad("optim.grad_clip", o.grad_clip, "0 (off) or a positive norm")
+  if l.entail_weight < 0:
+    bad("loss.entail_weight", l.entail_weight, "a non-negative weight")
+  if t.epochs < 1:
+    bad("train.epochs", t.epochs, "at least one epoch")
+  if t.patience < 1:
+    bad("train.patience", t.patience, "at least 1")
+  if t.keep_last < 1:
+    bad("train.keep_last", t.keep_last, "at least 1")
+  if t.log_every < 1:
+    bad("train.log_every", t.log_every, "at least 1")
+  if t.checkpoint_every < 0:
+    bad("train.checkpoint_every", t.checkpoint_every,
+        "0 (epoch ends only) or a step interval")
+
+
+def save_config(config, workdir):
+  """Writes the resolved config as workdir/config.json (process 0)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_run_config(workdir):
+  """The config a run saved in workdir/config.json, as a ConfigDict."""
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training "
+                            "run directory? (pass --config as well)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+# ---------------------------------------------------------- early stop ---
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+  """The release's rule: patience drops when neither metric improved.
+
+  An epoch whose validation loss is not above the best so far, or whose
+  recall sum beats the best, resets the patience; otherwise it drops by one
+  and training stops when it reaches zero.
+  """
+  patience: int
+  remaining: int = -1
+  best_loss: float = math.inf
+  best_recall: float = -math.inf
+
+  def __post_init__(self):
+    if self.remaining < 0:
+      self.remaining = self.patience
+
+  def update(self, val_loss, recall):
+    """Returns (loss improved, recall improved, stop)."""
+    recall_better = recall > self.best_recall
+    if val_loss > self.best_loss and not recall_better:
+      self.remaining -= 1
+      return False, False, self.remaining <= 0
+    self.remaining = self.patience
+    loss_better = val_loss < self.best_loss
+    if loss_better:
+      self.best_loss = val_loss
+    if recall_better:
+      self.best_recall = recall
+    return loss_better, recall_better, False
+
+  def to_json(self):
+    return {"patience": self.patience, "remaining": self.remaining,
+            "best_loss": self.best_loss, "best_recall": self.best_recall}
+
+  @classmethod
+  def from_json(cls, d):
+    return cls(patience=int(d["patience"]), remaining=int(d["remaining"]),
+               best_loss=float(d["best_loss"]),
+               best_recall=float(d["best_recall"]))
+
+
+# ------------------------------------------------------------ the model ---
+
+
+def initial_params(config, init_from=None):
+  """Pretrained weights the run starts from, or None for a random init.
+
+  Args:
+    config: run config; `config.model.clip` names a Hugging Face CLIP
+      directory or hub id (converted here).
+    init_from: a directory written by `python -m hysac_jax.convert` (a
+      converted HySAC model: CLIP, LoRA and head).
+  """
+  from hysac_jax import convert
+  if init_from:
+    return convert.load_pretrained(init_from).params
+  if config.model.clip:
+    _, params = convert.clip_params_from_hf(config.model.clip)
+    return params
+  return None
+
+
+def _checkpoint_tree(state, rng):
+  """What a checkpoint stores: the trainable part (frozen weights are
+  rebuilt from the config at start), optimizer state, step and RNG key."""
+  return {"trainable": train_lib.trainable_params(state.params),
+          "opt_state": state.opt_state, "step": state.step,
+          "rng": jax.random.key_data(rng)}
+
+
+def _restore_state(state, tree):
+  params = train_lib.merge_params(state.params, tree["trainable"])
+  return state.replace(params=params, opt_state=tree["opt_state"],
+                       step=tree["step"])
+
+
+# ----------------------------------------------------------- embeddings ---
+
+
+def gather_rows(x):
+  """Concatenates a sharded (global) array's rows on every host, as numpy."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def embed_split(encode_fn, batches, desc="embedding"):
+  """Runs `encode_fn` over an evaluation pass and keeps the real rows.
+
+  Args:
+    encode_fn: host batch -> (dict S/U/V/G of (B, D) arrays, metrics dict
+      or None); arrays may be sharded global arrays.
+    batches: an iterator of padded, masked batches (one pass).
+    desc: progress-bar label.
+
+  Returns:
+    (embeddings, metrics): dict of (N, D) float32 numpy arrays over the whole
+    split (padding removed, each example once, in split order across
+    processes); metrics averaged over real rows.
+  """
+  chunks, masks, sums, count = [], [], {}, 0
+  show = jax.process_index() == 0
+  for batch in tqdm(batches, desc=desc, disable=not show, leave=False):
+    emb, metrics = encode_fn(batch)
+    mask_global = gather_rows(_global_mask(batch, emb))
+    chunks.append({k: gather_rows(v) for k, v in emb.items()})
+    masks.append(mask_global.astype(bool))
+    n = int(mask_global.sum())
+    if metrics:
+      for k, v in jax.device_get(metrics).items():
+        sums[k] = sums.get(k, 0.0) + float(v) * n
+    count += n
+  mask = np.concatenate(masks)
+  out = {k: np.concatenate([c[k] for c in chunks])[mask] for k in chunks[0]}
+  return out, {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def _global_mask(batch, emb):
+  """The batch mask laid out like the (possibly sharded) embeddings."""
+  mask = np.asarray(batch["mask"]).astype(np.float32)
+  any_emb = next(iter(emb.values()))
+  if jax.process_count() == 1:
+    return mask
+  sharding = any_emb.sharding
+  return jax.make_array_from_process_local_data(
+      jax.sharding.NamedSharding(sharding.mesh,
+                                 jax.sharding.PartitionSpec(
+                                     train_lib.DATA_AXIS)), mask)
+
+
+def state_encoder(state, mesh, eval_step):
+  """encode_fn for `embed_split` from a TrainState and a jitted eval step."""
+  def encode(batch):
+    sharded = train_lib.shard_batch(batch, mesh)
+    return eval_step(state, sharded)
+  return encode
+
+
+def validate(state, config, mesh, eval_step, image_size, desc="validation"):
+  """Validation loss terms and recall sum over the whole validation split."""
+  from hysac_jax import evaluation
+  from hysac_jax.data import pipeline
+  batches = pipeline.make_dataset(config.data, "validation", image_size,
+                                  seed=config.seed)
+  emb, metrics = embed_split(state_encoder(state, mesh, eval_step), batches,
+                             desc=desc)
+  curv = float(hysac_lib.head_scalars(
+      jax.device_get(state.params), config.model.curv_init)["curv"])
+  metrics["recall_sum"] = float(evaluation.recall_sum(
+      emb["S"], emb["U"], emb["V"], emb["G"], curv, mode=config.model.mode))
+  return emb, metrics, curv
+
+
+# ------------------------------------------------------------ the loop ---
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _finite_or_raise(metrics, step, checkpoints):
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    last = checkpoints.latest_step()
+    where = (f"the last good checkpoint is step {last} in "
+             f"{os.path.join(checkpoints.workdir, ckpt_lib.LAST)}"
+             if last is not None else "no checkpoint was saved yet")
+    raise TrainingDiverged(f"loss is {loss} at step {step}; stopping without "
+                           f"saving it ({where})")
+
+
+def train_and_evaluate(config, workdir, *, init_from=None, resume=None):
+  """Trains HySAC as `config` says; returns a summary dict.
+
+  Args:
+    config: a ConfigDict as in configs/vitl14.py.
+    workdir: run directory (checkpoints, logs, bounds.json).
+    init_from: optional converted HySAC directory to start from.
+    resume: continue from the latest checkpoint in workdir; None means "if
+      there is one".
+
+  Returns:
+    dict with "steps", "epochs", "stopped_early", "best" metrics, "bounds"
+    and "preempted".
+  """
+  from hysac_jax.data import pipeline
+
+  check_config(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  save_config(config, workdir)
+  is_main = jax.process_index() == 0
+
+  mesh = train_lib.make_mesh()
+  model = train_lib.model_from_config(config)
+  image_size = model.clip.vision.image_size
+  train_batches = pipeline.make_dataset(config.data, "train", image_size,
+                                        seed=config.seed,
+                                        num_epochs=config.train.epochs)
+  steps_per_epoch = train_batches.steps_per_epoch
+  total_steps = steps_per_epoch * config.train.epochs
+
+  key = jax.random.key(config.seed)
+  init_key, step_key = jax.random.split(key)
+  state = train_lib.create_train_state(
+      config, init_key, initial_params(config, init_from), mesh=mesh,
+      total_steps=total_steps, model=model)
+  train_step = train_lib.make_train_step(config, mesh)
+  eval_step = train_lib.make_eval_step(config, mesh)
+
+  checkpoints = ckpt_lib.RunCheckpoints(workdir, config.train.keep_last)
+  stopper = EarlyStopping(config.train.patience)
+  start_step = 0
+  if resume is None:
+    resume = checkpoints.latest_step() is not None
+  if resume:
+    restored = checkpoints.restore(_checkpoint_tree(state, step_key))
+    if restored is None:
+      raise FileNotFoundError(f"--resume: no checkpoint in {workdir}")
+    tree, data_state, meta = restored
+    state = _restore_state(state, tree)
+    step_key = jax.random.wrap_key_data(tree["rng"])
+    train_batches.set_state(data_state)
+    stopper = EarlyStopping.from_json(meta["early_stopping"])
+    start_step = int(meta["step"])
+    if is_main:
+      print(f"resumed from step {start_step} in {workdir}")
+
+  log = run_log.RunLog(workdir, use_wandb=config.train.use_wandb,
+                       config=config)
+  summary = {"stopped_early": False, "preempted": False}
+
+  def save(step, kind=ckpt_lib.LAST, extra=None):
+    meta = {"step": step, "epoch": step // steps_per_epoch,
+            "early_stopping": stopper.to_json(), **(extra or {})}
+    checkpoints.save(step, _checkpoint_tree(state, step_key),
+                     train_batches.get_state(), meta, kind=kind)
+
+  bar = tqdm(total=total_steps, initial=start_step, disable=not is_main,
+             desc="train", dynamic_ncols=True)
+  pending = None  # (step, metrics) of the last dispatched step, unchecked.
+  step = start_step
+  t0, examples = time.time(), 0
+  global_batch = (config.data.batch_size_per_device * jax.device_count())
+  with _Preemption() as preemption:
+    while step < total_steps:
+      batch = next(train_batches)
+      state, metrics = train_step(state, train_lib.shard_batch(batch, mesh),
+                                  step_key)
+      # Check the previous step while this one runs (keeps dispatch async).
+      if pending is not None:
+        _finite_or_raise(pending[1], pending[0], checkpoints)
+      pending = (step, metrics)
+      step += 1
+      examples += global_batch
+      if step % config.train.log_every == 0 or step == total_steps:
+        host = jax.device_get(metrics)
+        _finite_or_raise(host, step - 1, checkpoints)
+        rate = examples / max(time.time() - t0, 1e-9)
+        t0, examples = time.time(), 0
+        log.write(step, dict(host, examples_per_s=rate), kind="train")
+        bar.set_postfix(loss=f"{float(host['loss']):.4f}",
+                        ex_s=f"{rate:.1f}")
+      bar.update(1)
+      epoch_end = step % steps_per_epoch == 0
+      every = config.train.checkpoint_every
+      preempt = _agree(preemption.requested)
+      if epoch_end or preempt or (every and step % every == 0):
+        _finite_or_raise(jax.device_get(metrics), step - 1, checkpoints)
+      if epoch_end:
+        _, val, _ = validate(state, config, mesh, eval_step, image_size)
+        loss_better, recall_better, stop = stopper.update(
+            val["loss"], val["recall_sum"])
+        log.write(step, dict(val, patience_left=stopper.remaining),
+                  kind="val")
+        if is_main:
+          tqdm.write(f"epoch {step // steps_per_epoch}: val loss "
+                     f"{val['loss']:.4f}, recall sum {val['recall_sum']:.1f}"
+                     f", patience {stopper.remaining}/{stopper.patience}")
+        if loss_better:
+          save(step, ckpt_lib.BEST_LOSS, {"metrics": val})
+        if recall_better:
+          save(step, ckpt_lib.BEST_RECALL, {"metrics": val})
+        save(step)
+        if stop:
+          summary["stopped_early"] = True
+          if is_main:
+            tqdm.write(f"early stopping after epoch "
+                       f"{step // steps_per_epoch}: no improvement for "
+                       f"{stopper.patience} epochs")
+          break
+      elif every and step % every == 0:
+        save(step)
+      if preempt:
+        save(step)
+        summary["preempted"] = True
+        if is_main:
+          tqdm.write(f"SIGTERM: saved step {step}; rerun to resume")
+        break
+  bar.close()
+  train_batches.close()
+
+  summary.update(steps=step, epochs=step / steps_per_epoch,
+                 best={"loss": stopper.best_loss,
+                       "recall_sum": stopper.best_recall})
+  if not summary["preempted"]:
+    summary["bounds"] = _final_bounds(state, config, mesh, eval_step,
+                                      image_size, checkpoints, step_key)
+  log.close()
+  checkpoints.close()
+  return summary
+
+
+def _agree(flag):
+  """True on every process if any process saw `flag` (SIGTERM)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+
+
+def _final_bounds(state, config, mesh, eval_step, image_size, checkpoints,
+                  step_key):
+  """Bounds (SPEC §4) of the best-recall checkpoint on the validation split.
+
+  Written to workdir/bounds.json and beside the best checkpoints.
+  """
+  kind = ckpt_lib.BEST_RECALL
+  if checkpoints.latest_step(kind) is None:
+    kind = ckpt_lib.LAST
+  tree, _, _ = checkpoints.restore(_checkpoint_tree(state, step_key),
+                                   kind=kind)
+  best = _restore_state(state, tree)
+  emb, _, curv = validate(best, config, mesh, eval_step, image_size,
+                          desc="bounds")
+  if config.model.mode != "hyp":
+    return None
+  bounds = safety.compute_bounds(emb["S"], emb["U"], emb["V"], emb["G"],
+                                 curv)
+  if jax.process_index() == 0:
+    safety.save_bounds(bounds, os.path.join(checkpoints.workdir,
+                                            "bounds.json"))
+    for k in (ckpt_lib.BEST_RECALL, ckpt_lib.BEST_LOSS):
+      d = os.path.join(checkpoints.workdir, k)
+      if os.path.isdir(d):
+        safety.save_bounds(bounds, os.path.join(d, "bounds.json"))
+  return bounds
+
+
+def restore_for_eval(config, workdir, kind=ckpt_lib.BEST_RECALL):
+  """(state, mesh, eval_step) of a run's best (or last) checkpoint."""
+  mesh = train_lib.make_mesh()
+  model = train_lib.model_from_config(config)
+  key = jax.random.key(config.seed)
+  init_key, step_key = jax.random.split(key)
+  state = train_lib.create_train_state(config, init_key,
+                                       initial_params(config), mesh=mesh,
+                                       model=model)
+  checkpoints = ckpt_lib.RunCheckpoints(workdir, config.train.keep_last)
+  if checkpoints.latest_step(kind) is None:
+    kind = ckpt_lib.LAST
+  restored = checkpoints.restore(_checkpoint_tree(state, step_key), kind=kind)
+  checkpoints.close()
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir} (looked in "
+                            f"{ckpt_lib.BEST_RECALL}/ and {ckpt_lib.LAST}/)")
+  state = _restore_state(state, restored[0])
+  return state, mesh, train_lib.make_eval_step(config, mesh)
+
+
+def curvature(state, config):
+  return float(hysac_lib.head_scalars(jax.device_get(state.params),
+                                      config.model.curv_init)["curv"])
+
