@@ -133,6 +133,34 @@ def _excess_gram(c, xy, xx, yy, x_t, y_t):
   return _excess(c, xy, x_t, y_t, dx_sq, (xx - yy) / (x_t + y_t))
 
 
+def _excess_pairs(c, x, y, xx, yy, x_t, y_t):
+  """`_excess` for explicit pairs; also returns x_t - y_t.
+
+  When x and y have the same shape (explicit pairs) the difference x - y is
+  used: `<x-y, x-y>_L = ||dx||^2 - (x_t - y_t)^2` cancels badly for radial
+  pairs far out, so with `dx = a w/||w|| + dx_perp` (w = x + y, T = x_t + y_t,
+  x_t - y_t = dx.w / T) it is evaluated as
+  `(||dx_perp||^2 + 4 a^2 / (c T^2)) / (1 - a^2 / T^2)`: non-negative terms
+  over a factor near 1 for near points. When x and y only broadcast (all
+  pairs), dot products are used so that the result lowers to a matmul.
+  """
+  if x.shape != y.shape:
+    return (_excess_gram(c, _dot(x, y), xx, yy, x_t, y_t),
+            (xx - yy) / (x_t + y_t))
+  dx, w = x - y, x + y
+  big_t = x_t + y_t
+  p, q = _dot(dx, w), _sq_norm(w)
+  q_pos = q > 0
+  q_safe = jnp.where(q_pos, q, 1)
+  a_sq = jnp.where(q_pos, p * p / q_safe, 0)
+  perp = dx - jnp.where(q_pos, p / q_safe, 0)[..., None] * w
+  s_sq = ((_sq_norm(perp) + 4 * a_sq / (c * big_t**2))
+          / (1 - a_sq / big_t**2))
+  u_gram = c * (x_t * y_t - _dot(x, y)) - 1
+  # s_sq is exact for near pairs; the Gram form's error scales with x_t y_t.
+  return jnp.where(_sq_norm(dx) < x_t * y_t, c / 2 * s_sq, u_gram), p / big_t
+
+
 # ----------------------------------------------------------------------------
 # Inner products and distances.
 
@@ -180,8 +208,10 @@ def dist(x, y, curv):
   """Geodesic distance acosh(-curv <x, y>_L) / sqrt(curv), elementwise.
 
   `-curv <x,y>_L - 1` is computed from the difference x - y when the points are
-  close (no cancellation, accurate small distances in float32) and from the
-  inner product otherwise; both are the same number in exact arithmetic. The
+  close (without cancellation, so small distances are accurate in float32,
+  also far from the origin) and from the inner product otherwise; both are
+  the same number in exact arithmetic. Inputs that only broadcast (all
+  pairs) use dot products, like `pairwise_dist`. The
   release's floor `acosh(1 + 1e-8)` is kept. At x = y the distance is not
   differentiable (like |x - y|); the gradient returned there is 0, the
   minimum-norm subgradient. For all pairs of two sets use `pairwise_dist`.
@@ -198,10 +228,7 @@ def dist(x, y, curv):
   (x, y), c, out = _prepare(curv, x, y)
   xx, yy = _sq_norm(x), _sq_norm(y)
   x_t, y_t = _time(xx, c), _time(yy, c)
-  dx = x - y
-  # x_t - y_t = (x - y).(x + y) / (x_t + y_t), without cancellation.
-  u = _excess(c, _dot(x, y), x_t, y_t, _sq_norm(dx),
-              _dot(dx, x + y) / (x_t + y_t))
+  u, _ = _excess_pairs(c, x, y, xx, yy, x_t, y_t)
   return (_acosh_from_excess(u, x.dtype) / jnp.sqrt(c)).astype(out)
 
 
@@ -356,9 +383,13 @@ def oxy_angle(x, y, curv):
   1-eps))`, eps 1e-5. Here `l^2 - 1` is computed as `u (u + 2)` with
   `u = -l - 1`, the same number with less cancellation near x = y, and the
   norm of x has gradient 0 at x = 0, so the gradient is finite at x = 0 and
-  x = y (where the angle itself is undefined and the value is about pi/2, as
-  in the release). Only dot products of x and y enter, so vmapping over all
-  pairs, or broadcasting x[:, None] against y[None], lowers to one matmul.
+  x = y (where the angle itself is undefined and the value is pi/2, the
+  release's up to its rounding). For explicit pairs (x and y of one shape)
+  `u` comes from x - y as in `dist`, which keeps float32 angles accurate for
+  near pairs far from the origin; for all pairs, broadcast `x[:, None]`
+  against `y[None]`: then only dot products enter and it lowers to a matmul
+  (float32 angles of pairs closer than ~1e-3 ||x|| are then rounding noise,
+  as in the release).
 
   Args:
     x: (..., d) space components of the cone apex.
@@ -372,8 +403,8 @@ def oxy_angle(x, y, curv):
   (x, y), c, out = _prepare(curv, x, y)
   xx, yy = _sq_norm(x), _sq_norm(y)
   x_t, y_t = _time(xx, c), _time(yy, c)
-  u = _excess_gram(c, _dot(x, y), xx, yy, x_t, y_t)
-  numer = y_t - (1 + u) * x_t
+  u, dt = _excess_pairs(c, x, y, xx, yy, x_t, y_t)
+  numer = -dt - u * x_t  # y_t + l x_t with l = -1 - u
   denom = _safe_sqrt(xx) * jnp.sqrt(jnp.maximum(u * (u + 2), CONE_EPS))
   ratio = numer / (denom + CONE_EPS)
   return jnp.arccos(jnp.clip(ratio, -1 + CONE_EPS, 1 - CONE_EPS)).astype(out)
