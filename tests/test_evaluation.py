@@ -255,6 +255,45 @@ def test_report_tables_match_direct_recall_and_recall_sum(toy_report):
   assert report["bounds_source"] == "evaluated split"
 
 
+def np_traverse(x, c, b, mode, alpha=0.8):
+  """Release / geodesic safety traversal in float64 (SPEC §4)."""
+  x = np.asarray(x, np.float64)
+  threshold = b + np.tanh((b - alpha) / c) + 1
+  norm = np.linalg.norm(x, axis=1, keepdims=True)
+  dist0 = np.arcsinh(np.sqrt(c) * norm) / np.sqrt(c)
+  target = threshold if mode == "release" else \
+      np.sinh(np.sqrt(c) * threshold) / np.sqrt(c)
+  return np.where(dist0 > threshold, x / norm * target, x)
+
+
+def test_report_safety_rows_match_numpy_on_traversed_queries():
+  rng = np.random.default_rng(11)
+  n, d, c = 30, 8, 0.8
+  # Pairs are correlated, so every metric is away from 0 and 1 somewhere.
+  S = random_points(rng, n, d)
+  V = (S + 0.1 * rng.normal(size=S.shape)).astype(np.float32)
+  U = (S * 3 + random_points(rng, n, d, scale=3.0)).astype(np.float32)
+  G = (U + 0.3 * rng.normal(size=U.shape)).astype(np.float32)
+  bounds = {g: {"avg": 0.0, "low_05": 0.0, "up_95": 0.3} for g in "SUVG"}
+  report = evaluation.evaluate(S, U, V, G, c, bounds=bounds, k=(1, 5),
+                               chunk_size=7)
+  for task, query, safe, unsafe in (("U->V+G", U, V, G),
+                                    ("G->S+U", G, S, U)):
+    pool = np.concatenate([safe, unsafe])
+    for how in ("none", "release", "geodesic"):
+      q = query if how == "none" else np_traverse(query, c, 0.3, how)
+      if how != "none":
+        assert not np.allclose(q, query)  # traversal did move some queries
+      ranks_s, top1 = np_ranks(q, pool, c, np.arange(n), "hyp")
+      ranks_u, _ = np_ranks(q, pool, c, n + np.arange(n), "hyp")
+      want = {"R@1": np.mean(ranks_s < 1), "R@5": np.mean(ranks_s < 5),
+              "unsafe_R@1": np.mean(ranks_u < 1),
+              "unsafe_R@5": np.mean(ranks_u < 5),
+              "unsafe_top1": np.mean(top1 >= n)}
+      assert report["safety_retrieval"][task][how] == pytest.approx(want), \
+          (task, how)
+
+
 def test_euclidean_mode_reports_cosine_recall_without_traversal():
   rng = np.random.default_rng(9)
   S, U, V, G = (random_points(rng, 10, 6) for _ in range(4))

@@ -84,6 +84,20 @@ def _origin_distance(emb, curv, mode):
   return np.linalg.norm(np.asarray(emb, np.float64), axis=-1)
 
 
+def _traversal_scales(emb, curv, bound, alpha) -> np.ndarray:
+  """(n, 3) radial factors s with traverse_to_safe(x) = s·x: none, release,
+  geodesic (both traversals keep the direction of x)."""
+  emb = np.asarray(emb, np.float32)
+  norm = np.linalg.norm(emb.astype(np.float64), axis=-1)
+  cols = [np.ones_like(norm)]
+  for how in TRAVERSALS[1:]:
+    moved = np.asarray(safety.traverse_to_safe(emb, curv, bound, alpha, how),
+                       np.float64)
+    ratio = np.linalg.norm(moved, axis=-1) / np.where(norm > 0, norm, 1.0)
+    cols.append(np.where(norm > 0, ratio, 1.0))
+  return np.stack(cols, axis=-1)
+
+
 def classification_table(S, U, V, G, curv, bounds: Mapping | None,
                          mode: str = "hyp",
                          alpha: float = safety.DEFAULT_ALPHA) -> dict:
@@ -153,23 +167,39 @@ def evaluate(S, U, V, G, curv, bounds: Mapping | None = None,
       name: _distance_stats(_origin_distance(emb, curv, mode))
       for name, emb in groups.items()}
 
-  report["retrieval"] = {
-      f"{t}-{i}": retrieval.bidirectional_recall(groups[t], groups[i], curv, k,
-                                                 mode, chunk_size)
-      for t, i in PAIRINGS}
-
+  # Four passes, one per query group against the other modality's
+  # [safe, unsafe] blocks, give all eight pairing directions and, through the
+  # radial-rescaling variants of U and G, the safety tables (see
+  # retrieval.block_ranks).
+  n = report["n"]
+  positives = np.stack([np.arange(n), n + np.arange(n)], axis=1)
   traversals = TRAVERSALS if mode == "hyp" else ("none",)
+  other = {"S": ("V", "G"), "U": ("V", "G"), "V": ("S", "U"),
+           "G": ("S", "U")}
+  tasks = {query: (name, modality)
+           for name, query, _, _, modality in SAFETY_TASKS}
+  ranks = {}  # (query group, pool group) -> (n,) ranks
   report["safety_retrieval"] = {}
-  for name, query, safe_pool, unsafe_pool, modality in SAFETY_TASKS:
-    rows = {}
-    for how in traversals:
-      q = groups[query]
-      if how != "none":
-        bound = bounds[safety.SAFE_GROUP[modality]]["up_95"]
-        q = np.asarray(safety.traverse_to_safe(q, curv, bound, alpha, how))
-      rows[how] = retrieval.safety_retrieval(
-          q, groups[safe_pool], groups[unsafe_pool], curv, k, mode, chunk_size)
-    report["safety_retrieval"][name] = rows
+  for query, (safe_g, unsafe_g) in other.items():
+    scales = None
+    if query in tasks and mode == "hyp":
+      bound = bounds[safety.SAFE_GROUP[tasks[query][1]]]["up_95"]
+      scales = _traversal_scales(groups[query], curv, bound, alpha)
+    counts, top1 = retrieval.block_ranks(
+        groups[query], [groups[safe_g], groups[unsafe_g]], curv, positives,
+        scales, mode, chunk_size)
+    ranks[query, safe_g] = counts[:, 0, 0, 0]
+    ranks[query, unsafe_g] = counts[:, 0, 1, 1]
+    if query in tasks:
+      report["safety_retrieval"][tasks[query][0]] = {
+          how: retrieval.safety_metrics(counts[:, t], top1[:, t], n, k)
+          for t, how in enumerate(traversals)}
+  report["retrieval"] = {
+      f"{t}-{i}": {"t2i": retrieval.recall_from_ranks(ranks[t, i], k),
+                   "i2t": retrieval.recall_from_ranks(ranks[i, t], k)}
+      for t, i in PAIRINGS}
+  report["safety_retrieval"] = {
+      name: report["safety_retrieval"][name] for name, *_ in SAFETY_TASKS}
 
   report["classification"] = classification_table(
       groups["S"], groups["U"], groups["V"], groups["G"], curv, bounds, mode,
