@@ -345,6 +345,13 @@ def test_synthetic_builder_stores_the_drawn_quadruples(tmp_path):
     assert r["unsafe_caption"].decode() == ex["unsafe_caption"]
 
 
+def test_synthetic_default_config_object_is_accepted(tmp_path):
+  builder = build.get_builder("synthetic_visu", str(tmp_path),
+                              config=synthetic.synthetic_config())
+  assert builder.builder_config.num_train == 4096
+  assert builder.builder_config.image_size == 32
+
+
 def test_synthetic_is_deterministic_by_seed():
   a = synthetic.make_quadruple(0, "train", 5, 32)
   b = synthetic.make_quadruple(0, "train", 5, 32)

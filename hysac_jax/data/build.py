@@ -46,8 +46,14 @@ def get_builder(name, data_dir, **builder_kwargs):
       `config=synthetic.synthetic_config(...)` (synthetic_visu).
   """
   data_dir = os.path.expanduser(os.fspath(data_dir))
-  return _builder_class(name)(data_dir=data_dir, file_format="array_record",
-                              **builder_kwargs)
+  cls = _builder_class(name)
+  config = builder_kwargs.get("config")
+  if isinstance(config, tfds.core.BuilderConfig) and config.name in {
+      c.name for c in cls.BUILDER_CONFIGS}:
+    # TFDS refuses a config object named like a registered one; the names
+    # encode every parameter, so the registered one is the same config.
+    builder_kwargs["config"] = config.name
+  return cls(data_dir=data_dir, file_format="array_record", **builder_kwargs)
 
 
 def remove_stale_incomplete(builder):
