@@ -458,7 +458,7 @@ def save_pretrained(out_dir, config, params, lora=None, mode="hyp",
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)
   flat = traverse_util.flatten_dict(params, sep="/")
-  save_file({k: np.ascontiguousarray(np.asarray(v, np.float32))
+  save_file({k: np.array(v, np.float32, order="C")  # keeps 0-d scalars 0-d
              for k, v in flat.items()}, os.path.join(out_dir, PARAMS_FILE))
   from hysac_jax.models.hysac import head_scalars  # pylint: disable=g-import-not-at-top
   values = head_scalars(params, curv_init)
