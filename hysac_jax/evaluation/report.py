@@ -179,7 +179,7 @@ def evaluate(S, U, V, G, curv, bounds: Mapping | None = None,
   tasks = {query: (name, modality)
            for name, query, _, _, modality in SAFETY_TASKS}
   ranks = {}  # (query group, pool group) -> (n,) ranks
-  report["safety_retrieval"] = {}
+  safety_rows = {}
   for query, (safe_g, unsafe_g) in other.items():
     scales = None
     if query in tasks and mode == "hyp":
@@ -191,7 +191,7 @@ def evaluate(S, U, V, G, curv, bounds: Mapping | None = None,
     ranks[query, safe_g] = counts[:, 0, 0, 0]
     ranks[query, unsafe_g] = counts[:, 0, 1, 1]
     if query in tasks:
-      report["safety_retrieval"][tasks[query][0]] = {
+      safety_rows[tasks[query][0]] = {
           how: retrieval.safety_metrics(counts[:, t], top1[:, t], n, k)
           for t, how in enumerate(traversals)}
   report["retrieval"] = {
@@ -199,7 +199,7 @@ def evaluate(S, U, V, G, curv, bounds: Mapping | None = None,
                    "i2t": retrieval.recall_from_ranks(ranks[i, t], k)}
       for t, i in PAIRINGS}
   report["safety_retrieval"] = {
-      name: report["safety_retrieval"][name] for name, *_ in SAFETY_TASKS}
+      name: safety_rows[name] for name, *_ in SAFETY_TASKS}
 
   report["classification"] = classification_table(
       groups["S"], groups["U"], groups["V"], groups["G"], curv, bounds, mode,
