@@ -1,0 +1,287 @@
+"""The training loop (hysac_jax/trainer.py) and the train.py / eval.py CLIs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from hysac_jax import evaluate_run
+from hysac_jax import trainer
+from hysac_jax.data import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small enough for seconds per epoch: 4 steps of 4 devices x 8 quadruples.
+OVERRIDES = {
+    "data.synthetic_sizes": (128, 64, 64),
+    "data.batch_size_per_device": 8,
+    "data.eval_batch_size_per_device": 16,
+    "data.num_workers": 0,
+    "train.epochs": 2,
+    "train.log_every": 2,
+    "train.checkpoint_every": 2,
+}
+
+
+def micro_config(data_dir, **extra):
+  c = tiny.get_config()
+  c.data.data_dir = str(data_dir)
+  for key, value in {**OVERRIDES, **extra}.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def cli_flags(data_dir):
+  flags = [f"--config={ROOT / 'configs' / 'tiny.py'}",
+           f"--config.data.data_dir={data_dir}"]
+  for key, value in OVERRIDES.items():
+    if isinstance(value, tuple):
+      value = "(" + ",".join(map(str, value)) + ")"
+    flags.append(f"--config.{key}={value}")
+  return flags
+
+
+def run_env():
+  # conftest's XLA cache and device count reach the subprocesses through
+  # the environment.
+  return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def final_state(workdir):
+  """The `state` item of a run's latest checkpoint, as numpy."""
+  steps = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  path = Path(workdir) / "checkpoints" / str(steps[-1]) / "state"
+  return steps[-1], ocp.PyTreeCheckpointer().restore(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+  """One uninterrupted in-process run of the micro config."""
+  workdir = tmp_path_factory.mktemp("run")
+  summary = trainer.train_and_evaluate(micro_config(data_dir), workdir)
+  return workdir, summary
+
+
+# ------------------------------------------------------------- config ---
+
+
+@pytest.mark.parametrize("field,value", [
+    ("model.mode", "poincare"), ("model.dtype", "float8"),
+    ("model.size", "vit-huge"), ("data.name", "laion"),
+    ("optim.schedule", "linear"), ("train.epochs", 0),
+    ("data.batch_size_per_device", 0), ("model.lora.dropout", 1.5)])
+def test_bad_config_value_names_the_field(field, value, tmp_path):
+  c = micro_config(tmp_path, **{field: value})
+  with pytest.raises(ValueError, match=f"config.{field.replace('.', '[.]')}="):
+    trainer.check_config(c)
+
+
+def test_visu_without_manual_dir_says_what_to_set(tmp_path):
+  c = micro_config(tmp_path, **{"data.name": "visu", "data.manual_dir": ""})
+  with pytest.raises(ValueError, match="config.data.manual_dir"):
+    trainer.check_config(c)
+
+
+def test_cli_rejects_unknown_and_bad_fields(tmp_path):
+  base = [sys.executable, str(ROOT / "train.py"), f"--workdir={tmp_path}"]
+  out = subprocess.run(base + cli_flags(tmp_path) + ["--config.optim.lrr=1"],
+                       capture_output=True, text=True, timeout=300,
+                       env=run_env(), cwd=ROOT)
+  assert out.returncode != 0 and "lrr" in out.stderr
+  out = subprocess.run(
+      base + cli_flags(tmp_path) + ["--config.model.mode=poincare"],
+      capture_output=True, text=True, timeout=300, env=run_env(),
+      cwd=ROOT)
+  assert out.returncode == 1
+  assert "config.model.mode='poincare'" in out.stderr
+
+
+# ------------------------------------------------------ early stopping ---
+
+
+def test_early_stopping_follows_the_release_rule():
+  stop = trainer.EarlyStopping(patience=2)
+  assert stop.update(1.0, 0.5) == (True, True, False)
+  assert stop.update(1.1, 0.4) == (False, False, False)   # worse: 1 left
+  assert stop.update(1.2, 0.6) == (False, True, False)    # recall resets
+  assert stop.remaining == 2
+  assert stop.update(0.9, 0.1) == (True, False, False)    # loss resets
+  assert stop.update(1.0, 0.1) == (False, False, False)
+  assert stop.update(1.0, 0.1) == (False, False, True)    # patience spent
+  again = trainer.EarlyStopping.from_json(stop.to_json())
+  assert again == stop
+
+
+def test_early_stopping_ends_training_when_validation_loss_rises(
+    data_dir, tmp_path, monkeypatch):
+  calls = []
+
+  def rising_validation(state, config, mesh, eval_step, image_size,
+                        desc="validation"):
+    calls.append(desc)
+    n = len(calls)
+    emb = {g: np.full((4, 8), 0.1 * n, np.float32) for g in "SUVG"}
+    return emb, {"loss": float(n), "recall_sum": 1.0 / n}, 1.0
+
+  monkeypatch.setattr(trainer, "validate", rising_validation)
+  c = micro_config(data_dir, **{"train.epochs": 10, "train.patience": 2})
+  summary = trainer.train_and_evaluate(c, tmp_path)
+  assert summary["stopped_early"]
+  # Epoch 1 sets the bests; epochs 2 and 3 spend the patience of 2.
+  assert summary["epochs"] == 3
+  assert summary["best"]["loss"] == 1.0
+  assert sorted(int(p.name) for p in (tmp_path / "best_loss").iterdir()
+                if p.name.isdigit()) == [4]
+
+
+# ------------------------------------------------------------ failures ---
+
+
+def test_nan_in_a_batch_stops_training_without_saving_it(
+    data_dir, tmp_path, monkeypatch):
+  real = pipeline.make_dataset
+
+  def poisoned(data_config, split, image_size, **kwargs):
+    it = real(data_config, split, image_size, **kwargs)
+    if split != "train":
+      return it
+    original_next = type(it).__next__
+
+    class Poisoned(type(it)):
+      count = 0
+
+      def __next__(self):
+        batch = original_next(self)
+        Poisoned.count += 1
+        if Poisoned.count == 4:  # the batch of step index 3
+          batch = dict(batch)
+          batch["safe_image"] = np.full_like(batch["safe_image"], np.nan)
+        return batch
+
+    it.__class__ = Poisoned
+    return it
+
+  monkeypatch.setattr(pipeline, "make_dataset", poisoned)
+  with pytest.raises(trainer.TrainingDiverged,
+                     match=r"at step 3;.*last good checkpoint is step 2"):
+    trainer.train_and_evaluate(micro_config(data_dir), tmp_path)
+  step, state = final_state(tmp_path)
+  assert step == 2
+  for leaf in jax.tree.leaves(state):
+    assert np.isfinite(np.asarray(leaf, np.float64)).all()
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path,
+                                              monkeypatch):
+  real = pipeline.make_dataset
+
+  def preempting(data_config, split, image_size, **kwargs):
+    it = real(data_config, split, image_size, **kwargs)
+    if split != "train":
+      return it
+    original_next = type(it).__next__
+
+    class Preempted(type(it)):
+      count = 0
+
+      def __next__(self):
+        Preempted.count += 1
+        if Preempted.count == 3:
+          os.kill(os.getpid(), signal.SIGTERM)
+        return original_next(self)
+
+    it.__class__ = Preempted
+    return it
+
+  monkeypatch.setattr(pipeline, "make_dataset", preempting)
+  summary = trainer.train_and_evaluate(micro_config(data_dir), tmp_path)
+  assert summary["preempted"] and summary["steps"] == 3
+  assert final_state(tmp_path)[0] == 3
+
+
+# ------------------------------------------------------- resume (kill) ---
+
+
+def test_sigkill_mid_epoch_then_resume_gives_bitwise_equal_params(
+    data_dir, tmp_path):
+  env = run_env()
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  cmd = [sys.executable, str(ROOT / "train.py")] + cli_flags(data_dir)
+  subprocess.run(cmd + [f"--workdir={straight}"], check=True, env=env,
+                 cwd=ROOT, timeout=600, capture_output=True)
+
+  proc = subprocess.Popen(cmd + [f"--workdir={killed}"], env=env, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  mid_epoch = killed / "checkpoints" / "2"  # step 2 of a 4-step epoch
+  deadline = time.time() + 300
+  while not mid_epoch.exists() and proc.poll() is None:
+    assert time.time() < deadline, "no mid-epoch checkpoint appeared"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+
+  resumed = subprocess.run(cmd + [f"--workdir={killed}"], env=env, cwd=ROOT,
+                           timeout=600, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step" in resumed.stdout + resumed.stderr
+
+  step_a, a = final_state(straight)
+  step_b, b = final_state(killed)
+  assert step_a == step_b == 8
+  flat_a = jax.tree_util.tree_leaves_with_path(a)
+  flat_b = jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------ run directory ---
+
+
+def test_finished_run_writes_logs_checkpoints_and_bounds(finished_run):
+  workdir, summary = finished_run
+  assert summary["steps"] == 8 and not summary["stopped_early"]
+  for name in ("config.json", "metrics.jsonl", "bounds.json",
+               "best_recall/bounds.json"):
+    assert (workdir / name).is_file(), name
+  assert any((workdir / "tensorboard").iterdir())
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  kinds = [__import__("json").loads(l)["kind"] for l in lines]
+  assert kinds.count("val") == 2 and kinds.count("train") == 4
+  bounds = summary["bounds"]
+  assert set(bounds) == {"S", "U", "V", "G"}
+  for group in bounds.values():
+    assert group["low_05"] <= group["avg"] <= group["up_95"]
+
+
+def test_eval_writes_every_report_file(finished_run, data_dir):
+  workdir, _ = finished_run
+  report, out_dir = evaluate_run.run(workdir=str(workdir), split="test")
+  assert report["n"] == 64 and report["split"] == "test"
+  assert report["bounds_source"].endswith("bounds.json")
+  files = sorted(os.listdir(out_dir))
+  for name in ("report.json", "report.md"):
+    assert name in files
+  pngs = [f for f in files if f.endswith(".png")]
+  assert len(pngs) >= 3
+  for f in pngs:
+    assert os.path.getsize(os.path.join(out_dir, f)) > 1000
