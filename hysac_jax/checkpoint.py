@@ -34,9 +34,13 @@ def _manager(directory, max_to_keep):
 def _check_finite(tree, what):
   """Raises if any floating leaf holds NaN or Inf: never save such a state."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    arr = np.asarray(jax.device_get(leaf)) if not hasattr(
-        leaf, "is_fully_addressable") or leaf.is_fully_addressable else None
-    if arr is not None and np.issubdtype(arr.dtype, np.floating):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      # Multi-process: check the rows this process holds (every process
+      # checks its own, so together they cover the array).
+      arr = np.concatenate([np.ravel(s.data) for s in leaf.addressable_shards])
+    else:
+      arr = np.asarray(jax.device_get(leaf))
+    if np.issubdtype(arr.dtype, np.floating):
       if not np.isfinite(arr).all():
         raise FloatingPointError(
             f"refusing to save {what}: {jax.tree_util.keystr(path)} holds "

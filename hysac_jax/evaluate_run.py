@@ -76,6 +76,7 @@ def run(config=None, workdir=None, model_dir=None, split="test",
     image_size = model.config.vision.image_size
     source = os.path.abspath(model_dir)
 
+  trainer.prepare_data(config.data, image_size)
   batches = pipeline.make_dataset(config.data, split, image_size,
                                   seed=config.seed, train=False)
   emb, _ = trainer.embed_split(encode, batches, desc=f"embedding {split}")

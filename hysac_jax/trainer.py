@@ -187,9 +187,12 @@ def initial_params(config, init_from=None):
 def _checkpoint_tree(state, rng):
   """What a checkpoint stores: the trainable part (frozen weights are
   rebuilt from the config at start), optimizer state, step and RNG key."""
+  # The key is placed like the (replicated) step: on several processes
+  # Orbax writes only global arrays, not a host-local one.
+  rng_data = jax.device_put(jax.random.key_data(rng), state.step.sharding)
   return {"trainable": train_lib.trainable_params(state.params),
           "opt_state": state.opt_state, "step": state.step,
-          "rng": jax.random.key_data(rng)}
+          "rng": rng_data}
 
 
 def _restore_state(state, tree):
@@ -243,13 +246,27 @@ def _global_mask(batch, emb):
   """The batch mask laid out like the (possibly sharded) embeddings."""
   mask = np.asarray(batch["mask"]).astype(np.float32)
   any_emb = next(iter(emb.values()))
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 or not isinstance(any_emb, jax.Array):
+    # Host-local rows (numpy): gathered across processes like the mask.
     return mask
   sharding = any_emb.sharding
   return jax.make_array_from_process_local_data(
       jax.sharding.NamedSharding(sharding.mesh,
                                  jax.sharding.PartitionSpec(
                                      train_lib.DATA_AXIS)), mask)
+
+
+def prepare_data(data_config, image_size):
+  """Builds the dataset on process 0 while the others wait, once per run.
+
+  Every process opens the TFDS files afterwards; letting them all build at
+  once would race on the same directory.
+  """
+  from hysac_jax.data import pipeline
+  if jax.process_index() == 0:
+    pipeline.open_builder(data_config, image_size)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("hysac_jax: dataset built")
 
 
 def state_encoder(state, mesh, eval_step):
@@ -336,6 +353,7 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None):
   mesh = train_lib.make_mesh()
   model = train_lib.model_from_config(config)
   image_size = model.clip.vision.image_size
+  prepare_data(config.data, image_size)
   train_batches = pipeline.make_dataset(config.data, "train", image_size,
                                         seed=config.seed,
                                         num_epochs=config.train.epochs)
