@@ -1,0 +1,317 @@
+"""Export for serving (hysac_jax/export.py): hf, orbax, stablehlo, loaders."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+
+from configs import tiny
+from hysac_jax import checkpoint as ckpt_lib
+from hysac_jax import convert
+from hysac_jax import export
+from hysac_jax import safety
+from hysac_jax import train_lib
+from hysac_jax import trainer
+from hysac_jax.models.clip import CLIPModel
+from hysac_jax.models.lora import merge_lora
+
+ATOL = RTOL = 1e-5
+# Head scalars (stored logs) away from their initial values.
+HEAD = {"log_curv": math.log(0.7), "log_alpha_image": math.log(0.2),
+        "log_alpha_text": math.log(0.15), "log_logit_scale": math.log(20.0)}
+
+
+def tiny_config():
+  c = tiny.get_config()
+  c.model.lora.rank = 4
+  return c
+
+
+def trained(params):
+  """`params` with non-zero LoRA B matrices and non-initial head scalars."""
+  flat = traverse_util.flatten_dict(params)
+  rng = np.random.default_rng(1)
+  for path, value in flat.items():
+    if path[-1] == "lora_B":
+      flat[path] = jnp.asarray(0.1 * rng.normal(size=value.shape),
+                               jnp.float32)
+  for name, value in HEAD.items():
+    flat[(name,)] = jnp.asarray(value, jnp.float32)
+  return traverse_util.unflatten_dict(flat)
+
+
+def inputs(n=7):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 49406, size=(n, 77)).astype(np.int32)
+  ids[np.arange(n), rng.integers(3, 40, size=n)] = 49407
+  pixels = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
+  return ids, pixels
+
+
+def bounds_with_threshold(curv, target):
+  """Bounds whose thresholds b' (both modalities) equal `target`.
+
+  b' = b + tanh((b - 0.8)/c) + 1 is increasing in b: solved by bisection.
+  """
+  lo, hi = -50.0, 50.0
+  for _ in range(200):
+    mid = (lo + hi) / 2
+    if safety.safety_threshold(mid, curv) < target:
+      lo = mid
+    else:
+      hi = mid
+  stats = {"avg": lo - 0.5, "low_05": lo - 1.0, "up_95": lo}
+  return {g: dict(stats) for g in safety.GROUPS}
+
+
+def live_points(model, params, ids, pixels):
+  """(image points, text points) of the live (LoRA, unmerged) model."""
+  image, text = model.apply({"params": params}, pixels, ids)
+  return np.asarray(image), np.asarray(text)
+
+
+@pytest.fixture(scope="module")
+def live():
+  """The tiny HySAC module and its 'trained' params (LoRA not merged)."""
+  config = tiny_config()
+  model = train_lib.model_from_config(config)
+  params = trained(train_lib.init_model_params(model, jax.random.key(0)))
+  return model, jax.device_get(params)
+
+
+@pytest.fixture(scope="module")
+def exported(live, tmp_path_factory):
+  """A converted directory with bounds, exported in all three formats by
+  the CLI in one call. Returns (converted dir, {format: dir}, bounds)."""
+  model, params = live
+  src = tmp_path_factory.mktemp("converted")
+  convert.save_pretrained(src, model.clip, params, lora=model.lora,
+                          curv_init=model.curv_init)
+  ids, pixels = inputs()
+  image, text = live_points(model, params, ids, pixels)
+  dist = np.asarray(safety.unsafe_score(np.concatenate([image, text]), 0.7))
+  bounds = bounds_with_threshold(0.7, float(np.median(dist)))
+  safety.save_bounds(bounds, src / "bounds.json")
+  out = tmp_path_factory.mktemp("export")
+  assert export.main(["--model", str(src), "--out", str(out), "--format",
+                      "hf", "orbax", "stablehlo"]) == 0
+  return src, {f: out / f for f in export.FORMATS}, bounds
+
+
+# ------------------------------------------------------------------- hf ---
+
+
+def test_hf_export_gives_torch_clip_the_features_of_our_towers(live,
+                                                               exported):
+  model, params = live
+  _, dirs, _ = exported
+  hf, info = transformers.CLIPModel.from_pretrained(
+      dirs["hf"], output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys",
+                                   "mismatched_keys")), info
+  ids, pixels = inputs()
+  towers = CLIPModel(model.clip, model.lora)
+  ours_t = towers.apply({"params": params["clip"]}, ids, method="encode_text")
+  ours_i = towers.apply({"params": params["clip"]}, pixels,
+                        method="encode_image")
+  with torch.no_grad():
+    hf.eval()
+    t = hf.get_text_features(input_ids=torch.as_tensor(ids)).pooler_output
+    i = hf.get_image_features(pixel_values=torch.as_tensor(
+        pixels.transpose(0, 3, 1, 2))).pooler_output
+  np.testing.assert_allclose(t.numpy(), ours_t, atol=ATOL, rtol=RTOL)
+  np.testing.assert_allclose(i.numpy(), ours_i, atol=ATOL, rtol=RTOL)
+  assert math.isclose(hf.logit_scale.exp().item(), 20.0, rel_tol=1e-6)
+
+
+def test_hf_head_applied_to_torch_features_gives_our_points(live, exported):
+  model, params = live
+  _, dirs, bounds = exported
+  head = json.loads((dirs["hf"] / export.HEAD_FILE).read_text())
+  assert head["mode"] == "hyp" and head["bounds"] == bounds
+  for key, value in {"curv": 0.7, "alpha_image": 0.2, "alpha_text": 0.15,
+                     "logit_scale": 20.0}.items():
+    assert math.isclose(head[key], value, rel_tol=1e-6), key
+  assert math.isclose(head["thresholds"]["text"], safety.safety_threshold(
+      bounds["S"]["up_95"], head["curv"]), rel_tol=1e-9)
+  hf = transformers.CLIPModel.from_pretrained(dirs["hf"]).eval()
+  ids, pixels = inputs()
+  with torch.no_grad():
+    t = hf.get_text_features(input_ids=torch.as_tensor(ids)).pooler_output
+    i = hf.get_image_features(pixel_values=torch.as_tensor(
+        pixels.transpose(0, 3, 1, 2))).pooler_output
+  # The head in float64 NumPy (SPEC §1 exp_map0), from the JSON alone.
+  def exp_map0(v, c):
+    v = np.asarray(v, np.float64)
+    r = math.sqrt(c) * np.linalg.norm(v, axis=-1, keepdims=True)
+    return np.sinh(r) * v / r
+  image, text = live_points(model, params, ids, pixels)
+  np.testing.assert_allclose(
+      exp_map0(head["alpha_text"] * t.double().numpy(), head["curv"]), text,
+      atol=ATOL, rtol=RTOL)
+  np.testing.assert_allclose(
+      exp_map0(head["alpha_image"] * i.double().numpy(), head["curv"]), image,
+      atol=ATOL, rtol=RTOL)
+  np.testing.assert_allclose(export.apply_head(i.numpy(), head, "image"),
+                             image, atol=ATOL, rtol=RTOL)
+
+
+def test_hf_export_round_trips_through_convert(live, exported):
+  model, params = live
+  _, dirs, bounds = exported
+  _, back = convert.clip_params_from_hf(dirs["hf"])
+  merged = traverse_util.flatten_dict(jax.device_get(
+      merge_lora(params, model.lora)["clip"]))
+  back = traverse_util.flatten_dict(back)
+  assert back.keys() == merged.keys()
+  for path in merged:  # transposes only: bit for bit
+    np.testing.assert_array_equal(back[path], merged[path],
+                                  err_msg="/".join(path))
+  loaded = export.load_hf(dirs["hf"])
+  ids, pixels = inputs()
+  image, text = live_points(model, params, ids, pixels)
+  np.testing.assert_allclose(loaded.encode_text(ids), text, atol=ATOL,
+                             rtol=RTOL)
+  np.testing.assert_allclose(loaded.encode_image(pixels), image, atol=ATOL,
+                             rtol=RTOL)
+  assert loaded.bounds == bounds and math.isclose(loaded.curv, 0.7,
+                                                  rel_tol=1e-6)
+
+
+def test_apply_head_in_euc_mode_normalises():
+  feats = np.array([[3.0, 4.0], [0.0, -2.0]], np.float32)
+  out = export.apply_head(feats, {"mode": "euc"}, "text")
+  np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, -1.0]], rtol=1e-6)
+  with pytest.raises(ValueError, match="modality"):
+    export.apply_head(feats, {"mode": "euc"}, "audio")
+
+
+# ---------------------------------------------------------------- orbax ---
+
+
+def test_orbax_export_holds_merged_params_and_gives_the_same_points(
+    live, exported):
+  model, params = live
+  _, dirs, bounds = exported
+  loaded = export.load_orbax(dirs["orbax"])
+  ids, pixels = inputs()
+  image, text = live_points(model, params, ids, pixels)
+  np.testing.assert_allclose(loaded.encode_image(pixels), image, atol=ATOL,
+                             rtol=RTOL)
+  np.testing.assert_allclose(loaded.encode_text(ids), text, atol=ATOL,
+                             rtol=RTOL)
+  assert loaded.bounds == bounds
+  # Only the merged params: the leaves of a model without LoRA, no more.
+  import orbax.checkpoint as ocp
+  stored = traverse_util.flatten_dict(ocp.StandardCheckpointer().restore(
+      os.path.join(dirs["orbax"], export.ORBAX_PARAMS_DIR)))
+  expected = {("clip",) + k for k in convert.clip_template(model.clip)}
+  assert set(stored) == expected | {(k,) for k in HEAD}
+
+
+# ------------------------------------------------------------ stablehlo ---
+
+
+def test_stablehlo_functions_match_the_live_model_at_batch_1_and_7(
+    live, exported):
+  model, params = live
+  _, dirs, bounds = exported
+  loaded = export.load_stablehlo(dirs["stablehlo"])
+  fns = loaded.functions
+  assert str(fns["encode_image"].in_avals[-1].shape[0]) == "b"
+  assert str(fns["encode_text"].in_avals[-1].shape[0]) == "b"
+  assert set(fns["encode_text"].platforms) == {"cpu", "cuda", "tpu"}
+  ids, pixels = inputs()
+  image, text = live_points(model, params, ids, pixels)
+  for n in (1, 7):
+    np.testing.assert_allclose(loaded.encode_image(pixels[:n]), image[:n],
+                               atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(loaded.encode_text(ids[:n]), text[:n],
+                               atol=ATOL, rtol=RTOL)
+    for emb, modality in ((image[:n], "image"), (text[:n], "text")):
+      unsafe, dist = loaded.classify_unsafe(emb, modality)
+      np.testing.assert_allclose(dist, safety.unsafe_score(emb, 0.7),
+                                 rtol=1e-6)
+      np.testing.assert_array_equal(
+          unsafe, safety.classify_unsafe(emb, 0.7, bounds, modality))
+      np.testing.assert_allclose(
+          loaded.traverse_to_safe(emb, modality),
+          safety.traverse_to_safe(emb, 0.7,
+                                  bounds[safety.SAFE_GROUP[modality]]["up_95"]),
+          atol=1e-6, rtol=1e-6)
+  # The threshold sits at the median distance: both outcomes occur.
+  unsafe, _ = loaded.classify_unsafe(np.concatenate([image, text]), "text")
+  assert 0 < unsafe.sum() < len(unsafe)
+
+
+def test_load_exported_reads_every_format(exported):
+  _, dirs, _ = exported
+  kinds = {f: export.load_exported(dirs[f]).kind for f in export.FORMATS}
+  assert kinds == {f: f for f in export.FORMATS}
+
+
+# ----------------------------------------------------------- run dirs ---
+
+
+def test_export_of_a_training_run_uses_its_checkpoint_and_bounds(tmp_path):
+  """A run directory as the trainer leaves it: config.json, a best_recall
+  checkpoint of the trainable params only, and bounds.json."""
+  config = tiny_config()
+  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  state = train_lib.create_train_state(config, init_key)
+  state = state.replace(params=trained(state.params))
+  run = tmp_path / "run"
+  trainer.save_config(config, run)
+  checkpoints = ckpt_lib.RunCheckpoints(run)
+  checkpoints.save(3, trainer._checkpoint_tree(state, step_key), {},  # pylint: disable=protected-access
+                   {"step": 3}, kind=ckpt_lib.BEST_RECALL)
+  checkpoints.close()
+  bounds = bounds_with_threshold(0.7, 1.0)
+  safety.save_bounds(bounds, run / "bounds.json")
+  assert export.detect_kind(run) == "run"
+
+  out = tmp_path / "out"
+  assert export.main(["--model", str(run), "--out", str(out), "--format",
+                      "orbax"]) == 0
+  loaded = export.load_orbax(out / "orbax")
+  ids, pixels = inputs(3)
+  image, text = live_points(state.model, state.params, ids, pixels)
+  np.testing.assert_allclose(loaded.encode_image(pixels), image, atol=ATOL,
+                             rtol=RTOL)
+  np.testing.assert_allclose(loaded.encode_text(ids), text, atol=ATOL,
+                             rtol=RTOL)
+  assert loaded.bounds == bounds
+  assert loaded.head["source"] == {"run": str(run),
+                                   "checkpoint": "best_recall"}
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d: d / "missing", "is missing"),
+    (lambda d: (d / "f.txt").write_text("x") and d / "f.txt", "is a file"),
+    (lambda d: d, "neither hysac_head.json nor config.json"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "clip"}')
+     and d, "plain Hugging Face CLIP"),
+    (lambda d: (d / "config.json").write_text('{"model": {}, "train": {}}')
+     and d, "no checkpoints"),
+])
+def test_model_dir_of_the_wrong_kind_is_refused_by_name(tmp_path, capsys,
+                                                        make, message):
+  path = make(tmp_path)
+  assert export.main(["--model", str(path), "--out", str(tmp_path / "o"),
+                      "--format", "hf"]) == 1
+  err = capsys.readouterr().err
+  assert message in err and str(path) in err
+
+
+def test_exporting_an_export_is_refused(exported, capsys, tmp_path):
+  _, dirs, _ = exported
+  assert export.main(["--model", str(dirs["orbax"]), "--out", str(tmp_path),
+                      "--format", "hf"]) == 1
+  assert "already an export (orbax)" in capsys.readouterr().err
