@@ -1,0 +1,565 @@
+"""One data-parallel training step of HySAC over a device mesh.
+
+    mesh = train_lib.make_mesh()                      # Mesh(devices, ("data",))
+    state = train_lib.create_train_state(config, rng, mesh=mesh,
+                                         total_steps=num_steps)
+    train_step = train_lib.make_train_step(config, mesh)
+    for batch in batches:                             # numpy, global batch
+      state, metrics = train_step(state, train_lib.shard_batch(batch, mesh), rng)
+
+Parameters are replicated, the batch is sharded on the mesh axis "data" and
+the state's buffers are donated. Everything here works on global arrays: the
+contrastive logits span the whole global batch (global negatives); XLA
+partitions the computation. `config.loss.local_negatives=True` instead treats
+each device's rows as its own contrastive problem, as the PyTorch release
+does.
+
+Trainable vs frozen is data: `label_params` names each leaf "lora" (LoRA
+matrices: AdamW with weight decay), "head" (the four head scalars: AdamW, no
+weight decay) or "frozen" (no gradient is taken, no update, no optimizer
+state). The optimizer only ever sees the trainable sub-tree.
+
+Gradient accumulation (`config.optim.accum_steps = k`): each device's rows
+are cut into k micro-batches; micro-batch j holds the j-th slice of every
+device's rows, so it stays sharded without communication. Gradients are
+averaged over micro-batches. With local negatives, one step with k
+micro-batches equals one step with a k-times larger mesh. With global
+negatives, each micro-batch's negatives are that micro-batch only (B/k rows,
+not B): accumulation saves memory but changes the contrastive problem.
+"""
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hysac_jax import losses
+from hysac_jax import lorentz
+from hysac_jax.models import hysac as hysac_lib
+
+DATA_AXIS = "data"
+LABELS = ("frozen", "lora", "head")
+LORA_NAMES = ("lora_A", "lora_B")
+BATCH_KEYS = ("safe_image", "unsafe_image", "safe_ids", "unsafe_ids")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "float16": jnp.float16}
+
+
+# ----------------------------------------------------------------- params ---
+
+
+def _label(path):
+  if path[-1] in LORA_NAMES:
+    return "lora"
+  if len(path) == 1 and path[0] in hysac_lib.HEAD_NAMES:
+    return "head"
+  return "frozen"
+
+
+def label_params(params):
+  """Labels each leaf of a HySAC params tree "frozen", "lora" or "head".
+
+  Args:
+    params: nested dict of arrays (the full tree or any sub-tree of it that
+      keeps the paths from the root).
+
+  Returns:
+    A tree of the same structure with string leaves.
+  """
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: _label(k) for k in flat})
+
+
+def trainable_params(params):
+  """The "lora" and "head" leaves of `params`, as a nested dict."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if _label(k) != "frozen"})
+
+
+def merge_params(params, trainable):
+  """`params` with the leaves of `trainable` (a sub-tree) put in place."""
+  flat = traverse_util.flatten_dict(params)
+  for k, v in traverse_util.flatten_dict(trainable).items():
+    if k not in flat:
+      raise KeyError(f"trainable param {'/'.join(k)} is not in the model")
+    flat[k] = v
+  return traverse_util.unflatten_dict(flat)
+
+
+# ------------------------------------------------------------------ model ---
+
+
+def model_from_config(config):
+  """The HySAC module described by `config.model`.
+
+  The architecture comes from `config.model.clip` (a Hugging Face CLIP
+  directory or hub id) when set, else from the named `config.model.size`.
+  """
+  from hysac_jax.models import clip as clip_lib
+  from hysac_jax.models import sizes
+
+  m = config.model
+  if m.get("clip", ""):
+    clip_config = sizes.clip_config_from_hf(m.clip)
+  else:
+    clip_config = sizes.get_clip_config(m.size)
+  lora = None
+  if m.lora.rank > 0:
+    lora = clip_lib.LoRAConfig(rank=m.lora.rank, alpha=m.lora.alpha,
+                               dropout=m.lora.dropout,
+                               targets=tuple(m.lora.targets))
+  if m.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of "
+                     f"{sorted(DTYPES)}")
+  return hysac_lib.HySAC(clip=clip_config, lora=lora, mode=m.mode,
+                         dtype=DTYPES[m.dtype], remat=m.remat,
+                         curv_init=m.curv_init)
+
+
+def init_model_params(model, rng):
+  """Random HySAC params (LoRA B = 0, head scalars at their inits)."""
+  return _jitted_init(model)(rng)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model):
+  """model.init on dummy inputs, jitted once per (hashable) module."""
+  vision, text = model.clip.vision, model.clip.text
+  pixels = jnp.zeros((1, vision.image_size, vision.image_size,
+                      vision.num_channels), jnp.float32)
+  ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
+
+  def init(rng):
+    variables = model.init({"params": rng, "dropout": rng}, pixels, ids,
+                           deterministic=True)
+    return variables["params"]
+
+  return jax.jit(init)
+
+
+def overlay_params(params, given):
+  """Puts the given (e.g. pretrained) leaves into freshly initialised params.
+
+  Args:
+    params: the full random-init HySAC tree.
+    given: a full HySAC tree or just its "clip" sub-tree (as converted from
+      Hugging Face, without LoRA leaves or head scalars).
+
+  Returns:
+    `params` with every leaf of `given` in place. LoRA leaves and head scalars
+    that `given` lacks keep their init; any other missing, unknown or
+    mis-shaped leaf is an error naming its path.
+  """
+  if "clip" not in given:
+    given = {"clip": given}
+  flat = traverse_util.flatten_dict(params)
+  new = traverse_util.flatten_dict(given)
+  unknown = [k for k in new if k not in flat]
+  if unknown:
+    raise KeyError("init params hold leaves the model does not have: "
+                   + ", ".join("/".join(k) for k in unknown[:8]))
+  missing = [k for k in flat if k not in new and _label(k) == "frozen"]
+  if missing:
+    raise KeyError("init params lack frozen model leaves: "
+                   + ", ".join("/".join(k) for k in missing[:8]))
+  for k, v in new.items():
+    if tuple(np.shape(v)) != tuple(flat[k].shape):
+      raise ValueError(f"init param {'/'.join(k)} has shape {np.shape(v)}, "
+                       f"the model expects {flat[k].shape}")
+    flat[k] = jnp.asarray(v, flat[k].dtype)
+  return traverse_util.unflatten_dict(flat)
+
+
+def _is_complete(model, given):
+  """Whether `given` is a full HySAC tree with the model's shapes."""
+  vision, text = model.clip.vision, model.clip.text
+  pixels = jax.ShapeDtypeStruct((1, vision.image_size, vision.image_size,
+                                 vision.num_channels), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, text.max_position_embeddings), jnp.int32)
+  abstract = jax.eval_shape(
+      functools.partial(model.init, deterministic=True),
+      {"params": jax.random.key(0)}, pixels, ids)["params"]
+  want = {k: v.shape for k, v in traverse_util.flatten_dict(abstract).items()}
+  try:
+    have = {k: tuple(np.shape(v))
+            for k, v in traverse_util.flatten_dict(given).items()}
+  except (TypeError, ValueError):
+    return False
+  return want == have
+
+
+# -------------------------------------------------------------- optimizer ---
+
+
+def learning_rate_schedule(optim_config, total_steps=None):
+  """The learning rate per optimizer update, from `config.optim`.
+
+  "constant": `lr` after an optional linear warm-up of `warmup_steps`.
+  "warmup_cosine" (MERU): linear warm-up from 0, then `lr * cos²(π/2 · p)`
+  (= half-cosine) decay to 0 at `total_steps`, p the post-warm-up progress.
+
+  Returns:
+    A float for a constant rate without warm-up (it then lives in the
+    optimizer state, where `with_learning_rate` can change it), else an optax
+    schedule (step -> rate).
+  """
+  lr, warmup = optim_config.lr, int(optim_config.warmup_steps)
+  if optim_config.schedule == "constant":
+    if warmup <= 0:
+      return float(lr)
+    return optax.linear_schedule(0.0, lr, warmup)
+  if optim_config.schedule == "warmup_cosine":
+    if not total_steps or total_steps <= warmup:
+      raise ValueError(
+          "config.optim.schedule='warmup_cosine' needs total_steps > "
+          f"warmup_steps ({warmup}); got total_steps={total_steps}")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=total_steps, end_value=0.0)
+  raise ValueError(f"config.optim.schedule={optim_config.schedule!r}: "
+                   "expected 'constant' or 'warmup_cosine'")
+
+
+def make_optimizer(optim_config, learning_rate):
+  """AdamW over the trainable sub-tree; weight decay on "lora" leaves only.
+
+  Decoupled weight decay scaled by the learning rate, as torch's AdamW.
+  Optional global-norm clipping (`grad_clip > 0`) comes first. The AdamW
+  hyperparameters live in the optimizer state (`optax.inject_hyperparams`):
+  `learning_rate(state)` reads the rate of the last update, and a constant
+  rate can be changed there without recompiling.
+
+  Args:
+    optim_config: `config.optim`.
+    learning_rate: a float or an optax schedule (`learning_rate_schedule`).
+  """
+  def decay_mask(tree):
+    return jax.tree.map(lambda label: label == "lora", label_params(tree))
+
+  parts = []
+  if optim_config.grad_clip and optim_config.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
+  parts.append(optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+      learning_rate=learning_rate, b1=optim_config.b1, b2=optim_config.b2,
+      eps=optim_config.eps, weight_decay=optim_config.weight_decay,
+      mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def _adamw_state(opt_state):
+  """The InjectHyperparamsState of AdamW, last in the chain."""
+  return opt_state[-1]
+
+
+def learning_rate(state):
+  """The learning rate of the state's last (or, at step 0, first) update."""
+  return _adamw_state(state.opt_state).hyperparams["learning_rate"]
+
+
+def with_learning_rate(state, lr):
+  """`state` with a new constant learning rate (no recompilation).
+
+  Only meaningful with `schedule="constant"` and no warm-up: a schedule
+  overwrites the value at the next update.
+  """
+  adamw = _adamw_state(state.opt_state)
+  old = adamw.hyperparams["learning_rate"]
+  hyper = dict(adamw.hyperparams,
+               learning_rate=jnp.full_like(old, lr))
+  if hasattr(old, "sharding"):
+    hyper["learning_rate"] = jax.device_put(hyper["learning_rate"],
+                                            old.sharding)
+  adamw = adamw._replace(hyperparams=hyper)
+  return state.replace(opt_state=state.opt_state[:-1] + (adamw,))
+
+
+# ------------------------------------------------------------------ state ---
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Training state: the full params, AdamW state of the trainable part.
+
+  Attributes:
+    step: int32 scalar, optimizer updates done.
+    params: the full HySAC params tree (frozen and trainable leaves).
+    opt_state: optax state over `trainable_params(params)` only.
+    model: the HySAC module (static).
+    tx: the optax transformation (static).
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  model: hysac_lib.HySAC = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def create_train_state(config, rng, init_params=None, *, mesh=None,
+                       total_steps=None, model=None):
+  """A fresh TrainState, replicated over `mesh` when one is given.
+
+  Args:
+    config: the run config (`config.model`, `config.optim`).
+    rng: PRNG key for the random init (LoRA A, and every leaf not given).
+    init_params: optional pretrained params: a full HySAC tree or its "clip"
+      sub-tree (see `overlay_params`).
+    mesh: optional device mesh; the state's arrays are replicated on it.
+    total_steps: optimizer updates in the run (needed by "warmup_cosine").
+    model: optional HySAC module overriding `model_from_config(config)`.
+
+  Returns:
+    TrainState at step 0. Its static `model` and `tx` key the jit cache of
+    the train step: derive later states from this one (as the step does),
+    do not rebuild it, or the step recompiles.
+  """
+  model = model or model_from_config(config)
+  if init_params is not None and _is_complete(model, init_params):
+    # No random init needed. Copy: the train step donates the state's
+    # buffers, which must not invalidate the caller's arrays.
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), init_params)
+  else:
+    params = init_model_params(model, rng)
+    if init_params is not None:
+      params = overlay_params(params, init_params)
+  params = hysac_lib.project_head(params, model.curv_init)
+  tx = make_optimizer(config.optim,
+                      learning_rate_schedule(config.optim, total_steps))
+  opt_state = tx.init(trainable_params(params))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=opt_state, model=model, tx=tx)
+  if mesh is not None:
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+  return state
+
+
+# ------------------------------------------------------------------- mesh ---
+
+
+def make_mesh(devices=None):
+  """A 1-D `Mesh(devices, ("data",))` over all (or the given) devices."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def num_shards(mesh):
+  return mesh.shape[DATA_AXIS]
+
+
+def shard_batch(batch, mesh):
+  """Places a host batch (dict of numpy arrays) sharded on "data".
+
+  Each process passes its own rows; the global batch is their concatenation.
+  """
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  n = num_shards(mesh) // jax.process_count()
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.shape[0] % n:
+      raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows, not "
+                       f"divisible by the {n} local devices of the mesh")
+    out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out
+
+
+# ------------------------------------------------------------- the step ---
+
+
+def _check_batch(batch):
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  if missing:
+    raise KeyError(f"batch lacks {missing}; it has {sorted(batch)}")
+
+
+def embed_quadruples(model, params, batch, rng=None, deterministic=True):
+  """Embeds a batch of quadruples with one call per tower.
+
+  Safe and unsafe inputs are interleaved (row 2i safe, 2i+1 unsafe), not
+  concatenated, so the rows of a sharded batch stay on their device.
+
+  Args:
+    model: HySAC module.
+    params: its params tree.
+    batch: dict with "safe_image", "unsafe_image" (B, H, W, 3) and
+      "safe_ids", "unsafe_ids" (B, L).
+    rng: dropout key (needed unless deterministic).
+    deterministic: disables LoRA dropout.
+
+  Returns:
+    dict S, U, V, G of (B, D) float32 embeddings.
+  """
+  b = batch["safe_ids"].shape[0]
+  ids = jnp.stack([batch["safe_ids"], batch["unsafe_ids"]], axis=1)
+  pixels = jnp.stack([batch["safe_image"], batch["unsafe_image"]], axis=1)
+  ids = ids.reshape((2 * b,) + ids.shape[2:])
+  pixels = pixels.reshape((2 * b,) + pixels.shape[2:])
+  rngs = {} if deterministic else {"dropout": rng}
+  image, text = model.apply({"params": params}, pixels, ids,
+                            deterministic=deterministic, rngs=rngs)
+  image = image.reshape((b, 2, -1))
+  text = text.reshape((b, 2, -1))
+  return {"S": text[:, 0], "U": text[:, 1], "V": image[:, 0],
+          "G": image[:, 1]}
+
+
+def _mean_valid(x, mask):
+  if mask is None:
+    return jnp.mean(x)
+  valid = mask > 0
+  return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def loss_and_metrics(model, params, batch, loss_config, num_groups, rng=None,
+                     deterministic=True):
+  """The HySAC loss of a batch, with the embeddings and per-batch metrics.
+
+  Returns:
+    (total, (embeddings, metrics)): metrics has the seven terms, "loss",
+    curv, logit_scale, alpha_image, alpha_text and the mean distance from
+    the origin of S, U, V and G (Euclidean norm in "euc" mode).
+  """
+  emb = embed_quadruples(model, params, batch, rng, deterministic)
+  scalars = hysac_lib.head_scalars(params, model.curv_init)
+  mask = batch.get("mask")
+  total, terms = losses.hysac_loss(
+      emb["S"], emb["U"], emb["V"], emb["G"], scalars["curv"],
+      scalars["logit_scale"], loss_config, mask=mask, num_groups=num_groups,
+      mode=model.mode)
+  metrics = dict(terms, loss=total, **scalars)
+  for name, x in emb.items():
+    if model.mode == "hyp":
+      radius = lorentz.dist0(x, scalars["curv"])
+    else:
+      radius = jnp.linalg.norm(x, axis=-1)
+    metrics[f"dist0_{name}"] = _mean_valid(radius, mask)
+  return total, (emb, metrics)
+
+
+def _micro_batches(batch, k, num_groups):
+  """(B, ...) leaves -> (k, B // k, ...): micro-batch j = j-th slice per shard."""
+  def split(x):
+    b = x.shape[0]
+    if b % (num_groups * k):
+      raise ValueError(f"batch of {b} rows cannot be cut into {k} micro-"
+                       f"batches on {num_groups} devices "
+                       "(config.optim.accum_steps)")
+    m = b // (num_groups * k)
+    x = x.reshape((num_groups, k, m) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((k, num_groups * m) + x.shape[3:])
+  return jax.tree.map(split, batch)
+
+
+def train_step(state, batch, rng, *, loss_config, num_groups=1,
+               accum_steps=1):
+  """One optimizer update (pure; `make_train_step` jits it over a mesh).
+
+  Args:
+    state: TrainState.
+    batch: dict of global arrays (see `embed_quadruples`; optional "mask").
+    rng: PRNG key; dropout keys derive from it, the step and micro-batch.
+    loss_config: `config.loss`.
+    num_groups: devices on the mesh (groups for local negatives and
+      accumulation).
+    accum_steps: micro-batches per update.
+
+  Returns:
+    (new_state, metrics): float32 scalars (see `loss_and_metrics`), plus
+    "grad_norm" (global norm of the trainable gradients before clipping) and
+    "lr".
+  """
+  _check_batch(batch)
+  model = state.model
+  trainable = trainable_params(state.params)
+  rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(trainable, micro, key):
+    params = merge_params(state.params, trainable)
+    total, (_, metrics) = loss_and_metrics(
+        model, params, micro, loss_config, num_groups, key,
+        deterministic=False)
+    return total, metrics
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (_, metrics), grads = grad_fn(trainable, batch, rng)
+  else:
+    micro = _micro_batches(batch, accum_steps, num_groups)
+
+    def body(carry, xs):
+      index, mb = xs
+      (_, m), g = grad_fn(trainable, mb, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, carry, (g, m)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    zero_metrics = jax.eval_shape(
+        lambda: grad_fn(trainable, jax.tree.map(lambda x: x[0], micro),
+                        rng)[0][1])
+    zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                zero_metrics)
+    (grads, metrics), _ = jax.lax.scan(
+        body, (zeros, zero_metrics), (jnp.arange(accum_steps), micro))
+    grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
+
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = state.tx.update(grads, state.opt_state, trainable)
+  trainable = optax.apply_updates(trainable, updates)
+  trainable = hysac_lib.project_head(trainable, model.curv_init)
+  new_state = state.replace(step=state.step + 1,
+                            params=merge_params(state.params, trainable),
+                            opt_state=opt_state)
+  metrics = dict(metrics, grad_norm=grad_norm,
+                 lr=learning_rate(new_state))
+  return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+
+
+def make_train_step(config, mesh, compiler_options=None):
+  """`train_step` jitted over `mesh`: (state, batch, rng) -> (state, metrics).
+
+  The batch is sharded on "data", the state and rng replicated, the state's
+  buffers donated; metrics come back replicated. `compiler_options` go to
+  XLA (e.g. {"xla_backend_optimization_level": 0} halves CPU compile time in
+  tests).
+  """
+  replicated = NamedSharding(mesh, P())
+  fn = functools.partial(
+      train_step, loss_config=config.loss, num_groups=num_shards(mesh),
+      accum_steps=int(config.optim.accum_steps))
+  return jax.jit(fn, in_shardings=(replicated, NamedSharding(mesh, P(DATA_AXIS)),
+                                   replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,),
+                 compiler_options=compiler_options)
+
+
+def eval_step(state, batch, *, loss_config, num_groups=1):
+  """Deterministic embeddings and loss of a batch (pure; see make_eval_step).
+
+  Returns:
+    (embeddings, metrics): dict S, U, V, G of (B, D) float32 points; the
+    loss metrics of `loss_and_metrics` (padding rows, mask 0, excluded).
+  """
+  _check_batch(batch)
+  _, (emb, metrics) = loss_and_metrics(
+      state.model, state.params, batch, loss_config, num_groups,
+      deterministic=True)
+  return emb, metrics
+
+
+def make_eval_step(config, mesh, compiler_options=None):
+  """`eval_step` jitted over `mesh`: (state, batch) -> (embeddings, metrics).
+
+  Embeddings come back sharded like the batch, metrics replicated.
+  """
+  replicated = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P(DATA_AXIS))
+  fn = functools.partial(eval_step, loss_config=config.loss,
+                         num_groups=num_shards(mesh))
+  return jax.jit(fn, in_shardings=(replicated, data),
+                 out_shardings=(data, replicated),
+                 compiler_options=compiler_options)

@@ -1,0 +1,310 @@
+"""Tests of hysac_jax.train_lib with the real HySAC model at the `tiny` size.
+
+Compilations are the cost here, so the module compiles four train steps (one
+and four devices, global negatives with dropout; one device accumulating four
+micro-batches and four devices, local negatives without dropout) and one eval
+step, and every test reuses them. XLA's backend optimisation is turned off
+for these compilations (half the compile time; same maths).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import vitl14
+from hysac_jax import lorentz
+from hysac_jax import train_lib
+from hysac_jax.models import hysac as hysac_lib
+
+BATCH = 8
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def tiny_config(**loss_and_optim):
+  config = vitl14.get_config()
+  config.model.clip = ""
+  config.model.size = "tiny"
+  config.model.dtype = "float32"
+  for key, value in loss_and_optim.items():
+    section, field = key.split("__")
+    config[section][field] = value
+  return config
+
+
+def random_batch(seed, n=BATCH):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, 1000, size=(2, n, 77)).astype(np.int32)
+  ids[:, :, -1] = 49407  # the end-of-text id pools the last position
+  return {
+      "safe_image": rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+      "unsafe_image": rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+      "safe_ids": ids[0],
+      "unsafe_ids": ids[1],
+  }
+
+
+def flat(tree):
+  return traverse_util.flatten_dict(jax.device_get(tree))
+
+
+def copy_state(state):
+  """A fresh-buffer copy (the step donates its input state)."""
+  return jax.tree.map(jnp.copy, state)
+
+
+@pytest.fixture(scope="module")
+def params():
+  """Tiny HySAC params; LoRA B is made non-zero so that A gets gradients."""
+  model = train_lib.model_from_config(tiny_config())
+  params = train_lib.init_model_params(model, jax.random.key(0))
+  rng = np.random.default_rng(1)
+  flat_params = traverse_util.flatten_dict(jax.device_get(params))
+  for k, v in flat_params.items():
+    if k[-1] == "lora_B":
+      flat_params[k] = (0.05 * rng.normal(size=v.shape)).astype(np.float32)
+  return traverse_util.unflatten_dict(flat_params)
+
+
+def _run(config, mesh, params, batch):
+  """(initial state copy, new state, metrics, compiled step) of one step."""
+  state = train_lib.create_train_state(config, jax.random.key(2),
+                                       init_params=params, mesh=mesh)
+  pristine = copy_state(state)
+  step = train_lib.make_train_step(config, mesh, FAST_COMPILE)
+  new_state, metrics = step(state, train_lib.shard_batch(batch, mesh),
+                            jax.random.key(3))
+  return pristine, new_state, jax.device_get(metrics), step
+
+
+@pytest.fixture(scope="module")
+def global_runs(params):
+  """One step with global negatives (dropout on) on 1 and on 4 devices."""
+  config = tiny_config()
+  batch = random_batch(0)
+  devices = jax.devices()
+  assert len(devices) >= 4, "tests/conftest.py should force 4 CPU devices"
+  return {n: _run(config, train_lib.make_mesh(devices[:n]), params, batch)
+          for n in (1, 4)}
+
+
+@pytest.fixture(scope="module")
+def local_runs(params):
+  """Local negatives, no dropout: 4 devices vs 1 device with 4 micro-batches."""
+  devices = jax.devices()
+  batch = random_batch(1)
+  out = {}
+  for n, accum in ((4, 1), (1, 4)):
+    config = tiny_config(loss__local_negatives=True, optim__accum_steps=accum)
+    config.model.lora.dropout = 0.0
+    out[n] = _run(config, train_lib.make_mesh(devices[:n]), params, batch)
+  return out
+
+
+def assert_trees_close(a, b, rtol, atol):
+  a, b = flat(a), flat(b)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol,
+                               err_msg="/".join(k))
+
+
+# ------------------------------------------------------------- labelling ---
+
+
+def test_labels_mark_lora_matrices_head_scalars_and_frozen_base(params):
+  labels = flat(train_lib.label_params(params))
+  for path, label in labels.items():
+    if path[-1] in ("lora_A", "lora_B"):
+      assert label == "lora", path
+    elif path in [(h,) for h in hysac_lib.HEAD_NAMES]:
+      assert label == "head", path
+    else:
+      assert label == "frozen", path
+  counts = {l: sum(v == l for v in labels.values()) for l in train_lib.LABELS}
+  # 2 towers x 2 layers x 5 targets + the patch conv, A and B each.
+  assert counts == {"lora": 2 * (2 * 2 * 5 + 1), "head": 4,
+                    "frozen": counts["frozen"]}
+  assert counts["frozen"] > 20
+  assert labels[("clip", "text_model", "encoder", "layers_0", "self_attn",
+                 "k_proj", "kernel")] == "frozen"
+
+
+def test_optimizer_state_holds_only_trainable_params(global_runs):
+  state = global_runs[4][0]
+  trainable = flat(train_lib.trainable_params(state.params))
+  adam = train_lib._adamw_state(state.opt_state).inner_state[0]
+  for moment in (adam.mu, adam.nu):
+    assert flat(moment).keys() == trainable.keys()
+  n_trainable = sum(v.size for v in trainable.values())
+  n_state = sum(np.size(x) for x in jax.tree.leaves(state.opt_state))
+  # mu and nu, plus a handful of scalars (counts, hyperparameters).
+  assert 2 * n_trainable <= n_state < 2 * n_trainable + 20
+  n_frozen = sum(v.size for k, v in flat(state.params).items()
+                 if k not in trainable)
+  assert n_frozen > 10 * n_trainable
+
+
+def test_weight_decay_applies_to_lora_only():
+  config = tiny_config(optim__weight_decay=0.5, optim__lr=0.1)
+  tx = train_lib.make_optimizer(config.optim, config.optim.lr)
+  tree = {"clip": {"fc1": {"lora_A": jnp.ones((2, 2))}},
+          "log_curv": jnp.ones(())}
+  zero_grads = jax.tree.map(jnp.zeros_like, tree)
+  updates, _ = tx.update(zero_grads, tx.init(tree), tree)
+  np.testing.assert_allclose(updates["clip"]["fc1"]["lora_A"], -0.1 * 0.5)
+  assert float(updates["log_curv"]) == 0.0
+
+
+def test_warmup_cosine_schedule_is_merus_linear_warmup_then_cos_squared():
+  config = tiny_config(optim__schedule="warmup_cosine", optim__warmup_steps=10,
+                       optim__lr=2e-4)
+  schedule = train_lib.learning_rate_schedule(config.optim, total_steps=110)
+  for step in (0, 5, 10, 30, 60, 109, 110):
+    if step < 10:
+      expected = 2e-4 * step / 10
+    else:
+      expected = 2e-4 * math.cos((step - 10) / 100 * math.pi / 2) ** 2
+    np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5,
+                               atol=1e-10)
+  with pytest.raises(ValueError, match="total_steps"):
+    train_lib.learning_rate_schedule(config.optim, total_steps=None)
+
+
+# -------------------------------------------------------------- the step ---
+
+
+def test_four_devices_match_one_device_with_global_negatives(global_runs):
+  _, one, m1, _ = global_runs[1]
+  _, four, m4, _ = global_runs[4]
+  assert_trees_close(train_lib.trainable_params(one.params),
+                     train_lib.trainable_params(four.params),
+                     rtol=1e-5, atol=1e-5)
+  for name in m1:
+    np.testing.assert_allclose(m1[name], m4[name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  # The step really moved every LoRA matrix (a head scalar may stay on its
+  # bound: the initial logit scale sits on its lower bound).
+  before = flat(train_lib.trainable_params(global_runs[4][0].params))
+  after = flat(train_lib.trainable_params(four.params))
+  for k in before:
+    if k[-1] in ("lora_A", "lora_B"):
+      assert not np.array_equal(before[k], after[k]), k
+
+
+def test_step_metrics_are_the_loss_terms_and_head_values(global_runs):
+  pristine, _, metrics, _ = global_runs[4]
+  expected = {"contrastive_safe", "contrastive_unsafe", "contrastive_cross_a",
+              "contrastive_cross_b", "entail_safe", "entail_unsafe",
+              "entail_d", "loss", "curv", "logit_scale", "alpha_image",
+              "alpha_text", "grad_norm", "lr", "dist0_S", "dist0_U",
+              "dist0_V", "dist0_G"}
+  assert set(metrics) == expected
+  assert all(np.isfinite(v) for v in metrics.values())
+  np.testing.assert_allclose(metrics["logit_scale"], 1 / 0.07, rtol=1e-6)
+  np.testing.assert_allclose(metrics["alpha_text"], 64**-0.5, rtol=1e-6)
+  np.testing.assert_allclose(metrics["lr"], 1e-4, rtol=1e-6)
+  terms = np.array([metrics[k] for k in expected if k.startswith(
+      ("contrastive", "entail"))])
+  np.testing.assert_allclose(metrics["loss"], terms.sum() / 7 / 7, rtol=1e-5)
+
+
+def test_accumulated_micro_batches_equal_a_larger_mesh_with_local_negatives(
+    local_runs):
+  _, four, m4, _ = local_runs[4]
+  _, one, m1, _ = local_runs[1]
+  assert_trees_close(train_lib.trainable_params(one.params),
+                     train_lib.trainable_params(four.params),
+                     rtol=1e-5, atol=1e-5)
+  for name in ("loss", "contrastive_safe", "entail_d", "grad_norm"):
+    np.testing.assert_allclose(m1[name], m4[name], rtol=1e-5, err_msg=name)
+
+
+def test_huge_learning_rate_keeps_head_in_range_and_frozen_bit_identical(
+    global_runs, params):
+  pristine, _, _, step = global_runs[4]
+  mesh = train_lib.make_mesh(jax.devices()[:4])
+  # 3e4 times the paper's rate: every Adam step moves each scalar by ~3,
+  # past the curvature's and logit scale's bounds.
+  state = train_lib.with_learning_rate(copy_state(pristine), 3.0)
+  batch = train_lib.shard_batch(random_batch(2), mesh)
+  for i in range(3):
+    state, metrics = step(state, batch, jax.random.key(i))
+  after = flat(state.params)
+  before = flat(params)
+  labels = flat(train_lib.label_params(params))
+  for k, label in labels.items():
+    if label == "frozen":
+      assert after[k].dtype == before[k].dtype
+      assert np.array_equal(after[k], before[k]), k
+  bounds = hysac_lib.head_bounds(1.0)
+  at_bound = 0
+  for name, (low, high) in bounds.items():
+    value = after[(name,)]  # float32, compared with float32 bounds
+    low, high = np.float32(low), np.float32(high)
+    assert low <= value <= high, (name, value)
+    at_bound += value in (low, high)
+  assert at_bound >= 2, {n: after[(n,)] for n in bounds}
+  assert int(state.step) == 3
+  metrics = jax.device_get(metrics)
+  np.testing.assert_allclose(metrics["lr"], 3.0)
+  assert all(np.isfinite(v) for v in metrics.values()), metrics
+
+
+def test_eval_step_embeds_like_the_model_and_reports_the_train_loss(
+    local_runs):
+  pristine, _, train_metrics, _ = local_runs[4]
+  config = tiny_config(loss__local_negatives=True)
+  mesh = train_lib.make_mesh(jax.devices()[:4])
+  batch = random_batch(1)
+  emb, metrics = train_lib.make_eval_step(config, mesh, FAST_COMPILE)(
+      pristine, train_lib.shard_batch(batch, mesh))
+  # Without dropout the train step's (pre-update) loss is the eval loss.
+  for name in ("loss", "contrastive_cross_b", "entail_safe", "dist0_G"):
+    np.testing.assert_allclose(metrics[name], train_metrics[name], rtol=1e-5,
+                               err_msg=name)
+  params = jax.device_get(pristine.params)
+  model = pristine.model
+  direct = model.apply({"params": params}, batch["unsafe_image"][:3],
+                       method=model.encode_image)
+  np.testing.assert_allclose(emb["G"][:3], direct, rtol=1e-4, atol=1e-5)
+  # The eval step's points sit where the head scalars say.
+  curv = hysac_lib.head_scalars(params)["curv"]
+  np.testing.assert_allclose(float(metrics["dist0_S"]),
+                             float(jnp.mean(lorentz.dist0(emb["S"], curv))),
+                             rtol=1e-5)
+
+
+def test_batch_errors_name_the_problem(global_runs):
+  mesh = train_lib.make_mesh(jax.devices()[:4])
+  with pytest.raises(ValueError, match="divisible"):
+    train_lib.shard_batch(random_batch(0, n=6), mesh)
+  pristine, _, _, step = global_runs[4]
+  bad = dict(random_batch(0))
+  del bad["unsafe_ids"]
+  with pytest.raises(KeyError, match="unsafe_ids"):
+    step(copy_state(pristine), train_lib.shard_batch(bad, mesh),
+         jax.random.key(0))
+
+
+def test_init_params_from_a_clip_tree_keep_fresh_lora_and_head(params):
+  config = tiny_config()
+  clip_only = jax.tree.map(np.asarray, params["clip"])
+  clip_flat = traverse_util.flatten_dict(clip_only)
+  clip_only = traverse_util.unflatten_dict(
+      {k: v for k, v in clip_flat.items() if k[-1] not in ("lora_A",
+                                                            "lora_B")})
+  state = train_lib.create_train_state(config, jax.random.key(5),
+                                       init_params=clip_only)
+  got = flat(state.params)
+  for k, v in traverse_util.flatten_dict(clip_only).items():
+    assert np.array_equal(got[("clip",) + k], v)
+  lora_b = [v for k, v in got.items() if k[-1] == "lora_B"]
+  assert lora_b and all(not v.any() for v in lora_b)  # B starts at zero
+  np.testing.assert_allclose(got[("log_logit_scale",)], math.log(1 / 0.07))
+  bad = dict(clip_only, text_projection={"kernel": np.zeros((3, 3))})
+  with pytest.raises(ValueError, match="text_projection/kernel"):
+    train_lib.create_train_state(config, jax.random.key(5), init_params=bad)
