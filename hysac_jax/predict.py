@@ -1,0 +1,411 @@
+"""Embed images and captions with a HySAC model, flag unsafe ones, retrieve.
+
+    python -m hysac_jax.predict --model DIR --image photo.jpg \
+        --text "a dog on a beach" [--pool captions.txt] [--top-k 5] \
+        [--redirect] [--embedding] [--bounds bounds.json]
+
+`--model` is any directory `hysac_jax.export.load_model` reads: an export
+(`OUT/hf`, `OUT/orbax`, `OUT/stablehlo`), a training run or a converted
+model. One JSON line is printed per input, images first, in the order given:
+
+    {"type": "image", "input": "photo.jpg",
+     "distance_from_origin": 1.93,         # SPEC §4: farther = less safe
+     "unsafe": false, "unsafe_score": -0.41, "threshold": 2.34,
+     "embedding": [...],                   # with --embedding
+     "redirected": {"moved": false, ...},  # with --redirect
+     "top_k": [{"rank": 1, "index": 17, "label": "...", "distance": 0.8}, ...],
+     "top_k_traversed": [...]}             # with --pool
+
+`unsafe` is `distance_from_origin > threshold`, the threshold being the
+safety-traversal threshold b' of the input's modality (SPEC §4; from the
+model's bounds). `unsafe_score` = distance − b' (> 0 means unsafe). Without
+bounds, `unsafe` is null and a `note` says so.
+
+`--pool` is a caption file (one caption per line, blank lines skipped) or a
+saved embedding pool, `.npz` with `embeddings` float32 (N, D) (points of
+this model), `labels` str (N,), `modality` ("text" or "image") and `curv`;
+`--save-pool FILE.npz` writes the embedded caption file in that form. Pool
+entries are ranked by −distance on the hyperboloid (cosine in "euc" mode).
+`top_k_traversed` ranks again after safety traversal of the query toward
+the origin with the bound of the pool's modality (as in the evaluation).
+`--redirect` also applies that traversal to the reported embedding and
+distance (with the input's own modality when there is no pool).
+
+Bad inputs (a missing or unreadable image, an empty caption) get an
+`{"type", "input", "error"}` line; the other inputs are still answered, and
+the exit code is 1. A model or pool that cannot be read gives one
+`{"error": ...}` line and exit code 2.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from hysac_jax import convert
+from hysac_jax import export
+from hysac_jax import lorentz
+from hysac_jax import safety
+from hysac_jax.data import preprocess
+
+BATCH = 32
+NO_BOUNDS_NOTE = ("no bounds: unsafe classification and traversal need the "
+                  "bounds of the training run (bounds.json); pass --bounds "
+                  "FILE")
+EUC_NOTE = ("a Euclidean-mode (euc) model has no distance-based safety: "
+            "features are unit vectors")
+
+
+class InputError(ValueError):
+  """One input that cannot be answered (the others still are)."""
+
+
+class PoolError(ValueError):
+  """A --pool file that cannot be used."""
+
+
+# --------------------------------------------------------------------------
+# Inputs.
+
+
+def read_image(path, image_size):
+  """An image file -> (image_size, image_size, 3) float32 CLIP pixels.
+
+  Raises:
+    InputError: naming the file, for a missing, unreadable or truncated one.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+    return preprocess.clip_preprocess(data, image_size)
+  except FileNotFoundError:
+    raise InputError(f"image file not found: {path}") from None
+  except IsADirectoryError:
+    raise InputError(f"image path is a directory: {path}") from None
+  except (OSError, ValueError, SyntaxError) as e:  # PIL decode errors
+    raise InputError(f"unreadable image {path}: {type(e).__name__}: "
+                     f"{e}") from None
+
+
+def check_text(text, context_length):
+  """Validates a caption; returns (token ids (L,), truncated?).
+
+  Raises:
+    InputError: for an empty (or whitespace-only) caption.
+  """
+  if not text or not text.strip():
+    raise InputError("empty text")
+  from hysac_jax.data.tokenizer import load_tokenizer, tokenize  # pylint: disable=g-import-not-at-top
+  n = len(load_tokenizer()(text)["input_ids"])
+  return tokenize(text, max_len=context_length)[0], n > context_length
+
+
+def encode_batched(encode, x, batch=BATCH, desc=None):
+  """`encode` over rows of `x` in batches padded to a power of two ≤ batch,
+  so that a handful of shapes is compiled whatever the count.
+
+  Returns:
+    (N, D) float32 NumPy.
+  """
+  out = []
+  starts = range(0, len(x), batch)
+  for start in tqdm(starts, desc=desc, disable=desc is None or
+                    len(starts) < 2, file=sys.stderr):
+    chunk = x[start:start + batch]
+    size = min(batch, 1 << (len(chunk) - 1).bit_length())
+    pad = np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)
+    out.append(np.asarray(encode(np.concatenate([chunk, pad])))[:len(chunk)])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+# --------------------------------------------------------------------------
+# Pools.
+
+
+@dataclasses.dataclass
+class Pool:
+  """Retrieval candidates: embeddings of one modality with labels.
+
+  Attributes:
+    embeddings: (N, D) float32 points of the model.
+    labels: N strings (captions, or image names).
+    modality: "text" or "image".
+    curv: curvature of the model that embedded them (None if unknown).
+  """
+  embeddings: np.ndarray
+  labels: list
+  modality: str = "text"
+  curv: float | None = None
+
+
+def save_pool(pool, path):
+  """Writes a pool as `.npz` (embeddings, labels, modality, curv)."""
+  np.savez(path, embeddings=np.asarray(pool.embeddings, np.float32),
+           labels=np.asarray(pool.labels, dtype=str),
+           modality=np.asarray(pool.modality),
+           curv=np.asarray(np.nan if pool.curv is None else pool.curv,
+                           np.float64))
+
+
+def load_pool(path, model):
+  """A caption file (embedded now) or a saved `.npz` pool, checked against
+  `model` (embedding width, curvature)."""
+  if not os.path.isfile(path):
+    raise PoolError(f"pool file not found: {path}")
+  if path.endswith(".npz"):
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in ("embeddings", "labels", "modality")
+                   if k not in z]
+        if missing:
+          raise PoolError(f"pool {path} lacks {missing} (has {sorted(z)})")
+        curv = float(z["curv"]) if "curv" in z else math.nan
+        pool = Pool(np.asarray(z["embeddings"], np.float32),
+                    [str(s) for s in z["labels"]], str(z["modality"]),
+                    None if math.isnan(curv) else curv)
+    except (OSError, ValueError) as e:
+      if isinstance(e, PoolError):
+        raise
+      raise PoolError(f"pool {path} is not a readable .npz: {e}") from None
+    _check_pool(pool, model, path)
+    return pool
+  try:
+    with open(path, encoding="utf-8") as f:
+      captions = [line.strip() for line in f if line.strip()]
+  except UnicodeDecodeError as e:
+    raise PoolError(f"pool {path} is neither .npz nor UTF-8 text: "
+                    f"{e}") from None
+  if not captions:
+    raise PoolError(f"pool {path} holds no captions")
+  from hysac_jax.data.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
+  ids = tokenize(captions, max_len=model.context_length)
+  emb = encode_batched(model.encode_text, ids, desc="embedding pool")
+  return Pool(emb, captions, "text", model.curv)
+
+
+def _check_pool(pool, model, path):
+  emb = pool.embeddings
+  if emb.ndim != 2 or emb.shape[0] != len(pool.labels) or not len(emb):
+    raise PoolError(f"pool {path}: embeddings {emb.shape} do not match "
+                    f"{len(pool.labels)} labels")
+  if pool.modality not in safety.SAFE_GROUP:
+    raise PoolError(f"pool {path}: modality {pool.modality!r} is not "
+                    "'text' or 'image'")
+  if pool.curv is not None and not math.isclose(pool.curv, model.curv,
+                                                rel_tol=1e-5):
+    raise PoolError(f"pool {path} was embedded by another model (curv "
+                    f"{pool.curv:.6g}, this model {model.curv:.6g})")
+
+
+# --------------------------------------------------------------------------
+# Answers.
+
+
+def rank(queries, pool, curv, mode, k):
+  """Top-k pool entries per query (ties: lower index first).
+
+  Args:
+    queries: (Q, D) points.
+    pool: `Pool`.
+    curv: curvature.
+    mode: "hyp" (by −distance) or "euc" (by cosine).
+    k: how many.
+
+  Returns:
+    Q lists of {"rank", "index", "label", "distance" or "similarity"}.
+  """
+  q = jnp.asarray(queries, jnp.float32)
+  p = jnp.asarray(pool.embeddings, jnp.float32)
+  if mode == "euc":
+    score = np.asarray(q @ p.T)
+    key = "similarity"
+    value = score
+  else:
+    value = np.asarray(lorentz.pairwise_dist(q, p, curv))
+    score, key = -value, "distance"
+  order = np.argsort(-score, axis=1, kind="stable")[:, :k]
+  return [[{"rank": r + 1, "index": int(i), "label": pool.labels[i],
+            key: float(value[row, i])} for r, i in enumerate(idx)]
+          for row, idx in enumerate(order)]
+
+
+def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
+           embedding=False):
+  """The JSON records of a batch of embeddings of one modality.
+
+  Args:
+    model: `export.ServingModel`.
+    emb: (N, D) points of the inputs.
+    modality: "image" or "text".
+    pool: optional `Pool` for retrieval.
+    top_k: retrievals per query.
+    redirect: apply safety traversal to the reported embedding.
+    embedding: include the embedding.
+
+  Returns:
+    N dicts (without "type" / "input").
+  """
+  records = [{} for _ in range(len(emb))]
+  has_bounds = model.bounds is not None
+  hyp = model.mode == "hyp"
+  if hyp:
+    dist = np.asarray(safety.unsafe_score(emb, model.curv))
+    for rec, d in zip(records, dist):
+      rec["distance_from_origin"] = float(d)
+    if has_bounds:
+      unsafe, _ = model.classify_unsafe(emb, modality)
+      threshold = export.thresholds(model.bounds, model.curv)[modality]
+      for rec, u, d in zip(records, unsafe, dist):
+        rec.update(unsafe=bool(u), unsafe_score=float(d - threshold),
+                   threshold=threshold)
+    else:
+      for rec in records:
+        rec.update(unsafe=None, unsafe_score=None, note=NO_BOUNDS_NOTE)
+  else:
+    for rec in records:
+      rec.update(distance_from_origin=None, unsafe=None, unsafe_score=None,
+                 note=EUC_NOTE)
+  can_traverse = hyp and has_bounds
+  target = pool.modality if pool is not None else modality
+  traversed = model.traverse_to_safe(emb, target) if can_traverse else None
+  shown = emb
+  if redirect:
+    if can_traverse:
+      shown = traversed
+      moved = np.any(traversed != np.asarray(emb), axis=-1)
+      new_dist = np.asarray(safety.unsafe_score(traversed, model.curv))
+      for rec, m, d in zip(records, moved, new_dist):
+        rec["redirected"] = {"moved": bool(m), "bound_of": target,
+                             "distance_from_origin": float(d)}
+    else:
+      for rec in records:
+        rec["redirected"] = None
+  if embedding:
+    for rec, e in zip(records, np.asarray(shown)):
+      rec["embedding"] = [float(v) for v in e]
+  if pool is not None:
+    for rec, hits in zip(records, rank(emb, pool, model.curv, model.mode,
+                                       top_k)):
+      rec["top_k"] = hits
+    if can_traverse:
+      for rec, hits in zip(records, rank(traversed, pool, model.curv,
+                                         model.mode, top_k)):
+        rec["top_k_traversed"] = hits
+    else:
+      for rec in records:
+        rec["top_k_traversed"] = None
+  return records
+
+
+def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
+            embedding=False):
+  """Answers every input; bad ones get an "error" record.
+
+  Args:
+    model: `export.ServingModel`.
+    images: image file paths.
+    texts: captions.
+    pool, top_k, redirect, embedding: as in `answer`.
+
+  Returns:
+    A list of dicts, images first, each with "type" and "input".
+  """
+  records = []
+  for modality, items in (("image", images), ("text", texts)):
+    good, arrays, recs = [], [], []
+    for item in items:
+      rec = {"type": modality, "input": item}
+      recs.append(rec)
+      try:
+        if modality == "image":
+          arrays.append(read_image(item, model.image_size))
+        else:
+          ids, truncated = check_text(item, model.context_length)
+          arrays.append(ids)
+          if truncated:
+            rec["truncated"] = True
+        good.append(rec)
+      except InputError as e:
+        rec["error"] = str(e)
+    if good:
+      encode = model.encode_image if modality == "image" else (
+          model.encode_text)
+      emb = encode_batched(encode, np.stack(arrays))
+      for rec, extra in zip(good, answer(model, emb, modality, pool, top_k,
+                                         redirect, embedding)):
+        rec.update(extra)
+    records.extend(recs)
+  return records
+
+
+# --------------------------------------------------------------------------
+# CLI.
+
+
+def _fail(message, **context):
+  print(json.dumps({"error": message, **context}))
+  print(f"error: {message}", file=sys.stderr)
+  return 2
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog="python -m hysac_jax.predict",
+      description="Embed images and captions with a HySAC model; print one "
+                  "JSON line per input (distance from the origin, unsafe "
+                  "flag, optional embedding and retrievals).")
+  parser.add_argument("--model", required=True,
+                      help="export, training run or converted directory")
+  parser.add_argument("--image", nargs="+", default=[], metavar="PATH")
+  parser.add_argument("--text", nargs="+", default=[], metavar="TEXT")
+  parser.add_argument("--bounds", default=None,
+                      help="bounds JSON (default: the model's own)")
+  parser.add_argument("--checkpoint", default="best_recall",
+                      choices=("best_recall", "best_loss", "checkpoints"),
+                      help="which checkpoint of a training run")
+  parser.add_argument("--redirect", action="store_true",
+                      help="apply safety traversal to the query")
+  parser.add_argument("--pool", default=None,
+                      help="captions (one per line) or a saved .npz pool")
+  parser.add_argument("--save-pool", default=None, metavar="FILE.npz",
+                      help="save the embedded --pool captions")
+  parser.add_argument("--top-k", type=int, default=5)
+  parser.add_argument("--embedding", action="store_true",
+                      help="print the embeddings")
+  args = parser.parse_args(argv)
+  if args.top_k < 1:
+    parser.error("--top-k must be at least 1")
+  if not args.image and not args.text and not args.save_pool:
+    parser.error("nothing to do: give --image and/or --text")
+  if args.save_pool and not args.pool:
+    parser.error("--save-pool needs --pool CAPTIONS.txt")
+  try:
+    model = export.load_model(args.model, args.bounds, args.checkpoint)
+  except (export.ModelDirError, convert.CheckpointError, FileNotFoundError,
+          ValueError, KeyError) as e:
+    return _fail(str(e), model=args.model)
+  pool = None
+  if args.pool:
+    try:
+      pool = load_pool(args.pool, model)
+    except PoolError as e:
+      return _fail(str(e), pool=args.pool)
+    if args.save_pool:
+      save_pool(pool, args.save_pool)
+      print(f"saved pool of {len(pool.labels)} to {args.save_pool}",
+            file=sys.stderr)
+  records = predict(model, args.image, args.text, pool, args.top_k,
+                    args.redirect, args.embedding)
+  for rec in records:
+    print(json.dumps(rec))
+  return 1 if any("error" in r for r in records) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
