@@ -1,0 +1,439 @@
+"""Multi-process training: hysac_jax/distributed.py and the trainer on a "pod".
+
+The pod is two `train.py` processes on 127.0.0.1, each with 2 simulated CPU
+devices, coordinated by `jax.distributed.initialize` on a free port: one
+4-device mesh, as on two hosts of a TPU slice. Its results are compared with
+a single-process run that sees the same global batches.
+
+Every subprocess runs under a timeout and is killed if the test fails.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from hysac_jax import distributed
+from hysac_jax import trainer
+from hysac_jax.data import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+POD_PROCESSES, POD_LOCAL_DEVICES = 2, 2
+# 4 steps of 4 devices x 8 quadruples in one epoch, a checkpoint every 2;
+# 40 validation examples in one global batch of 64: 24 padding rows.
+OVERRIDES = {
+    "data.synthetic_sizes": (128, 40, 16),
+    "data.batch_size_per_device": 8,
+    "data.eval_batch_size_per_device": 16,
+    "data.num_workers": 0,
+    "train.epochs": 1,
+    "train.log_every": 2,
+    "train.checkpoint_every": 2,
+}
+TIMEOUT_S = 420  # per subprocess: a hang fails the test, never the suite
+
+
+def pod_config(data_dir, **extra):
+  c = tiny.get_config()
+  c.data.data_dir = str(data_dir)
+  for key, value in {**OVERRIDES, **extra}.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def cli_flags(data_dir, **extra):
+  flags = [f"--config={ROOT / 'configs' / 'tiny.py'}",
+           f"--config.data.data_dir={data_dir}"]
+  for key, value in {**OVERRIDES, **extra}.items():
+    if isinstance(value, tuple):
+      value = "(" + ",".join(map(str, value)) + ")"
+    flags.append(f"--config.{key}={value}")
+  return flags
+
+
+def env_with_devices(n):
+  # The XLA cache dir set by conftest.py comes along in os.environ.
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+              PYTHONUNBUFFERED="1")
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class Processes:
+  """Started subprocesses, killed on exit unless they finished."""
+
+  def __init__(self):
+    self.procs = []
+
+  def start(self, cmd, log_path, env):
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    log.close()
+    self.procs.append(proc)
+    return proc
+
+  def wait_all(self, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    for proc in self.procs:
+      proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    return [p.returncode for p in self.procs]
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    for proc in self.procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+# ------------------------------------------ the pod's batches, one process ---
+
+
+class PodOrderBatches:
+  """The global batches of the 2-process pod, produced in one process.
+
+  `jax.make_array_from_process_local_data` puts process p's rows on the
+  devices of process p, so a pod's global batch is process 0's rows, then
+  process 1's. This iterator yields exactly that concatenation, so a
+  single-process run trains on the same global arrays as the pod.
+  """
+
+  def __init__(self, real_make_dataset, data_config, image_size, **kwargs):
+    self.parts = [real_make_dataset(data_config, "train", image_size,
+                                    process_index=p,
+                                    process_count=POD_PROCESSES,
+                                    local_device_count=POD_LOCAL_DEVICES,
+                                    **kwargs)
+                  for p in range(POD_PROCESSES)]
+
+  @property
+  def steps_per_epoch(self):
+    return self.parts[0].steps_per_epoch
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batches = [next(p) for p in self.parts]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self):
+    return self.parts[0].get_state()
+
+  def set_state(self, state):
+    for p in self.parts:
+      p.set_state(state)
+
+  def close(self):
+    for p in self.parts:
+      p.close()
+
+
+def pod_order_make_dataset(pod_data_config, real=pipeline.make_dataset):
+  """A `pipeline.make_dataset` whose train split comes in the pod's order.
+
+  Args:
+    pod_data_config: `config.data` of the pod run (its per-device batch).
+  """
+  def make_dataset(data_config, split, image_size, **kwargs):
+    if split != "train":
+      return real(data_config, split, image_size, **kwargs)
+    return PodOrderBatches(real, pod_data_config, image_size, **kwargs)
+  return make_dataset
+
+
+def run_in_pod_order(config, workdir, pod_data_config, resume=None):
+  """trainer.train_and_evaluate on the pod's global batches (this process)."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(pipeline, "make_dataset",
+               pod_order_make_dataset(pod_data_config))
+    return trainer.train_and_evaluate(config, workdir, resume=resume)
+
+
+def _worker_resume(args):
+  """Subprocess entry: resume `workdir` in pod order (config as JSON)."""
+  import ml_collections
+  workdir, config_json, pod_data_json = args
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  config.data.synthetic_sizes = tuple(config.data.synthetic_sizes)
+  pod_data = ml_collections.ConfigDict(json.loads(pod_data_json))
+  pod_data.synthetic_sizes = tuple(pod_data.synthetic_sizes)
+  summary = run_in_pod_order(config, workdir, pod_data, resume=True)
+  print(json.dumps({"steps": summary["steps"],
+                    "devices": jax.device_count()}))
+
+
+# ---------------------------------------------------------------- helpers ---
+
+
+def checkpoint_state(workdir, step=None, kind="checkpoints"):
+  """(step, state item) of a run's checkpoint as numpy (latest by default)."""
+  root = Path(workdir) / kind
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+  step = steps[-1] if step is None else step
+  path = root / str(step) / "state"
+  checkpointer = ocp.PyTreeCheckpointer()
+  # As numpy: the pod's devices do not exist in this process.
+  tree = checkpointer.metadata(path).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          tree)
+  return step, checkpointer.restore(path, restore_args=as_numpy)
+
+
+def assert_trees_close(a, b, atol):
+  flat_a = jax.tree_util.tree_leaves_with_path(a)
+  flat_b = jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x, np.float64),
+                               np.asarray(y, np.float64), rtol=0, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def metrics_lines(workdir):
+  return [json.loads(l) for l in
+          (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------- fixtures ---
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def pod_and_reference(data_dir, tmp_path_factory):
+  """The 2 x 2 pod run (train.py) and the 1 x 4 run on its global batches.
+
+  The reference trains in this process while the pod runs.
+
+  Returns:
+    dict of pod workdir, reference workdir, the process logs and summaries.
+  """
+  pod = tmp_path_factory.mktemp("pod")
+  ref = tmp_path_factory.mktemp("reference")
+  logs = tmp_path_factory.mktemp("logs")
+  # Build the dataset first: the reference and the pod share data_dir.
+  config = pod_config(data_dir)
+  pipeline.open_builder(config.data, 32)
+  address = f"127.0.0.1:{free_port()}"
+  cmd = ([sys.executable, str(ROOT / "train.py"), f"--workdir={pod}",
+          f"--coordinator_address={address}",
+          f"--num_processes={POD_PROCESSES}"] + cli_flags(data_dir))
+  with Processes() as procs:
+    for p in range(POD_PROCESSES):
+      procs.start(cmd + [f"--process_id={p}"], logs / f"process_{p}.log",
+                  env_with_devices(POD_LOCAL_DEVICES))
+    ref_summary = run_in_pod_order(config, ref, config.data)
+    try:
+      codes = procs.wait_all(TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      codes = None
+    outputs = [(logs / f"process_{p}.log").read_text()
+               for p in range(POD_PROCESSES)]
+    if codes != [0] * POD_PROCESSES:
+      pytest.fail(f"pod run failed or hung (exit codes {codes}):\n" + "\n".join(
+          f"--- process {p} ---\n{out[-3000:]}" for p, out in
+          enumerate(outputs)))
+  return {"pod": pod, "ref": ref, "outputs": outputs,
+          "ref_summary": ref_summary, "config": config}
+
+
+# ------------------------------------------------------------ pod training ---
+
+
+def test_pod_params_equal_a_single_process_run_on_the_same_global_batches(
+    pod_and_reference):
+  r = pod_and_reference
+  for step in (2, 4):
+    step_pod, pod_state = checkpoint_state(r["pod"], step)
+    _, ref_state = checkpoint_state(r["ref"], step)
+    assert int(pod_state["step"]) == step
+    assert_trees_close(pod_state, ref_state, atol=1e-5)
+  # Training moved the params: equality is not just "both at init".
+  _, first = checkpoint_state(r["pod"], 2)
+  _, last = checkpoint_state(r["pod"], 4)
+  moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+              for a, b in zip(jax.tree.leaves(first["trainable"]),
+                              jax.tree.leaves(last["trainable"])))
+  assert moved > 1e-4
+
+
+def test_pod_metrics_are_global_and_logged_once_by_process_zero(
+    pod_and_reference):
+  r = pod_and_reference
+  pod, ref = metrics_lines(r["pod"]), metrics_lines(r["ref"])
+  # One line per logged step (2, 4) and one validation: not one per process.
+  assert [(l["step"], l["kind"]) for l in pod] == [
+      (2, "train"), (4, "train"), (4, "val")]
+  assert [(l["step"], l["kind"]) for l in ref] == [
+      (l["step"], l["kind"]) for l in pod]
+  for a, b in zip(pod, ref):
+    for key in ("loss", "contrastive_safe", "entail_unsafe", "grad_norm", "curv",
+                "recall_sum", "dist0_U"):
+      if key in a:
+        assert a[key] == pytest.approx(b[key], abs=1e-5), (a["kind"], key)
+  # The progress bar, epoch lines and the summary come from process 0 only.
+  out0, out1 = r["outputs"]
+  assert out0.count("epoch 1: val loss") == 1
+  assert '"steps": 4' in out0
+  for text in ("epoch 1: val loss", '"steps"', "train:", "validation:"):
+    assert text not in out1, text
+
+
+def test_pod_validation_counts_every_example_once(pod_and_reference):
+  # 40 validation examples padded to a global batch of 64 across two
+  # processes: the recall sum and bounds see each example exactly once,
+  # as in the single-process run.
+  r = pod_and_reference
+  val_pod = [l for l in metrics_lines(r["pod"]) if l["kind"] == "val"][0]
+  val_ref = [l for l in metrics_lines(r["ref"]) if l["kind"] == "val"][0]
+  assert val_pod["recall_sum"] == pytest.approx(val_ref["recall_sum"],
+                                                abs=1e-9)
+  bounds_pod = json.loads((r["pod"] / "bounds.json").read_text())
+  bounds_ref = json.loads((r["ref"] / "bounds.json").read_text())
+  assert bounds_pod.keys() == bounds_ref.keys()
+  for group in bounds_pod:
+    for stat, value in bounds_pod[group].items():
+      if isinstance(value, (int, float)):
+        assert value == pytest.approx(bounds_ref[group][stat], abs=1e-4), (
+            group, stat)
+
+
+# -------------------------------------------------- resume on fewer hosts ---
+
+
+def _mid_run_copy(pod, dest):
+  """A copy of the pod workdir holding only its step-2 checkpoint."""
+  shutil.copytree(pod, dest)
+  shutil.rmtree(dest / "checkpoints" / "4")
+  return dest
+
+
+def test_pod_checkpoint_resumes_on_one_process_with_four_devices(
+    pod_and_reference, tmp_path):
+  r = pod_and_reference
+  workdir = _mid_run_copy(r["pod"], tmp_path / "resumed")
+  summary = run_in_pod_order(r["config"], workdir, r["config"].data,
+                             resume=True)
+  assert summary["steps"] == 4
+  _, pod_final = checkpoint_state(r["pod"], 4)
+  _, resumed_final = checkpoint_state(workdir, 4)
+  assert_trees_close(resumed_final, pod_final, atol=1e-5)
+
+
+def test_pod_checkpoint_resumes_on_one_process_with_one_device(
+    pod_and_reference, tmp_path):
+  # One device keeps the global batch of 32 with 32 rows per device.
+  r = pod_and_reference
+  workdir = _mid_run_copy(r["pod"], tmp_path / "resumed")
+  config = pod_config(r["config"].data.data_dir,
+                      **{"data.batch_size_per_device": 32,
+                         "data.eval_batch_size_per_device": 64})
+  code = ("import sys; sys.path.insert(0, 'tests'); import test_pods; "
+          "test_pods._worker_resume(sys.argv[1:])")
+  cmd = [sys.executable, "-c", code, str(workdir), config.to_json(),
+         r["config"].data.to_json()]
+  with Processes() as procs:
+    proc = procs.start(cmd, tmp_path / "one_device.log", env_with_devices(1))
+    proc.wait(timeout=TIMEOUT_S)
+  out = (tmp_path / "one_device.log").read_text()
+  assert proc.returncode == 0, out[-3000:]
+  assert "resumed from step 2" in out
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result == {"steps": 4, "devices": 1}
+  _, pod_final = checkpoint_state(r["pod"], 4)
+  _, resumed_final = checkpoint_state(workdir, 4)
+  assert_trees_close(resumed_final, pod_final, atol=1e-5)
+
+
+# ------------------------------------------------------ failing to start ---
+
+
+def _initialize_cmd(address, process_id, timeout_s):
+  code = ("import sys; from hysac_jax import distributed; "
+          f"distributed.initialize({address!r}, num_processes=2, "
+          f"process_id={process_id}, timeout_s={timeout_s})")
+  return [sys.executable, "-c", code]
+
+
+def test_unreachable_coordinator_fails_in_bounded_time_with_a_clear_message(
+    tmp_path):
+  address = f"127.0.0.1:{free_port()}"  # nobody listens there
+  with Processes() as procs:
+    worker = procs.start(_initialize_cmd(address, 1, 2), tmp_path / "w.log",
+                         env_with_devices(2))
+    # Process 0 alone: JAX gives up waiting for process 1 (it aborts).
+    alone = procs.start(_initialize_cmd(f"127.0.0.1:{free_port()}", 0, 2),
+                        tmp_path / "c.log", env_with_devices(2))
+    try:
+      procs.wait_all(120)
+    except subprocess.TimeoutExpired:
+      pytest.fail("distributed.initialize hung past its timeout")
+  out = (tmp_path / "w.log").read_text()
+  assert worker.returncode != 0
+  assert "ConnectionError: process 1: cannot reach the coordinator at " \
+      f"{address} within 2 s" in out, out[-2000:]
+  assert alone.returncode != 0
+  assert "DEADLINE_EXCEEDED" in (tmp_path / "c.log").read_text()
+
+
+@pytest.mark.parametrize("args,match", [
+    (("127.0.0.1:1234", None, 0), "--num_processes"),
+    ((None, 2, None), "--coordinator_address, --process_id"),
+    (("127.0.0.1:1234", 2, 2), "--process_id=2 is outside"),
+    (("127.0.0.1", 2, 1), "expected HOST:PORT"),
+    (("127.0.0.1:http", 2, 1), "expected HOST:PORT"),
+])
+def test_incomplete_or_bad_arguments_name_the_flag(args, match):
+  with pytest.raises(ValueError, match=match):
+    distributed.initialize(*args)
+
+
+def test_single_process_and_plain_environments_start_nothing(monkeypatch):
+  for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.initialize() is False
+  assert distributed.initialize("127.0.0.1:1234", 1, 0) is False
+
+
+@pytest.mark.parametrize("environ,cluster", [
+    ({}, None),
+    ({"SLURM_NTASKS": "1"}, None),
+    ({"SLURM_NTASKS": "8"}, "slurm"),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, "openmpi"),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, "tpu"),
+])
+def test_clusters_are_detected_from_their_environment(environ, cluster):
+  assert distributed.detected_cluster(environ) == cluster
+
+
+def test_parse_address_accepts_ipv6_brackets():
+  assert distributed.parse_address("[::1]:8476") == ("::1", 8476)
+  assert distributed.parse_address("node-0.cluster:1234") == (
+      "node-0.cluster", 1234)
