@@ -31,9 +31,13 @@ _SLURM, _OPENMPI, _TPU = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
 def detected_cluster(environ=None):
   """The cluster JAX can configure itself on, or None for a single process.
 
+  Args:
+    environ: the environment to read (default `os.environ`, which also
+      checks for a Cloud TPU VM).
+
   Returns:
     "slurm", "openmpi" or "tpu" when the environment describes more than one
-    process of that kind, else None.
+    process of that kind (or this is a Cloud TPU VM), else None.
   """
   env = os.environ if environ is None else environ
   if int(env.get(_SLURM, "1") or 1) > 1:
@@ -43,7 +47,19 @@ def detected_cluster(environ=None):
   hosts = [h for h in env.get(_TPU, "").split(",") if h.strip()]
   if len(hosts) > 1:
     return "tpu"
+  if environ is None and _on_cloud_tpu_vm():
+    # GCE TPU VMs describe the slice in instance metadata, not in the
+    # environment; JAX reads it and recommends initializing on any TPU VM.
+    return "tpu"
   return None
+
+
+def _on_cloud_tpu_vm():
+  try:  # JAX's own check (libtpu and TPU device files); private, so guarded.
+    from jax._src import cloud_tpu_init
+    return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+  except (ImportError, AttributeError):
+    return False
 
 
 def parse_address(address):
