@@ -24,6 +24,7 @@ import pytest
 
 from configs import tiny
 from hysac_jax import distributed
+from hysac_jax import train_lib
 from hysac_jax import trainer
 from hysac_jax.data import pipeline
 
@@ -239,7 +240,8 @@ def pod_and_reference(data_dir, tmp_path_factory):
   logs = tmp_path_factory.mktemp("logs")
   # Build the dataset first: the reference and the pod share data_dir.
   config = pod_config(data_dir)
-  pipeline.open_builder(config.data, 32)
+  image_size = train_lib.model_from_config(config).clip.vision.image_size
+  pipeline.open_builder(config.data, image_size)
   address = f"127.0.0.1:{free_port()}"
   cmd = ([sys.executable, str(ROOT / "train.py"), f"--workdir={pod}",
           f"--coordinator_address={address}",
