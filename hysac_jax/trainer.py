@@ -222,8 +222,10 @@ def embed_split(encode_fn, batches, desc="embedding"):
 
   Returns:
     (embeddings, metrics): dict of (N, D) float32 numpy arrays over the whole
-    split (padding removed, each example once, in split order across
-    processes); metrics averaged over real rows.
+    split (padding removed, each example once; rows in global-batch order,
+    which is split order on one process and a permutation within each
+    global batch on several, the same for S, U, V and G); metrics averaged
+    over real rows.
   """
   chunks, masks, sums, count = [], [], {}, 0
   show = jax.process_index() == 0
