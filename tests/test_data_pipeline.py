@@ -116,6 +116,24 @@ def test_training_shards_are_disjoint_and_drop_only_the_remainder(n, procs,
       assert all(pl.examples(epoch * steps + s)[1].all() for pl in plans)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_process_blocks_concatenate_to_the_single_process_global_batch(train):
+  # The global array assembled from the processes' local batches (process 0's
+  # rows, then process 1's, ...) must not depend on the process count: then
+  # a run resumed on another topology sees the same batches, and evaluation
+  # embeddings come back in split order.
+  n, procs, batch = 29, 3, 4
+  single = pipeline.BatchPlan(n, batch * procs, 0, 1, train=train, seed=3)
+  plans = [pipeline.BatchPlan(n, batch, p, procs, train=train, seed=3)
+           for p in range(procs)]
+  for step in range(2 * single.steps_per_epoch if train else
+                    single.steps_per_epoch):
+    idx, mask = zip(*(pl.examples(step) for pl in plans))
+    want_idx, want_mask = single.examples(step)
+    np.testing.assert_array_equal(np.concatenate(mask), want_mask)
+    np.testing.assert_array_equal(np.concatenate(idx), want_idx)
+
+
 @pytest.mark.parametrize("n,procs,batch", [(13, 2, 2), (13, 3, 4), (8, 2, 4),
                                            (5, 4, 3)])
 def test_eval_padding_counts_each_example_exactly_once(n, procs, batch):

@@ -14,7 +14,7 @@ Which example lands where is a pure function of (seed, epoch, process, batch
 index), computed in `BatchPlan`:
 - training: each epoch draws a permutation of the split from (seed, epoch);
   global batch j of the epoch takes permutation entries [j*G, (j+1)*G) and
-  process p its rows p, p+P, ... of that window. The last partial global
+  process p the block [p*B, (p+1)*B) of that window. The last partial global
   batch is dropped, so every process runs the same number of steps.
 - evaluation: no shuffle; the split is padded up to a whole number of global
   batches with copies of example 0 whose `mask` is False, so each example is
@@ -95,9 +95,12 @@ class BatchPlan:
       (indices int64 (B,), mask bool (B,)).
     """
     epoch, step = divmod(batch_index, self.steps_per_epoch)
+    # Process p takes a contiguous block of the global batch, so that the
+    # global array `make_array_from_process_local_data` assembles holds the
+    # examples in split order whatever the number of processes.
     rows = np.arange(self.batch_size)
     globals_ = (step * self.global_batch_size
-                + rows * self.process_count + self.process_index)
+                + self.process_index * self.batch_size + rows)
     mask = globals_ < self.num_examples
     order = self.permutation(epoch)
     return order[np.where(mask, globals_, 0)], mask
