@@ -39,12 +39,14 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if bool(_WORKDIR.value) == bool(_MODEL.value):
     raise app.UsageError("give exactly one of --workdir or --model")
+  from hysac_jax import distributed
   from hysac_jax import evaluate_run
   try:
+    distributed.initialize()  # Multi-host under Slurm, Open MPI, TPU pods.
     report, out_dir = evaluate_run.run(
         config=_CONFIG.value, workdir=_WORKDIR.value, model_dir=_MODEL.value,
         split=_SPLIT.value, checkpoint=_CHECKPOINT.value, out_dir=_OUT.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, ConnectionError) as e:
     print(f"eval.py: error: {e}", file=sys.stderr)
     return 1
   from hysac_jax import evaluation

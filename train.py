@@ -37,6 +37,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index in [0, N).")
+_DIST_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for the coordinator and "
+    "the other processes before failing.")
 
 
 def main(argv):
@@ -44,14 +47,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   from hysac_jax import distributed
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                         _PROCESS_ID.value)
   from hysac_jax import trainer
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value, timeout_s=_DIST_TIMEOUT.value)
     summary = trainer.train_and_evaluate(
         _CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value,
         resume=_RESUME.value)
-  except (ValueError, FileNotFoundError, trainer.TrainingDiverged) as e:
+  except (ValueError, FileNotFoundError, ConnectionError,
+          trainer.TrainingDiverged) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     return 1
   import jax
