@@ -11,9 +11,9 @@ def get_config():
   c.model.size = "tiny"
   c.model.clip = ""  # random init: no pretrained CLIP is needed offline
   c.model.dtype = "float32"
-  # LoRA as in the paper, but with scale alpha/rank = 1: adapters on a small
-  # random tower must move it far within a few minutes.
-  c.model.lora.alpha = 16.0
+  # A random tower has nothing for LoRA to adapt: train it whole (the LoRA
+  # adapters and the head train as in the paper).
+  c.model.train_base = True
   c.data.name = "synthetic_visu"
   c.data.synthetic_sizes = (4096, 512, 1024)  # train, validation, test
   c.data.synthetic_seed = 0
@@ -22,7 +22,7 @@ def get_config():
   c.data.num_workers = 0
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.0
-  c.train.epochs = 8
+  c.train.epochs = 6
   c.train.patience = 3
   c.train.log_every = 10
   c.train.checkpoint_every = 0

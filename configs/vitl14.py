@@ -17,6 +17,7 @@ def get_config():
   c.model.mode = "hyp"  # "hyp" (HySAC) or "euc" (CLIP baseline, cosine logits)
   c.model.dtype = "bfloat16"  # tower compute dtype; params, geometry and losses stay float32
   c.model.remat = False
+  c.model.train_base = False  # True: fine-tune the CLIP weights too (random-init towers)
   c.model.curv_init = 1.0
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.rank = 16

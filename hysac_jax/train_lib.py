@@ -44,7 +44,7 @@ from hysac_jax import lorentz
 from hysac_jax.models import hysac as hysac_lib
 
 DATA_AXIS = "data"
-LABELS = ("frozen", "lora", "head")
+LABELS = ("frozen", "lora", "head", "base")
 LORA_NAMES = ("lora_A", "lora_B")
 BATCH_KEYS = ("safe_image", "unsafe_image", "safe_ids", "unsafe_ids")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
@@ -54,33 +54,37 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
 # ----------------------------------------------------------------- params ---
 
 
-def _label(path):
+def _label(path, train_base=False):
   if path[-1] in LORA_NAMES:
     return "lora"
   if len(path) == 1 and path[0] in hysac_lib.HEAD_NAMES:
     return "head"
-  return "frozen"
+  return "base" if train_base else "frozen"
 
 
-def label_params(params):
+def label_params(params, train_base=False):
   """Labels each leaf of a HySAC params tree "frozen", "lora" or "head".
 
   Args:
     params: nested dict of arrays (the full tree or any sub-tree of it that
       keeps the paths from the root).
+    train_base: label the CLIP weights "base" (trained, with weight decay)
+      instead of "frozen": a full fine-tune (`config.model.train_base`), for
+      towers that start from a random init, such as the `tiny` demo.
 
   Returns:
     A tree of the same structure with string leaves.
   """
   flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({k: _label(k) for k in flat})
+  return traverse_util.unflatten_dict(
+      {k: _label(k, train_base) for k in flat})
 
 
-def trainable_params(params):
-  """The "lora" and "head" leaves of `params`, as a nested dict."""
+def trainable_params(params, train_base=False):
+  """The non-"frozen" leaves of `params`, as a nested dict."""
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict(
-      {k: v for k, v in flat.items() if _label(k) != "frozen"})
+      {k: v for k, v in flat.items() if _label(k, train_base) != "frozen"})
 
 
 def merge_params(params, trainable):
@@ -227,8 +231,9 @@ def learning_rate_schedule(optim_config, total_steps=None):
                    "expected 'constant' or 'warmup_cosine'")
 
 
-def make_optimizer(optim_config, learning_rate):
-  """AdamW over the trainable sub-tree; weight decay on "lora" leaves only.
+def make_optimizer(optim_config, learning_rate, train_base=False):
+  """AdamW over the trainable sub-tree; weight decay on "lora" leaves only
+  (and on "base" leaves in a full fine-tune).
 
   Decoupled weight decay scaled by the learning rate, as torch's AdamW.
   Optional global-norm clipping (`grad_clip > 0`) comes first. The AdamW
@@ -241,7 +246,8 @@ def make_optimizer(optim_config, learning_rate):
     learning_rate: a float or an optax schedule (`learning_rate_schedule`).
   """
   def decay_mask(tree):
-    return jax.tree.map(lambda label: label == "lora", label_params(tree))
+    return jax.tree.map(lambda label: label in ("lora", "base"),
+                        label_params(tree, train_base))
 
   parts = []
   if optim_config.grad_clip and optim_config.grad_clip > 0:
@@ -293,12 +299,18 @@ class TrainState:
     opt_state: optax state over `trainable_params(params)` only.
     model: the HySAC module (static).
     tx: the optax transformation (static).
+    train_base: whether the CLIP weights are trained too (static).
   """
   step: jax.Array
   params: Any
   opt_state: Any
   model: hysac_lib.HySAC = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  train_base: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def trainable(self):
+    """The trainable sub-tree of `params` (what the optimizer sees)."""
+    return trainable_params(self.params, self.train_base)
 
 
 def create_train_state(config, rng, init_params=None, *, mesh=None,
@@ -329,11 +341,14 @@ def create_train_state(config, rng, init_params=None, *, mesh=None,
     if init_params is not None:
       params = overlay_params(params, init_params)
   params = hysac_lib.project_head(params, model.curv_init)
+  train_base = bool(config.model.get("train_base", False))
   tx = make_optimizer(config.optim,
-                      learning_rate_schedule(config.optim, total_steps))
-  opt_state = tx.init(trainable_params(params))
+                      learning_rate_schedule(config.optim, total_steps),
+                      train_base)
+  opt_state = tx.init(trainable_params(params, train_base))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=opt_state, model=model, tx=tx)
+                     opt_state=opt_state, model=model, tx=tx,
+                     train_base=train_base)
   if mesh is not None:
     state = jax.device_put(state, NamedSharding(mesh, P()))
   return state
@@ -476,7 +491,7 @@ def train_step(state, batch, rng, *, loss_config, num_groups=1,
   """
   _check_batch(batch)
   model = state.model
-  trainable = trainable_params(state.params)
+  trainable = state.trainable()
   rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(trainable, micro, key):

@@ -184,13 +184,13 @@ def initial_params(config, init_from=None):
   return None
 
 
-def _checkpoint_tree(state, rng):
+def checkpoint_tree(state, rng):
   """What a checkpoint stores: the trainable part (frozen weights are
   rebuilt from the config at start), optimizer state, step and RNG key."""
   # The key is placed like the (replicated) step: on several processes
   # Orbax writes only global arrays, not a host-local one.
   rng_data = jax.device_put(jax.random.key_data(rng), state.step.sharding)
-  return {"trainable": train_lib.trainable_params(state.params),
+  return {"trainable": state.trainable(),
           "opt_state": state.opt_state, "step": state.step,
           "rng": rng_data}
 
@@ -376,7 +376,7 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None):
   if resume is None:
     resume = checkpoints.latest_step() is not None
   if resume:
-    restored = checkpoints.restore(_checkpoint_tree(state, step_key))
+    restored = checkpoints.restore(checkpoint_tree(state, step_key))
     if restored is None:
       raise FileNotFoundError(f"--resume: no checkpoint in {workdir}")
     tree, data_state, meta = restored
@@ -395,7 +395,7 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None):
   def save(step, kind=ckpt_lib.LAST, extra=None):
     meta = {"step": step, "epoch": step // steps_per_epoch,
             "early_stopping": stopper.to_json(), **(extra or {})}
-    checkpoints.save(step, _checkpoint_tree(state, step_key),
+    checkpoints.save(step, checkpoint_tree(state, step_key),
                      train_batches.get_state(), meta, kind=kind)
 
   bar = tqdm(total=total_steps, initial=start_step, disable=not is_main,
@@ -489,7 +489,7 @@ def _final_bounds(state, config, mesh, eval_step, image_size, checkpoints,
   kind = ckpt_lib.BEST_RECALL
   if checkpoints.latest_step(kind) is None:
     kind = ckpt_lib.LAST
-  tree, _, _ = checkpoints.restore(_checkpoint_tree(state, step_key),
+  tree, _, _ = checkpoints.restore(checkpoint_tree(state, step_key),
                                    kind=kind)
   best = _restore_state(state, tree)
   emb, _, curv = validate(best, config, mesh, eval_step, image_size,
@@ -520,7 +520,7 @@ def restore_for_eval(config, workdir, kind=ckpt_lib.BEST_RECALL):
   checkpoints = ckpt_lib.RunCheckpoints(workdir, config.train.keep_last)
   if checkpoints.latest_step(kind) is None:
     kind = ckpt_lib.LAST
-  restored = checkpoints.restore(_checkpoint_tree(state, step_key), kind=kind)
+  restored = checkpoints.restore(checkpoint_tree(state, step_key), kind=kind)
   checkpoints.close()
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir} (looked in "

@@ -270,7 +270,7 @@ def test_export_of_a_training_run_uses_its_checkpoint_and_bounds(tmp_path):
   run = tmp_path / "run"
   trainer.save_config(config, run)
   checkpoints = ckpt_lib.RunCheckpoints(run)
-  checkpoints.save(3, trainer._checkpoint_tree(state, step_key), {},  # pylint: disable=protected-access
+  checkpoints.save(3, trainer.checkpoint_tree(state, step_key), {},
                    {"step": 3}, kind=ckpt_lib.BEST_RECALL)
   checkpoints.close()
   bounds = bounds_with_threshold(0.7, 1.0)

@@ -126,11 +126,21 @@ def test_labels_mark_lora_matrices_head_scalars_and_frozen_base(params):
       assert label == "frozen", path
   counts = {l: sum(v == l for v in labels.values()) for l in train_lib.LABELS}
   # 2 towers x 2 layers x 5 targets + the patch conv, A and B each.
-  assert counts == {"lora": 2 * (2 * 2 * 5 + 1), "head": 4,
+  assert counts == {"lora": 2 * (2 * 2 * 5 + 1), "head": 4, "base": 0,
                     "frozen": counts["frozen"]}
   assert counts["frozen"] > 20
   assert labels[("clip", "text_model", "encoder", "layers_0", "self_attn",
                  "k_proj", "kernel")] == "frozen"
+
+
+def test_full_fine_tune_labels_every_clip_weight_base(params):
+  frozen = flat(train_lib.label_params(params))
+  labels = flat(train_lib.label_params(params, train_base=True))
+  for path, label in labels.items():
+    want = "base" if frozen[path] == "frozen" else frozen[path]
+    assert label == want, path
+  trainable = flat(train_lib.trainable_params(params, train_base=True))
+  assert trainable.keys() == flat(params).keys()
 
 
 def test_optimizer_state_holds_only_trainable_params(global_runs):
