@@ -29,6 +29,9 @@ _CHECKPOINT = flags.DEFINE_enum(
     "checkpoint", "best_recall", ["best_recall", "best_loss", "checkpoints"],
     "Which checkpoint of a run: best by recall sum, best by validation loss,"
     " or the latest.")
+_ALPHA = flags.DEFINE_float(
+    "traversal_alpha", None, "alpha of the safety-traversal threshold; "
+    "default: config.eval.traversal_alpha.")
 _OUT = flags.DEFINE_string("out", None,
                            "Output directory; default WORKDIR/eval/SPLIT.")
 
@@ -45,7 +48,8 @@ def main(argv):
     distributed.initialize()  # Multi-host under Slurm, Open MPI, TPU pods.
     report, out_dir = evaluate_run.run(
         config=_CONFIG.value, workdir=_WORKDIR.value, model_dir=_MODEL.value,
-        split=_SPLIT.value, checkpoint=_CHECKPOINT.value, out_dir=_OUT.value)
+        split=_SPLIT.value, checkpoint=_CHECKPOINT.value, out_dir=_OUT.value,
+        traversal_alpha=_ALPHA.value)
   except (ValueError, FileNotFoundError, ConnectionError) as e:
     print(f"eval.py: error: {e}", file=sys.stderr)
     return 1

@@ -59,4 +59,9 @@ def get_config():
   c.train.keep_last = 2
   c.train.checkpoint_every = 1000  # steps between mid-epoch checkpoints; 0 = epoch ends only
   c.train.use_wandb = False
+
+  c.eval = ml_collections.ConfigDict()
+  # alpha of the traversal threshold b' = b + tanh((b - alpha)/c) + 1 (the
+  # release's 0.8, tuned to ViT-L embedding scales).
+  c.eval.traversal_alpha = 0.8
   return c

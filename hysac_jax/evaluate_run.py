@@ -39,7 +39,8 @@ def _bounds_for(directory):
 
 
 def run(config=None, workdir=None, model_dir=None, split="test",
-        checkpoint=ckpt_lib.BEST_RECALL, out_dir=None, plots=True):
+        checkpoint=ckpt_lib.BEST_RECALL, out_dir=None, plots=True,
+        traversal_alpha=None):
   """Evaluates and writes the report; returns (report, out_dir).
 
   Args:
@@ -51,6 +52,8 @@ def run(config=None, workdir=None, model_dir=None, split="test",
       "checkpoints" for the latest).
     out_dir: where to write; default <workdir or model_dir>/eval/<split>.
     plots: write the PNG plots too.
+    traversal_alpha: alpha of the traversal threshold; default
+      `config.eval.traversal_alpha` (0.8, the release's, when unset).
   """
   from hysac_jax.data import pipeline
   if (workdir is None) == (model_dir is None):
@@ -81,8 +84,12 @@ def run(config=None, workdir=None, model_dir=None, split="test",
                                   seed=config.seed, train=False)
   emb, _ = trainer.embed_split(encode, batches, desc=f"embedding {split}")
   bounds, bounds_path = _bounds_for(source)
+  if traversal_alpha is None:
+    traversal_alpha = config.get("eval", {}).get("traversal_alpha",
+                                                 safety.DEFAULT_ALPHA)
   report = evaluation.evaluate(emb["S"], emb["U"], emb["V"], emb["G"], curv,
-                               bounds=bounds, mode=mode)
+                               bounds=bounds, mode=mode,
+                               alpha=float(traversal_alpha))
   report["split"] = split
   report["source"] = source
   if bounds_path:

@@ -183,7 +183,9 @@ class InputIterator:
   def _start(self):
     ds = grain.MapDataset.range(self._next, self.num_batches).map(self._loader)
     ds = ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=self._num_threads, prefetch_buffer_size=self._prefetch))
+        num_threads=self._num_threads,
+        # grain caps the reader threads at the buffer size.
+        prefetch_buffer_size=max(self._prefetch, self._num_threads)))
     if self._num_workers > 0:
       from absl import flags
       if not flags.FLAGS.is_parsed():
