@@ -15,8 +15,8 @@ Two details exist for speed (issue 10's CPU profile):
 - the LoRA branch has a hand-written backward (`lora_branch`, a
   `jax.custom_vjp`) that contracts over tokens with the small operand
   transposed, instead of letting XLA transpose a tokens×features array;
-- dropout masks come from uint8 random bits against a threshold
-  (`dropout_keep_mask`), far cheaper than float uniforms.
+- dropout masks come from random bytes (uint32 words split in four) against
+  a threshold (`dropout_keep_mask`), far cheaper than float uniforms.
 """
 
 import math
@@ -52,13 +52,17 @@ def kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
 
 
 def dropout_keep_mask(rng, shape, rate):
-  """Draws a Bernoulli keep-mask cheaply from uint8 random bits.
+  """Draws a Bernoulli keep-mask cheaply from random bytes.
 
   An element is dropped when its byte is below `t = round(256 · rate)`, so the
   exact drop rate is `t / 256`: for `rate = 0.1`, `t = 26` and the drop rate
   is 26/256 = 0.1015625 (the keep probability is 230/256). Use
   `keep_probability(rate)` to rescale kept values so that the expectation is
   preserved exactly.
+
+  The bytes are uint32 random words split in four: with jax's default
+  partitionable threefry every drawn element costs one hash whatever its
+  width, so a direct uint8 draw would hash each byte separately.
 
   Args:
     rng: PRNG key.
@@ -69,8 +73,14 @@ def dropout_keep_mask(rng, shape, rate):
     bool array of `shape`, True where the element is kept.
   """
   threshold = _drop_threshold(rate)
-  bits = jax.random.bits(rng, shape, jnp.uint8)
-  return bits >= jnp.uint8(threshold)
+  shape = tuple(shape)
+  lead, last = (shape[:-1], shape[-1]) if shape else ((), 1)
+  words = -(-last // 4)
+  bits = jax.random.bits(rng, lead + (words,), jnp.uint32)
+  # (..., words) uint32 -> (..., words, 4) uint8 -> (..., last) bytes.
+  bytes_ = jax.lax.bitcast_convert_type(bits, jnp.uint8)
+  bytes_ = bytes_.reshape(lead + (4 * words,))[..., :last].reshape(shape)
+  return bytes_ >= jnp.uint8(threshold)
 
 
 def _drop_threshold(rate):
