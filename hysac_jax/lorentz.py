@@ -75,6 +75,34 @@ def _sq_norm(x):
   return jnp.sum(x * x, axis=-1)
 
 
+def _scaled(x):
+  """Returns (x / m, m), m = max_i |x_i| over the last axis (1 where x = 0).
+
+  Squares of tiny components underflow (||x||^2 is 0 in float32 below norms of
+  about 1e-19, and its square below 1e-10), which zeroes values and turns
+  `1 / ||x||^2`-type gradient terms into 0/0. Scaled, the largest component is
+  1 and nothing underflows. m is a constant for differentiation: every quantity
+  built from x/m and m below is exactly invariant to m, so its true
+  derivative through m is zero.
+  """
+  m = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1))
+  m = jnp.where(m > 0, m, 1)
+  return x / m[..., None], m
+
+
+def _norm(x):
+  """||x|| without underflow; gradient x / ||x||, and 0 at x = 0."""
+  xs, m = _scaled(x)
+  return m * _safe_sqrt(_sq_norm(xs))
+
+
+def _unit(x):
+  """x / ||x|| without underflow; 0 (with gradient 0) at x = 0."""
+  xs, _ = _scaled(x)
+  n = _safe_sqrt(_sq_norm(xs))  # >= 1 unless x = 0
+  return xs / jnp.where(n > 0, n, 1)[..., None]
+
+
 def _time(sq_norm, c):
   """Time component sqrt(1/c + ||x||^2) from the squared norm."""
   return jnp.sqrt(1 / c + sq_norm)
@@ -101,16 +129,21 @@ def _asinhc(r, r_sq):
                    jnp.arcsinh(r_safe) / r_safe)
 
 
-def _acosh_from_excess(u, dtype):
-  """acosh(max(1 + u, 1 + DIST_EPS)) without differentiating acosh at 1.
+def _root_of_excess(u):
+  """sqrt(max(u, 0) / 2), with gradient 0 at u <= 0."""
+  return _safe_sqrt(jnp.maximum(u, 0) / 2)
 
-  Uses acosh(1 + u) = 2 asinh(sqrt(u / 2)); the safe sqrt gives gradient 0 at
-  u = 0. The floor is the release's `1 + eps` rounded to `dtype` (so it is 0 in
-  float32, as in the PyTorch release, and about 1e-8 in float64).
+
+def _acosh_from_root(r, dtype):
+  """acosh(max(1 + 2 r^2, 1 + DIST_EPS)) for r >= 0, without acosh'(1).
+
+  `r = sqrt(u / 2)` with `u = -c <x,y>_L - 1`; acosh(1 + u) = 2 asinh(r). r
+  (not u) is the input so that tiny distances do not pass through a square
+  that underflows. The floor is the release's `1 + eps` rounded to `dtype` (so
+  it is 0 in float32, as in the PyTorch release, and about 1e-8 in float64).
   """
   floor = (jnp.asarray(1, dtype) + jnp.asarray(DIST_EPS, dtype)) - 1
-  u = jnp.maximum(u, floor)
-  return 2 * jnp.arcsinh(_safe_sqrt(u / 2))
+  return 2 * jnp.arcsinh(jnp.maximum(r, jnp.sqrt(floor / 2)))
 
 
 def _excess(c, xy, x_t, y_t, dx_sq, dt):
@@ -134,31 +167,45 @@ def _excess_gram(c, xy, xx, yy, x_t, y_t):
 
 
 def _excess_pairs(c, x, y, xx, yy, x_t, y_t):
-  """`_excess` for explicit pairs; also returns x_t - y_t.
+  """(u, r, x_t - y_t): `_excess` u, its root r = sqrt(u / 2), and dt.
 
   When x and y have the same shape (explicit pairs) the difference x - y is
   used: `<x-y, x-y>_L = ||dx||^2 - (x_t - y_t)^2` cancels badly for radial
   pairs far out, so with `dx = a w/||w|| + dx_perp` (w = x + y, T = x_t + y_t,
   x_t - y_t = dx.w / T) it is evaluated as
-  `(||dx_perp||^2 + 4 a^2 / (c T^2)) / (1 - a^2 / T^2)`: non-negative terms
-  over a factor near 1 for near points. When x and y only broadcast (all
-  pairs), dot products are used so that the result lowers to a matmul.
+  `u / 2 = (c / 4) (||dx_perp||^2 + 4 a^2 / (c T^2)) / (1 - a^2 / T^2)`:
+  non-negative terms over a factor near 1 for near points. Its root r is the
+  norm of (dx_perp, 2 a / (sqrt(c) T)) (`_norm`, which does not square tiny
+  numbers) over that factor, and w / ||w|| comes from `_unit`: in float32 the
+  former `a^2 = (dx.w)^2 / ||w||^2` made the gradient 0/0 (NaN) for norms
+  ~1e-10 to 1e-16, where ||w||^2 squared underflows. When x and y only
+  broadcast (all pairs), dot products are used so that the result lowers to a
+  matmul.
   """
   if x.shape != y.shape:
-    return (_excess_gram(c, _dot(x, y), xx, yy, x_t, y_t),
-            (xx - yy) / (x_t + y_t))
+    u = _excess_gram(c, _dot(x, y), xx, yy, x_t, y_t)
+    return u, _root_of_excess(u), (xx - yy) / (x_t + y_t)
   dx, w = x - y, x + y
   big_t = x_t + y_t
-  p, q = _dot(dx, w), _sq_norm(w)
-  q_pos = q > 0
-  q_safe = jnp.where(q_pos, q, 1)
-  a_sq = jnp.where(q_pos, p * p / q_safe, 0)
-  perp = dx - jnp.where(q_pos, p / q_safe, 0)[..., None] * w
-  s_sq = ((_sq_norm(perp) + 4 * a_sq / (c * big_t**2))
-          / (1 - a_sq / big_t**2))
+  w_hat = _unit(w)  # 0 where w = 0: then a = 0 and dx_perp = dx
+  a = _dot(dx, w_hat)
+  perp = dx - a[..., None] * w_hat
+  tangential = 2 * a / (jnp.sqrt(c) * big_t)
+  shrink = jnp.sqrt(1 - (a / big_t)**2)  # |a| <= ||dx|| < T
+  # u itself is taken from squares (they may underflow, but u is then
+  # negligible in every use) so that its gradient does not pass through a
+  # rescaling: the cotangent of x / max|x| would underflow instead.
+  u_near = c / 2 * (_sq_norm(perp) + tangential**2) / shrink**2
+  r_near = (jnp.sqrt(c) / 2
+            * _norm(jnp.concatenate([perp, tangential[..., None]], -1))
+            / shrink)
   u_gram = c * (x_t * y_t - _dot(x, y)) - 1
-  # s_sq is exact for near pairs; the Gram form's error scales with x_t y_t.
-  return jnp.where(_sq_norm(dx) < x_t * y_t, c / 2 * s_sq, u_gram), p / big_t
+  # The near forms are exact for near pairs; the Gram form's error scales
+  # with x_t y_t.
+  near = _sq_norm(dx) < x_t * y_t
+  r = jnp.where(near, r_near, _root_of_excess(u_gram))
+  u = jnp.where(near, u_near, u_gram)
+  return u, r, _dot(dx, w) / big_t
 
 
 # ----------------------------------------------------------------------------
@@ -228,8 +275,8 @@ def dist(x, y, curv):
   (x, y), c, out = _prepare(curv, x, y)
   xx, yy = _sq_norm(x), _sq_norm(y)
   x_t, y_t = _time(xx, c), _time(yy, c)
-  u, _ = _excess_pairs(c, x, y, xx, yy, x_t, y_t)
-  return (_acosh_from_excess(u, x.dtype) / jnp.sqrt(c)).astype(out)
+  _, r, _ = _excess_pairs(c, x, y, xx, yy, x_t, y_t)
+  return (_acosh_from_root(r, x.dtype) / jnp.sqrt(c)).astype(out)
 
 
 def pairwise_dist(x, y, curv):
@@ -238,8 +285,9 @@ def pairwise_dist(x, y, curv):
   The release's formula `acosh(max(-curv <x,y>_L, 1 + 1e-8)) / sqrt(curv)`
   through one matmul, with `-curv <x,y>_L - 1` taken from `||x-y||^2` for
   near pairs as in `dist` (from dot products here, so float32 distances below
-  about 1e-3 ||x|| are rounding noise, as in the release). The gradient is
-  finite on the diagonal (see `dist`).
+  about 1e-3 ||x|| are rounding noise, as in the release, and below norms of
+  about 1e-19 the squares underflow: distance and gradient are then 0). The
+  gradient is finite on the diagonal (see `dist`).
 
   Args:
     x: (..., n, d) space components.
@@ -254,8 +302,8 @@ def pairwise_dist(x, y, curv):
   xx, yy = _sq_norm(x)[..., :, None], _sq_norm(y)[..., None, :]
   x_t, y_t = _time(xx, c), _time(yy, c)
   xy = jnp.einsum("...nd,...md->...nm", x, y, precision=_HIGHEST)
-  u = _excess_gram(c, xy, xx, yy, x_t, y_t)
-  return (_acosh_from_excess(u, x.dtype) / jnp.sqrt(c)).astype(out)
+  r = _root_of_excess(_excess_gram(c, xy, xx, yy, x_t, y_t))
+  return (_acosh_from_root(r, x.dtype) / jnp.sqrt(c)).astype(out)
 
 
 def dist0(x, curv):
@@ -271,7 +319,7 @@ def dist0(x, curv):
     (...) distances >= 0.
   """
   (x,), c, out = _prepare(curv, x)
-  rc = jnp.sqrt(c) * _safe_sqrt(_sq_norm(x))
+  rc = jnp.sqrt(c) * _norm(x)
   return (jnp.arcsinh(rc) / jnp.sqrt(c)).astype(out)
 
 
@@ -339,10 +387,7 @@ def geodesic_toward_origin(x, curv, target_dist):
   """
   (x,), c, out = _prepare(curv, x)
   t = jnp.asarray(target_dist, x.dtype)
-  sq = _sq_norm(x)
-  pos = sq > 0
-  unit = jnp.where(pos[..., None],
-                   x / jnp.sqrt(jnp.where(pos, sq, 1))[..., None], 0)
+  unit = _unit(x)
   rc = jnp.sqrt(c)
   scale = jnp.sinh(jnp.clip(rc * t, -SINH_MAX, SINH_MAX)) / rc
   return (scale[..., None] * unit).astype(out)
@@ -370,7 +415,7 @@ def half_aperture(x, curv, min_radius=0.1):
     (...) half-apertures in (0, pi/2).
   """
   (x,), c, out = _prepare(curv, x)
-  norm = _safe_sqrt(_sq_norm(x))
+  norm = _norm(x)
   ratio = 2 * min_radius / (jnp.sqrt(c) * norm + CONE_EPS)
   return jnp.arcsin(jnp.clip(ratio, -1 + CONE_EPS, 1 - CONE_EPS)).astype(out)
 
@@ -403,9 +448,9 @@ def oxy_angle(x, y, curv):
   (x, y), c, out = _prepare(curv, x, y)
   xx, yy = _sq_norm(x), _sq_norm(y)
   x_t, y_t = _time(xx, c), _time(yy, c)
-  u, dt = _excess_pairs(c, x, y, xx, yy, x_t, y_t)
+  u, _, dt = _excess_pairs(c, x, y, xx, yy, x_t, y_t)
   numer = -dt - u * x_t  # y_t + l x_t with l = -1 - u
-  denom = _safe_sqrt(xx) * jnp.sqrt(jnp.maximum(u * (u + 2), CONE_EPS))
+  denom = _norm(x) * jnp.sqrt(jnp.maximum(u * (u + 2), CONE_EPS))
   ratio = numer / (denom + CONE_EPS)
   return jnp.arccos(jnp.clip(ratio, -1 + CONE_EPS, 1 - CONE_EPS)).astype(out)
 

@@ -6,6 +6,7 @@ differences in float64. Float64 parts run inside `jax.enable_x64(True)` so the
 global default of other test files is untouched.
 """
 
+import decimal
 import math
 
 import hypothesis
@@ -464,6 +465,119 @@ def test_gradients_are_finite_at_origin_coincident_points_and_huge_norms(
     bad = ~np.isfinite(arr.reshape(len(cases), len(_NAMES), -1)).all(-1)
     assert not bad.any(), [(cases[k], _NAMES[i]) for k, i in zip(
         *np.nonzero(bad))]
+
+
+# Tiny but non-zero norms, as when the alpha scalars collapse in training:
+# x, y = scale * N(0, 1) in 8 - 4 = 4 dims each, for curv 0.1, 1 and 10 (18
+# rows, the batch size of the graphs above, so that they are not recompiled).
+# The last scale is subnormal: 1e-40 in float32, 1e-310 in float64.
+_TINY_SCALES = (1e-7, 1e-10, 1e-13, 1e-16, 1e-20)
+
+
+def _tiny_points(subnormal):
+  rng = np.random.default_rng(11)
+  return np.stack([np.concatenate([s * rng.normal(size=8), [c]])
+                   for s in _TINY_SCALES + (subnormal,)
+                   for c in (0.1, 1.0, 10.0)])  # (18, 9)
+
+
+def _decimal_oxy_ratio(z):
+  """The argument of acos in oxy_angle (release form), in 100-digit decimal.
+
+  z: 9 Decimals, (x, y, curv) packed as in `_pack`.
+  """
+  with decimal.localcontext() as ctx:
+    ctx.prec = 100
+    x, y, c = z[:4], z[4:8], z[8]
+    eps = decimal.Decimal("1e-5")
+    xx, yy = sum(a * a for a in x), sum(a * a for a in y)
+    x_t, y_t = (1 / c + xx).sqrt(), (1 / c + yy).sqrt()
+    l = c * (sum(a * b for a, b in zip(x, y)) - x_t * y_t)
+    return (y_t + l * x_t) / (xx.sqrt() * max(l * l - 1, eps).sqrt() + eps)
+
+
+def test_gradients_are_finite_and_correct_at_tiny_nonzero_norms():
+  n_normal = 3 * len(_TINY_SCALES)  # rows with normal (not subnormal) inputs
+  with jax.enable_x64(True):
+    z64 = _tiny_points(1e-310)
+    values64, rev64 = map(np.asarray, _jacrev_all(jnp.asarray(z64)))
+    fwd64 = np.asarray(_jacfwd_all(jnp.asarray(z64)))
+    # Central differences with steps relative to each coordinate.
+    h = 1e-6 * np.abs(z64[:n_normal])
+    steps = np.einsum("pk,kj->pkj", h, np.eye(9))
+    hi = (z64[:n_normal, None] + steps).reshape(-1, 9)
+    lo = (z64[:n_normal, None] - steps).reshape(-1, 9)
+    hi, lo = (np.concatenate([a, np.tile(a[:1], (324 - len(a), 1))])
+              for a in (hi, lo))  # padded to the compiled batch of 324
+    diff = np.asarray(_values_all(jnp.asarray(hi)) -
+                      _values_all(jnp.asarray(lo)))[:n_normal * 9]
+    fd = np.transpose(diff.reshape(n_normal, 9, -1) / (2 * h[:, :, None]),
+                      (0, 2, 1))
+  z32 = _tiny_points(1e-40).astype(np.float32)
+  values32, rev32 = map(np.asarray, _jacrev_all(jnp.asarray(z32)))
+  fwd32 = np.asarray(_jacfwd_all(jnp.asarray(z32)))
+  for arr in (values64, rev64, fwd64, values32, rev32, fwd32):
+    bad = ~np.isfinite(arr.reshape(18, len(_NAMES), -1)).all(-1)
+    assert not bad.any(), [(z64[k, 8], k // 3, _NAMES[i])
+                           for k, i in zip(*np.nonzero(bad))]
+  scale = np.abs(rev64[:n_normal]).max(-1, keepdims=True) + 1e-300
+  np.testing.assert_allclose(fwd64 / (np.abs(rev64).max(-1, keepdims=True)
+                                      + 1e-300),
+                             rev64 / (np.abs(rev64).max(-1, keepdims=True)
+                                      + 1e-300), atol=1e-12)
+  for i, name in enumerate(_NAMES):
+    if name in ("oxy_angle", "entailment_energy"):
+      continue  # the angle is pi/2 to within an ulp: differences see nothing
+    np.testing.assert_allclose(rev64[:n_normal, i] / scale[:, i],
+                               fd[:, i] / scale[:, i], atol=1e-4,
+                               err_msg=name)
+  # oxy_angle: d acos(r) = -dr / sqrt(1 - r^2), r by central differences in
+  # 100-digit decimal (the release's formula in float64 loses these).
+  i_oxy = _NAMES.index("oxy_angle")
+  for k in range(n_normal):
+    z = [decimal.Decimal(float(a)) for a in z64[k]]  # exact
+    want = np.zeros(8)
+    with decimal.localcontext() as ctx:
+      ctx.prec = 100
+      for j in range(8):
+        step = abs(z[j]) * decimal.Decimal("1e-12")
+        zp, zm = list(z), list(z)
+        zp[j] += step
+        zm[j] -= step
+        want[j] = float((_decimal_oxy_ratio(zp) - _decimal_oxy_ratio(zm))
+                        / (2 * step))
+    r = float(_decimal_oxy_ratio(z))
+    want = -want / math.sqrt(1 - r * r)
+    np.testing.assert_allclose(rev64[k, i_oxy, :8], want, rtol=1e-6,
+                               atol=1e-6 * np.abs(want).max(), err_msg=k)
+  # Tiny norms: the half-aperture is clipped (gradient 0), so the energy
+  # moves with the angle only.
+  i_ent = _NAMES.index("entailment_energy")
+  np.testing.assert_array_equal(rev64[:, i_ent], rev64[:, i_oxy])
+  # Float32 (forward and reverse) matches float64 where they compute the same
+  # function: all but the distances, whose release floor acosh(1 + 1e-8)
+  # rounds to acosh(1) in float32 only.
+  for i, name in enumerate(_NAMES):
+    if name in ("dist", "pairwise_dist"):
+      continue
+    for got in (rev32, fwd32):
+      np.testing.assert_allclose(got[:n_normal, i] / scale[:, i],
+                                 rev64[:n_normal, i] / scale[:, i],
+                                 atol=1e-5, err_msg=name)
+  # Float32 distances: no floor, so d(x, y) ~ ||x - y|| with unit gradient;
+  # the all-pairs (dot product) form underflows to 0 below norms ~1e-19.
+  x, y = z32[:, :4].astype(np.float64), z32[:, 4:8].astype(np.float64)
+  dx = x - y
+  unit = dx / np.linalg.norm(dx, axis=-1, keepdims=True)
+  for name, rows in (("dist", n_normal), ("pairwise_dist", n_normal - 3)):
+    i = _NAMES.index(name)
+    np.testing.assert_allclose(values32[:rows, i],
+                               np.linalg.norm(dx, axis=-1)[:rows], rtol=1e-5)
+    for got in (rev32, fwd32):
+      np.testing.assert_allclose(got[:rows, i, :4], unit[:rows], atol=1e-5,
+                                 err_msg=name)
+      np.testing.assert_allclose(got[:rows, i, 4:8], -unit[:rows], atol=1e-5,
+                                 err_msg=name)
 
 
 @jax.jit
