@@ -11,10 +11,13 @@ so conversion from peft is a rename plus a transpose:
 | `LoRADense` | `(in, out)` | `(in, r)` | `(r, out)` |
 | `LoRAPatchConv` | `(p, p, C, out)` | `(p, p, C, r)` (conv, same stride) | `(1, 1, r, out)` (1x1 conv) |
 
-Two details exist for speed (issue 10's CPU profile):
-- the LoRA branch has a hand-written backward (`lora_branch`, a
+Details that exist for speed (issue 10's CPU profile):
+- the LoRA layer has a hand-written backward (`lora_dense`, a
   `jax.custom_vjp`) that contracts over tokens with the small operand
   transposed, instead of letting XLA transpose a tokens×features array;
+- the LoRA up-projection rides in the base matmul (`[x | s·h] @ [W ; B]`),
+  so the (tokens, out) output is written once (`lora_branch` is the
+  stand-alone branch);
 - dropout masks come from random bytes (uint32 words split in four) against
   a threshold (`dropout_keep_mask`), far cheaper than float uniforms.
 """
@@ -144,6 +147,55 @@ def _lora_bwd(res, g):
 lora_branch.defvjp(_lora_fwd, _lora_bwd)
 
 
+@jax.custom_vjp
+def lora_dense(x, kernel, a, b, scale, keep):
+  """`x @ kernel + scale · ((x ⊙ keep) @ a) @ b` as one stacked matmul.
+
+  The LoRA up-projection is folded into the base matmul: `[x | scale·h] @
+  [kernel ; b]` with `h = (x ⊙ keep) @ a`, so the (N, out) output is written
+  once instead of a second K=r matmul plus an add over (N, out) (on CPU that
+  pair cost about half the base matmul). The backward gets the base and the
+  LoRA input gradients from one matmul as well: `g @ [kernel ; b]ᵀ`.
+
+  Args:
+    x: (N, in) inputs.
+    kernel: (in, out) base kernel, same dtype as `x`.
+    a: (in, r) LoRA `A`, same dtype as `x`.
+    b: (r, out) LoRA `B`, same dtype as `x`.
+    scale: scalar (float), as in `lora_branch`.
+    keep: (N, in) bool keep-mask, or None for no dropout.
+
+  Returns:
+    (N, out), without the base bias.
+  """
+  return _lora_dense_fwd(x, kernel, a, b, scale, keep)[0]
+
+
+def _lora_dense_fwd(x, kernel, a, b, scale, keep):
+  hs = (_masked(x, keep) @ a) * jnp.asarray(scale, x.dtype)  # (N, r)
+  y = (jnp.concatenate([x, hs], axis=1)
+       @ jnp.concatenate([kernel, b], axis=0))
+  return y, (x, kernel, a, b, scale, keep, hs)
+
+
+def _lora_dense_bwd(res, g):
+  x, kernel, a, b, scale, keep, hs = res
+  d_in = x.shape[1]
+  # (N, out) @ (out, in + r): the base and LoRA input gradients together.
+  gcat = g @ jnp.concatenate([kernel, b], axis=0).T
+  dh = gcat[:, d_in:] * jnp.asarray(scale, g.dtype)  # (N, r)
+  db = hs.T @ g  # (r, out)
+  da = (dh.T @ _masked(x, keep)).T  # (in, r)
+  dx = gcat[:, :d_in] + _masked(dh @ a.T, keep)  # (N, in)
+  # Unused for a frozen kernel (XLA drops it); correct when it is trained.
+  dkernel = x.T @ g
+  return (dx, dkernel.astype(kernel.dtype), da.astype(a.dtype),
+          db.astype(b.dtype), None, None)
+
+
+lora_dense.defvjp(_lora_dense_fwd, _lora_dense_bwd)
+
+
 class LoRADense(nn.Module):
   """A dense layer (HF `nn.Linear` names) with an optional LoRA branch.
 
@@ -176,17 +228,20 @@ class LoRADense(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (d_in, self.features),
                         self.param_dtype)
     x = x.astype(self.dtype)
-    y = x @ kernel.astype(self.dtype)
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,),
-                        self.param_dtype)
-      y = y + bias.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
     if self.rank > 0:
       a = self.param(LORA_A, kaiming_uniform_a_sqrt5, (d_in, self.rank),
                      self.param_dtype)
       b = self.param(LORA_B, nn.initializers.zeros, (self.rank, self.features),
                      self.param_dtype)
-      y = y + _apply_lora(self, x, a, b, deterministic).reshape(y.shape)
+      y = _apply_lora(self, x, kernel, a, b, deterministic)
+      y = y.reshape(x.shape[:-1] + (self.features,))
+    else:
+      y = x @ kernel
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
     return y
 
 
@@ -223,22 +278,23 @@ class LoRAPatchConv(nn.Module):
     # (kh, kw, C) order of the kernel.
     x = x.reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(n, gh, gw, p * p * c)
-    y = x @ kernel.reshape(p * p * c, self.features).astype(self.dtype)
-    if self.rank > 0:
-      a = self.param(LORA_A, kaiming_uniform_a_sqrt5, (p, p, c, self.rank),
-                     self.param_dtype)
-      b = self.param(LORA_B, nn.initializers.zeros,
-                     (1, 1, self.rank, self.features), self.param_dtype)
-      a = a.reshape(p * p * c, self.rank)
-      b = b.reshape(self.rank, self.features)
-      # Dropout on the conv input is elementwise, so it commutes with
-      # patchifying; mask the patch vectors.
-      y = y + _apply_lora(self, x, a, b, deterministic).reshape(y.shape)
-    return y
+    kernel = kernel.reshape(p * p * c, self.features).astype(self.dtype)
+    if self.rank <= 0:
+      return x @ kernel
+    a = self.param(LORA_A, kaiming_uniform_a_sqrt5, (p, p, c, self.rank),
+                   self.param_dtype)
+    b = self.param(LORA_B, nn.initializers.zeros,
+                   (1, 1, self.rank, self.features), self.param_dtype)
+    a = a.reshape(p * p * c, self.rank)
+    b = b.reshape(self.rank, self.features)
+    # Dropout on the conv input is elementwise, so it commutes with
+    # patchifying; mask the patch vectors.
+    y = _apply_lora(self, x, kernel, a, b, deterministic)
+    return y.reshape(x.shape[:-1] + (self.features,))
 
 
-def _apply_lora(module, x, a, b, deterministic):
-  """Flattens x to (N, in), draws the dropout mask, calls `lora_branch`."""
+def _apply_lora(module, x, kernel, a, b, deterministic):
+  """Flattens x to (N, in), draws the dropout mask, calls `lora_dense`."""
   x2 = x.reshape(-1, x.shape[-1])
   scale = module.alpha / module.rank
   keep = None
@@ -246,7 +302,8 @@ def _apply_lora(module, x, a, b, deterministic):
     keep = dropout_keep_mask(module.make_rng("dropout"), x2.shape,
                              module.dropout)
     scale = scale / keep_probability(module.dropout)
-  return lora_branch(x2, a.astype(x.dtype), b.astype(x.dtype), scale, keep)
+  return lora_dense(x2, kernel, a.astype(x.dtype), b.astype(x.dtype), scale,
+                    keep)
 
 
 def lora_delta(lora_a, lora_b, scale):
