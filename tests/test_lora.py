@@ -121,37 +121,40 @@ def test_merge_lora_refuses_a_rank_mismatch(peft_towers):
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_lora_branch_custom_backward_matches_autodiff(with_mask):
+def test_lora_dense_custom_backward_matches_autodiff(with_mask):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(37, 12)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(12, 9)), jnp.float32)
   a = jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)
   b = jnp.asarray(rng.normal(size=(3, 9)), jnp.float32)
   g = jnp.asarray(rng.normal(size=(37, 9)), jnp.float32)
   keep = jnp.asarray(rng.random((37, 12)) > 0.3) if with_mask else None
   scale = 0.7
 
-  def reference(x, a, b):  # plain expression, differentiated by JAX
+  def reference(x, w, a, b):  # plain expression, differentiated by JAX
     xm = x if keep is None else x * keep
-    return scale * (xm @ a) @ b
+    return x @ w + scale * (xm @ a) @ b
 
-  ours = lambda x, a, b: lora_lib.lora_branch(x, a, b, scale, keep)
-  y, vjp = jax.vjp(ours, x, a, b)
-  y_ref, vjp_ref = jax.vjp(reference, x, a, b)
+  ours = lambda x, w, a, b: lora_lib.lora_dense(x, w, a, b, scale, keep)
+  y, vjp = jax.vjp(ours, x, w, a, b)
+  y_ref, vjp_ref = jax.vjp(reference, x, w, a, b)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   for got, want in zip(vjp(g), vjp_ref(g)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_branch_gradient_matches_finite_differences():
+def test_lora_dense_gradient_matches_finite_differences():
   rng = np.random.default_rng(1)
   with jax.enable_x64(True):
     x = jnp.asarray(rng.normal(size=(5, 4)))
+    w = jnp.asarray(rng.normal(size=(4, 3)))
     a = jnp.asarray(rng.normal(size=(4, 2)))
     b = jnp.asarray(rng.normal(size=(2, 3)))
     keep = jnp.asarray(rng.random((5, 4)) > 0.5)
     jax.test_util.check_grads(
-        lambda x, a, b: lora_lib.lora_branch(x, a, b, 0.25, keep),
-        (x, a, b), order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
+        lambda x, w, a, b: lora_lib.lora_dense(x, w, a, b, 0.25, keep),
+        (x, w, a, b), order=1, modes=["rev"], eps=1e-6, atol=1e-7,
+        rtol=1e-7)
 
 
 def test_dropout_mask_drops_exactly_26_of_256():

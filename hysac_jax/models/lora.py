@@ -16,8 +16,7 @@ Details that exist for speed (issue 10's CPU profile):
   `jax.custom_vjp`) that contracts over tokens with the small operand
   transposed, instead of letting XLA transpose a tokens×features array;
 - the LoRA up-projection rides in the base matmul (`[x | s·h] @ [W ; B]`),
-  so the (tokens, out) output is written once (`lora_branch` is the
-  stand-alone branch);
+  so the (tokens, out) output is written once;
 - dropout masks come from random bytes (uint32 words split in four) against
   a threshold (`dropout_keep_mask`), far cheaper than float uniforms.
 """
@@ -97,54 +96,8 @@ def keep_probability(rate):
   return 1.0 - _drop_threshold(rate) / 256.0
 
 
-@jax.custom_vjp
-def lora_branch(x, a, b, scale, keep):
-  """`scale · ((x ⊙ keep) @ a) @ b` with a hand-written backward.
-
-  Args:
-    x: (N, in) inputs (already flattened over batch and tokens).
-    a: (in, r) LoRA `A`, same dtype as `x`.
-    b: (r, out) LoRA `B`, same dtype as `x`.
-    scale: scalar (float) multiplier, `alpha / r` divided by the keep
-      probability when dropout is on.
-    keep: (N, in) bool keep-mask, or None for no dropout.
-
-  Returns:
-    (N, out) the LoRA update.
-  """
-  return _lora_forward(x, a, b, scale, keep)[0]
-
-
 def _masked(x, keep):
   return x if keep is None else jnp.where(keep, x, jnp.zeros((), x.dtype))
-
-
-def _lora_forward(x, a, b, scale, keep):
-  xm = _masked(x, keep)
-  h = xm @ a  # (N, r): small, kept for the backward pass
-  y = (h @ b) * jnp.asarray(scale, x.dtype)
-  return y, h
-
-
-def _lora_fwd(x, a, b, scale, keep):
-  y, h = _lora_forward(x, a, b, scale, keep)
-  return y, (x, a, b, scale, keep, h)
-
-
-def _lora_bwd(res, g):
-  x, a, b, scale, keep, h = res
-  s = jnp.asarray(scale, g.dtype)
-  gs = g * s  # (N, out)
-  # Contract over tokens with the *small* (N, r) operand transposed, so that
-  # the large (N, in) / (N, out) arrays are read in their natural layout.
-  db = h.T @ gs  # (r, out)
-  dh = gs @ b.T  # (N, r)
-  da = (dh.T @ _masked(x, keep)).T  # (in, r)
-  dx = _masked(dh @ a.T, keep)  # (N, in)
-  return dx, da.astype(a.dtype), db.astype(b.dtype), None, None
-
-
-lora_branch.defvjp(_lora_fwd, _lora_bwd)
 
 
 @jax.custom_vjp
@@ -162,7 +115,8 @@ def lora_dense(x, kernel, a, b, scale, keep):
     kernel: (in, out) base kernel, same dtype as `x`.
     a: (in, r) LoRA `A`, same dtype as `x`.
     b: (r, out) LoRA `B`, same dtype as `x`.
-    scale: scalar (float), as in `lora_branch`.
+    scale: scalar (float) multiplier, `alpha / r` divided by the keep
+      probability when dropout is on.
     keep: (N, in) bool keep-mask, or None for no dropout.
 
   Returns:
