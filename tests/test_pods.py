@@ -22,13 +22,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import tiny
 from hysac_jax import distributed
 from hysac_jax import train_lib
 from hysac_jax import trainer
 from hysac_jax.data import pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+import tiny_runs
+
+ROOT = tiny_runs.ROOT
 POD_PROCESSES, POD_LOCAL_DEVICES = 2, 2
 # 4 steps of 4 devices x 8 quadruples in one epoch, a checkpoint every 2;
 # 40 validation examples in one global batch of 64: 24 padding rows.
@@ -50,25 +51,11 @@ TIMEOUT_S = 420  # per subprocess: a hang fails the test, never the suite
 
 
 def pod_config(data_dir, **extra):
-  c = tiny.get_config()
-  c.data.data_dir = str(data_dir)
-  for key, value in {**OVERRIDES, **extra}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return tiny_runs.tiny_config(data_dir, {**OVERRIDES, **extra})
 
 
 def cli_flags(data_dir, **extra):
-  flags = [f"--config={ROOT / 'configs' / 'tiny.py'}",
-           f"--config.data.data_dir={data_dir}"]
-  for key, value in {**OVERRIDES, **extra}.items():
-    if isinstance(value, tuple):
-      value = "(" + ",".join(map(str, value)) + ")"
-    flags.append(f"--config.{key}={value}")
-  return flags
+  return tiny_runs.tiny_cli_flags(data_dir, {**OVERRIDES, **extra})
 
 
 def env_with_devices(n):

@@ -12,12 +12,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import tiny
 from hysac_jax import evaluate_run
 from hysac_jax import trainer
-from hysac_jax.data import pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+import tiny_runs
+
+ROOT = tiny_runs.ROOT
 # Small enough for seconds per epoch: 4 steps of 4 devices x 8 quadruples.
 OVERRIDES = {
     "data.synthetic_sizes": (128, 64, 64),
@@ -31,25 +31,11 @@ OVERRIDES = {
 
 
 def micro_config(data_dir, **extra):
-  c = tiny.get_config()
-  c.data.data_dir = str(data_dir)
-  for key, value in {**OVERRIDES, **extra}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return tiny_runs.tiny_config(data_dir, {**OVERRIDES, **extra})
 
 
 def cli_flags(data_dir):
-  flags = [f"--config={ROOT / 'configs' / 'tiny.py'}",
-           f"--config.data.data_dir={data_dir}"]
-  for key, value in OVERRIDES.items():
-    if isinstance(value, tuple):
-      value = "(" + ",".join(map(str, value)) + ")"
-    flags.append(f"--config.{key}={value}")
-  return flags
+  return tiny_runs.tiny_cli_flags(data_dir, OVERRIDES)
 
 
 def run_env():
@@ -156,29 +142,14 @@ def test_early_stopping_ends_training_when_validation_loss_rises(
 
 def test_nan_in_a_batch_stops_training_without_saving_it(
     data_dir, tmp_path, monkeypatch):
-  real = pipeline.make_dataset
+  def poison_fourth(count, next_batch):
+    batch = next_batch()
+    if count == 4:  # the batch of step index 3
+      batch = dict(batch)
+      batch["safe_image"] = np.full_like(batch["safe_image"], np.nan)
+    return batch
 
-  def poisoned(data_config, split, image_size, **kwargs):
-    it = real(data_config, split, image_size, **kwargs)
-    if split != "train":
-      return it
-    original_next = type(it).__next__
-
-    class Poisoned(type(it)):
-      count = 0
-
-      def __next__(self):
-        batch = original_next(self)
-        Poisoned.count += 1
-        if Poisoned.count == 4:  # the batch of step index 3
-          batch = dict(batch)
-          batch["safe_image"] = np.full_like(batch["safe_image"], np.nan)
-        return batch
-
-    it.__class__ = Poisoned
-    return it
-
-  monkeypatch.setattr(pipeline, "make_dataset", poisoned)
+  tiny_runs.hook_train_batches(monkeypatch, poison_fourth)
   with pytest.raises(trainer.TrainingDiverged,
                      match=r"at step 3;.*last good checkpoint is step 2"):
     trainer.train_and_evaluate(micro_config(data_dir), tmp_path)
@@ -190,27 +161,12 @@ def test_nan_in_a_batch_stops_training_without_saving_it(
 
 def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path,
                                               monkeypatch):
-  real = pipeline.make_dataset
+  def preempt_at_third(count, next_batch):
+    if count == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next_batch()
 
-  def preempting(data_config, split, image_size, **kwargs):
-    it = real(data_config, split, image_size, **kwargs)
-    if split != "train":
-      return it
-    original_next = type(it).__next__
-
-    class Preempted(type(it)):
-      count = 0
-
-      def __next__(self):
-        Preempted.count += 1
-        if Preempted.count == 3:
-          os.kill(os.getpid(), signal.SIGTERM)
-        return original_next(self)
-
-    it.__class__ = Preempted
-    return it
-
-  monkeypatch.setattr(pipeline, "make_dataset", preempting)
+  tiny_runs.hook_train_batches(monkeypatch, preempt_at_third)
   summary = trainer.train_and_evaluate(micro_config(data_dir), tmp_path)
   assert summary["preempted"] and summary["steps"] == 3
   assert final_state(tmp_path)[0] == 3
