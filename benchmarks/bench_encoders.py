@@ -11,47 +11,25 @@ is meaningful on a shared machine. Reports images/s and texts/s (median of
 
 import argparse
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from hysac_jax.convert import params_from_state_dict
 from hysac_jax.models.clip import CLIPModel
 from hysac_jax.models.sizes import get_clip_config
 
 
-def median_seconds(fn, repeats):
-  """Median wall time of `fn()` over `repeats` runs, after one warm-up."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def hf_model(config):
   """A random HF CLIPModel with the dims of `config`."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  t, v = config.text, config.vision
+  from hysac_jax import export  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  return transformers.CLIPModel(transformers.CLIPConfig(
-      text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                       intermediate_size=t.intermediate_size,
-                       num_hidden_layers=t.num_hidden_layers,
-                       num_attention_heads=t.num_attention_heads,
-                       max_position_embeddings=t.max_position_embeddings),
-      vision_config=dict(image_size=v.image_size, patch_size=v.patch_size,
-                         hidden_size=v.hidden_size,
-                         intermediate_size=v.intermediate_size,
-                         num_hidden_layers=v.num_hidden_layers,
-                         num_attention_heads=v.num_attention_heads),
-      projection_dim=config.projection_dim)).eval()
+  return transformers.CLIPModel(transformers.CLIPConfig.from_dict(
+      export.hf_config(config, logit_scale=1 / 0.07))).eval()
 
 
 def random_params(config):

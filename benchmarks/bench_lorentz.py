@@ -15,12 +15,11 @@ is the median of `--repeats` runs, baseline and JAX in the same process.
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from hysac_jax import lorentz
 
@@ -44,16 +43,6 @@ def np_oxy_angle_all_pairs(x, y, c):
   ratio = np.clip(num / (den + np.float32(EPS_CONE)), -1 + EPS_CONE,
                   1 - EPS_CONE)
   return np.arccos(ratio)
-
-
-def median_seconds(fn, repeats):
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main():

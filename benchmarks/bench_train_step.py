@@ -148,25 +148,15 @@ class TorchStep:
     import peft  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
+    from hysac_jax import export  # pylint: disable=g-import-not-at-top
     from hysac_jax.models.sizes import get_clip_config  # pylint: disable=g-import-not-at-top
     if dtype != "float32":
       raise ValueError("the PyTorch baseline runs in float32 only")
     self.torch = torch
     torch.manual_seed(seed)
     config = get_clip_config(size)
-    t, v = config.text, config.vision
-    model = transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                         intermediate_size=t.intermediate_size,
-                         num_hidden_layers=t.num_hidden_layers,
-                         num_attention_heads=t.num_attention_heads,
-                         max_position_embeddings=t.max_position_embeddings),
-        vision_config=dict(image_size=v.image_size, patch_size=v.patch_size,
-                           hidden_size=v.hidden_size,
-                           intermediate_size=v.intermediate_size,
-                           num_hidden_layers=v.num_hidden_layers,
-                           num_attention_heads=v.num_attention_heads),
-        projection_dim=config.projection_dim))
+    model = transformers.CLIPModel(transformers.CLIPConfig.from_dict(
+        export.hf_config(config, logit_scale=1 / 0.07)))
     self.model = peft.get_peft_model(model, peft.LoraConfig(
         r=16, lora_alpha=1, lora_dropout=0.1,
         target_modules=list(LORA_TARGETS)))
@@ -184,7 +174,7 @@ class TorchStep:
         [{"params": lora, "weight_decay": 0.2},
          {"params": list(self.head.values()), "weight_decay": 0.0}],
         lr=1e-4, betas=(0.9, 0.98), eps=1e-8)
-    host = random_batch(batch, v.image_size)
+    host = random_batch(batch, config.vision.image_size)
     to_nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     self.pixels = torch.cat([to_nchw(host["safe_image"]),
                              to_nchw(host["unsafe_image"])])
