@@ -1,9 +1,11 @@
 """Conversion of HF CLIP and HySAC release checkpoints, the CLI and load_pretrained."""
 
+import copy
 import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -14,9 +16,8 @@ import hysac_jax
 from hysac_jax import convert
 from hysac_jax.models import sizes
 from hysac_jax.models.clip import CLIPModel
-
-ATOL = 1e-5  # float32 parity: |ours - torch| <= ATOL + RTOL * |torch|
-RTOL = 1e-5
+from numerics import (assert_float32_parity, assert_float64_parity,
+                      to_float64, tower_error_terms)
 TARGETS = ["k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding"]
 # Release head scalars, stored as logs, chosen inside the clamp ranges.
 HEAD = {"curv": math.log(0.7), "visual_alpha": math.log(0.05),
@@ -107,14 +108,18 @@ def exp_map0_f64(v, c):
 
 
 def spec_points(text, vision, ids, pixels):
-  """SPEC §2 in PyTorch + float64 NumPy: lift of the peft towers' features."""
+  """SPEC §2 in PyTorch + NumPy, all float64: the lift of the peft towers'
+  features."""
+  text, vision = copy.deepcopy(text).double(), copy.deepcopy(vision).double()
   with torch.no_grad():
-    t = text(input_ids=torch.as_tensor(ids)).text_embeds.double().numpy()
+    t = text(input_ids=torch.as_tensor(ids)).text_embeds.numpy()
     v = vision(pixel_values=torch.as_tensor(
-        pixels.transpose(0, 3, 1, 2))).image_embeds.double().numpy()
-  c = math.exp(HEAD["curv"])
-  return (exp_map0_f64(math.exp(HEAD["textual_alpha"]) * t, c),
-          exp_map0_f64(math.exp(HEAD["visual_alpha"]) * v, c))
+        pixels.transpose(0, 3, 1, 2), dtype=torch.float64)).image_embeds.numpy()
+  # The checkpoint stores the head logs as float32 tensors.
+  stored = {k: float(np.float32(v)) for k, v in HEAD.items()}
+  c = math.exp(stored["curv"])
+  return (exp_map0_f64(math.exp(stored["textual_alpha"]) * t, c),
+          exp_map0_f64(math.exp(stored["visual_alpha"]) * v, c))
 
 
 def test_safetensors_and_pytorch_bin_give_identical_params(hf_dirs):
@@ -131,11 +136,13 @@ def test_safetensors_and_pytorch_bin_give_identical_params(hf_dirs):
       model.text_model.encoder.layers[1].mlp.fc1.weight.detach().numpy().T)
   ids, _ = inputs()
   with torch.no_grad():
-    want = model.get_text_features(input_ids=torch.as_tensor(ids))
+    want = copy.deepcopy(model).double().get_text_features(
+        input_ids=torch.as_tensor(ids))
     want = getattr(want, "pooler_output", want).numpy()
-  got = CLIPModel(cfg_b).apply({"params": params_b}, ids,
-                               method="encode_text")
-  np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+  with jax.enable_x64(True):
+    got = CLIPModel(cfg_b, dtype=jnp.float64).apply(
+        {"params": to_float64(params_b)}, ids, method="encode_text")
+    assert_float64_parity(np.asarray(got), want)
 
 
 def test_release_checkpoint_round_trip_matches_pytorch_spec(
@@ -153,15 +160,24 @@ def test_release_checkpoint_round_trip_matches_pytorch_spec(
       HEAD["visual_alpha"], rel=1e-6)
   ids, pixels = inputs()
   want_t, want_v = spec_points(text, vision, ids, pixels)
+  # The math, in float64: the converted params on the hyperboloid.
+  with jax.enable_x64(True):
+    model64 = convert.PretrainedHySAC(
+        model.config, to_float64(model.params), model.lora,
+        curv_init=model.curv_init, dtype=jnp.float64)
+    assert_float64_parity(np.asarray(model64.encode_image(pixels)), want_v)
+    assert_float64_parity(np.asarray(model64.encode_text(ids)), want_t)
+  # What users get: float32 points, within the error model.
   got_v = np.asarray(model.encode_image(pixels))
   got_t = np.asarray(model.encode_text(ids))
   assert got_v.dtype == np.float32 and got_v.shape == (2, 64)
-  np.testing.assert_allclose(got_v, want_v, atol=ATOL, rtol=RTOL)
-  np.testing.assert_allclose(got_t, want_t, atol=ATOL, rtol=RTOL)
+  vision_terms = tower_error_terms(model.config, "vision")
+  assert_float32_parity(got_v, want_v, *vision_terms)
+  assert_float32_parity(got_t, want_t,
+                        *tower_error_terms(model.config, "text"))
   merged = convert.load_pretrained(out, merge=True)
   assert merged.lora is None
-  np.testing.assert_allclose(merged.encode_image(pixels), want_v,
-                             atol=ATOL, rtol=RTOL)
+  assert_float32_parity(merged.encode_image(pixels), want_v, *vision_terms)
 
 
 def _old_peft(key):
@@ -200,8 +216,8 @@ def test_clip_only_conversion_starts_from_the_initial_head(hf_dirs, tmp_path):
     feats = model.text_projection(model.text_model(
         input_ids=torch.as_tensor(ids)).pooler_output).double().numpy()
   want = exp_map0_f64(64**-0.5 * feats, 1.0)
-  np.testing.assert_allclose(loaded.encode_text(ids), want, atol=ATOL,
-                             rtol=RTOL)
+  assert_float32_parity(loaded.encode_text(ids), want,
+                        *tower_error_terms(loaded.config, "text"))
   # Strings are tokenised with the CLIP tokenizer.
   assert loaded.encode_text(["a photo of a cat"]).shape == (1, 64)
 

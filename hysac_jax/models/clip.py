@@ -87,6 +87,15 @@ def activation(name):
   return _ACTIVATIONS[name]
 
 
+def accumulation_dtype(dtype):
+  """The dtype of softmax and outputs: float32, or float64 for float64 towers.
+
+  bfloat16 towers keep float32 scores and outputs; float64 towers (parity
+  checks under `jax.enable_x64`) stay float64 throughout.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _lora_kwargs(lora, name):
   """LoRA attributes for the layer called `name` (none when not targeted)."""
   if lora is None or lora.rank <= 0 or name not in lora.targets:
@@ -120,10 +129,10 @@ class Attention(nn.Module):
     k = heads(proj("k_proj")(x, deterministic))
     v = heads(proj("v_proj")(x, deterministic))
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k,
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=accumulation_dtype(self.dtype))
     if bias is not None:
       scores = scores + bias
-    # Softmax in float32 (as HF does), then back to the compute dtype.
+    # Softmax in (at least) float32, as HF does, then back to the compute dtype.
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
     out = out.transpose(0, 2, 1, 3).reshape(b, l, d)
@@ -356,13 +365,13 @@ class CLIPModel(nn.Module):
   def encode_text(self, input_ids, deterministic=True):
     """input_ids: (B, L) int32 -> (B, projection_dim) float32, not normalised."""
     pooled = self.text_model(input_ids, deterministic)
-    return self.text_projection(pooled).astype(jnp.float32)
+    return self.text_projection(pooled).astype(accumulation_dtype(self.dtype))
 
   def encode_image(self, pixels, deterministic=True):
     """pixels: (B, H, W, 3) float32 NHWC, normalised -> (B, projection_dim)
     float32, not normalised."""
     pooled = self.vision_model(pixels, deterministic)
-    return self.visual_projection(pooled).astype(jnp.float32)
+    return self.visual_projection(pooled).astype(accumulation_dtype(self.dtype))
 
   def __call__(self, input_ids, pixels, deterministic=True):
     """Both towers: returns (text (B_t, P), image (B_i, P)) float32."""

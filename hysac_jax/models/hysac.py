@@ -162,7 +162,7 @@ class HySAC(nn.Module):
     scalars = head_scalars(head, self.curv_init)
 
     def finish(features, alpha):
-      features = features.astype(jnp.float32)
+      features = _at_least_f32(features)  # bf16 -> f32; f64 stays
       if self.mode == "euc":
         norm_sq = jnp.sum(features * features, axis=-1, keepdims=True)
         return features * jax.lax.rsqrt(jnp.maximum(norm_sq, 1e-12))

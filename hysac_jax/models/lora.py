@@ -269,10 +269,11 @@ def lora_delta(lora_a, lora_b, scale):
     scale: `alpha / r`.
 
   Returns:
-    `(in, out)` or `(kh, kw, C, out)`, float32.
+    `(in, out)` or `(kh, kw, C, out)`, float32 (float64 for float64 inputs).
   """
-  a = jnp.asarray(lora_a, jnp.float32)
-  b = jnp.asarray(lora_b, jnp.float32)
+  acc = jnp.promote_types(jnp.result_type(lora_a, lora_b), jnp.float32)
+  a = jnp.asarray(lora_a, acc)
+  b = jnp.asarray(lora_b, acc)
   r = a.shape[-1]
   b2 = b.reshape(r, b.shape[-1])
   return scale * jnp.einsum("...r,ro->...o", a, b2)
@@ -309,7 +310,8 @@ def merge_lora(params, lora_config):
             f"{a.shape[-1]}, lora_config.rank is {lora_config.rank}")
       kernel = node["kernel"]
       delta = lora_delta(a, b, lora_config.alpha / lora_config.rank)
-      node["kernel"] = (jnp.asarray(kernel, jnp.float32) + delta).astype(
+      acc = jnp.promote_types(kernel.dtype, jnp.float32)  # float64 stays
+      node["kernel"] = (jnp.asarray(kernel, acc) + delta).astype(
           kernel.dtype)
     return {k: merge(v, path + (k,)) for k, v in node.items()}
 
