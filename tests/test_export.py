@@ -21,8 +21,17 @@ from hysac_jax import train_lib
 from hysac_jax import trainer
 from hysac_jax.models.clip import CLIPModel
 from hysac_jax.models.lora import merge_lora
+from numerics import assert_float32_parity, tower_error_terms
 
-ATOL = RTOL = 1e-5
+TOWER = {"text": "text", "image": "vision"}
+
+
+def assert_close(got, want, modality):
+  """Two float32 computations of one tower's outputs (an export against the
+  live model, merged against unmerged LoRA): the error-model bound of
+  tests/numerics.py for the tiny config's towers."""
+  cfg = train_lib.model_from_config(tiny_config()).clip
+  assert_float32_parity(got, want, *tower_error_terms(cfg, TOWER[modality]))
 # Head scalars (stored logs) away from their initial values.
 HEAD = {"log_curv": math.log(0.7), "log_alpha_image": math.log(0.2),
         "log_alpha_text": math.log(0.15), "log_logit_scale": math.log(20.0)}
@@ -126,8 +135,8 @@ def test_hf_export_gives_torch_clip_the_features_of_our_towers(live,
     t = hf.get_text_features(input_ids=torch.as_tensor(ids)).pooler_output
     i = hf.get_image_features(pixel_values=torch.as_tensor(
         pixels.transpose(0, 3, 1, 2))).pooler_output
-  np.testing.assert_allclose(t.numpy(), ours_t, atol=ATOL, rtol=RTOL)
-  np.testing.assert_allclose(i.numpy(), ours_i, atol=ATOL, rtol=RTOL)
+  assert_close(t.numpy(), ours_t, "text")
+  assert_close(i.numpy(), ours_i, "image")
   assert math.isclose(hf.logit_scale.exp().item(), 20.0, rel_tol=1e-6)
 
 
@@ -153,14 +162,11 @@ def test_hf_head_applied_to_torch_features_gives_our_points(live, exported):
     r = math.sqrt(c) * np.linalg.norm(v, axis=-1, keepdims=True)
     return np.sinh(r) * v / r
   image, text = live_points(model, params, ids, pixels)
-  np.testing.assert_allclose(
-      exp_map0(head["alpha_text"] * t.double().numpy(), head["curv"]), text,
-      atol=ATOL, rtol=RTOL)
-  np.testing.assert_allclose(
-      exp_map0(head["alpha_image"] * i.double().numpy(), head["curv"]), image,
-      atol=ATOL, rtol=RTOL)
-  np.testing.assert_allclose(export.apply_head(i.numpy(), head, "image"),
-                             image, atol=ATOL, rtol=RTOL)
+  assert_close(exp_map0(head["alpha_text"] * t.double().numpy(),
+                        head["curv"]), text, "text")
+  assert_close(exp_map0(head["alpha_image"] * i.double().numpy(),
+                        head["curv"]), image, "image")
+  assert_close(export.apply_head(i.numpy(), head, "image"), image, "image")
 
 
 def test_hf_export_round_trips_through_convert(live, exported):
@@ -177,10 +183,8 @@ def test_hf_export_round_trips_through_convert(live, exported):
   loaded = export.load_hf(dirs["hf"])
   ids, pixels = inputs()
   image, text = live_points(model, params, ids, pixels)
-  np.testing.assert_allclose(loaded.encode_text(ids), text, atol=ATOL,
-                             rtol=RTOL)
-  np.testing.assert_allclose(loaded.encode_image(pixels), image, atol=ATOL,
-                             rtol=RTOL)
+  assert_close(loaded.encode_text(ids), text, "text")
+  assert_close(loaded.encode_image(pixels), image, "image")
   assert loaded.bounds == bounds and math.isclose(loaded.curv, 0.7,
                                                   rel_tol=1e-6)
 
@@ -203,10 +207,8 @@ def test_orbax_export_holds_merged_params_and_gives_the_same_points(
   loaded = export.load_orbax(dirs["orbax"])
   ids, pixels = inputs()
   image, text = live_points(model, params, ids, pixels)
-  np.testing.assert_allclose(loaded.encode_image(pixels), image, atol=ATOL,
-                             rtol=RTOL)
-  np.testing.assert_allclose(loaded.encode_text(ids), text, atol=ATOL,
-                             rtol=RTOL)
+  assert_close(loaded.encode_image(pixels), image, "image")
+  assert_close(loaded.encode_text(ids), text, "text")
   assert loaded.bounds == bounds
   # Only the merged params: the leaves of a model without LoRA, no more.
   import orbax.checkpoint as ocp
@@ -231,10 +233,8 @@ def test_stablehlo_functions_match_the_live_model_at_batch_1_and_7(
   ids, pixels = inputs()
   image, text = live_points(model, params, ids, pixels)
   for n in (1, 7):
-    np.testing.assert_allclose(loaded.encode_image(pixels[:n]), image[:n],
-                               atol=ATOL, rtol=RTOL)
-    np.testing.assert_allclose(loaded.encode_text(ids[:n]), text[:n],
-                               atol=ATOL, rtol=RTOL)
+    assert_close(loaded.encode_image(pixels[:n]), image[:n], "image")
+    assert_close(loaded.encode_text(ids[:n]), text[:n], "text")
     for emb, modality in ((image[:n], "image"), (text[:n], "text")):
       unsafe, dist = loaded.classify_unsafe(emb, modality)
       np.testing.assert_allclose(dist, safety.unsafe_score(emb, 0.7),
@@ -283,10 +283,8 @@ def test_export_of_a_training_run_uses_its_checkpoint_and_bounds(tmp_path):
   loaded = export.load_orbax(out / "orbax")
   ids, pixels = inputs(3)
   image, text = live_points(state.model, state.params, ids, pixels)
-  np.testing.assert_allclose(loaded.encode_image(pixels), image, atol=ATOL,
-                             rtol=RTOL)
-  np.testing.assert_allclose(loaded.encode_text(ids), text, atol=ATOL,
-                             rtol=RTOL)
+  assert_close(loaded.encode_image(pixels), image, "image")
+  assert_close(loaded.encode_text(ids), text, "text")
   assert loaded.bounds == bounds
   assert loaded.head["source"] == {"run": str(run),
                                    "checkpoint": "best_recall"}

@@ -5,6 +5,12 @@ and four devices, global negatives with dropout; one device accumulating four
 micro-batches and four devices, local negatives without dropout) and one eval
 step, and every test reuses them. XLA's backend optimisation is turned off
 for these compilations (half the compile time; same maths).
+
+The steps run in float64 (x64 on for this module, float64 towers and params):
+one and four devices reduce in different orders, and after one Adam step
+(update ≈ lr · sign(g)) a float32 rounding difference in a near-zero gradient
+could flip a parameter by 2·lr on some CPU. In float64 the equivalence checks
+hold to 1e-10 on any machine.
 """
 
 import math
@@ -22,6 +28,16 @@ from hysac_jax.models import hysac as hysac_lib
 
 BATCH = 8
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+F64_TOL = 1e-10
+# The train step reports its metrics as float32: two float64 values that
+# agree to F64_TOL may still round to neighbouring float32 numbers.
+METRIC_TOL = 2.0**-23
+
+
+@pytest.fixture(scope="module", autouse=True)
+def float64():
+  with jax.enable_x64(True):
+    yield
 
 
 def tiny_config(**loss_and_optim):
@@ -64,15 +80,19 @@ def params():
   rng = np.random.default_rng(1)
   flat_params = traverse_util.flatten_dict(jax.device_get(params))
   for k, v in flat_params.items():
+    flat_params[k] = np.asarray(v, np.float64)
     if k[-1] == "lora_B":
-      flat_params[k] = (0.05 * rng.normal(size=v.shape)).astype(np.float32)
+      flat_params[k] = 0.05 * rng.normal(size=v.shape)
   return traverse_util.unflatten_dict(flat_params)
 
 
 def _run(config, mesh, params, batch):
-  """(initial state copy, new state, metrics, compiled step) of one step."""
+  """(initial state copy, new state, metrics, compiled step) of one step,
+  float64 towers."""
+  model = train_lib.model_from_config(config).clone(dtype=jnp.float64)
   state = train_lib.create_train_state(config, jax.random.key(2),
-                                       init_params=params, mesh=mesh)
+                                       init_params=params, mesh=mesh,
+                                       model=model)
   pristine = copy_state(state)
   step = train_lib.make_train_step(config, mesh, FAST_COMPILE)
   new_state, metrics = step(state, train_lib.shard_batch(batch, mesh),
@@ -192,10 +212,10 @@ def test_four_devices_match_one_device_with_global_negatives(global_runs):
   _, four, m4, _ = global_runs[4]
   assert_trees_close(train_lib.trainable_params(one.params),
                      train_lib.trainable_params(four.params),
-                     rtol=1e-5, atol=1e-5)
+                     rtol=F64_TOL, atol=F64_TOL)
   for name in m1:
-    np.testing.assert_allclose(m1[name], m4[name], rtol=1e-5, atol=1e-6,
-                               err_msg=name)
+    np.testing.assert_allclose(m1[name], m4[name], rtol=METRIC_TOL,
+                               atol=F64_TOL, err_msg=name)
   # The step really moved every LoRA matrix (a head scalar may stay on its
   # bound: the initial logit scale sits on its lower bound).
   before = flat(train_lib.trainable_params(global_runs[4][0].params))
@@ -228,9 +248,10 @@ def test_accumulated_micro_batches_equal_a_larger_mesh_with_local_negatives(
   _, one, m1, _ = local_runs[1]
   assert_trees_close(train_lib.trainable_params(one.params),
                      train_lib.trainable_params(four.params),
-                     rtol=1e-5, atol=1e-5)
+                     rtol=F64_TOL, atol=F64_TOL)
   for name in ("loss", "contrastive_safe", "entail_d", "grad_norm"):
-    np.testing.assert_allclose(m1[name], m4[name], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(m1[name], m4[name], rtol=METRIC_TOL,
+                               err_msg=name)
 
 
 def test_huge_learning_rate_keeps_head_in_range_and_frozen_bit_identical(
@@ -253,8 +274,8 @@ def test_huge_learning_rate_keeps_head_in_range_and_frozen_bit_identical(
   bounds = hysac_lib.head_bounds(1.0)
   at_bound = 0
   for name, (low, high) in bounds.items():
-    value = after[(name,)]  # float32, compared with float32 bounds
-    low, high = np.float32(low), np.float32(high)
+    value = after[(name,)]  # float64 here, compared with float64 bounds
+    low, high = np.float64(low), np.float64(high)
     assert low <= value <= high, (name, value)
     at_bound += value in (low, high)
   assert at_bound >= 2, {n: after[(n,)] for n in bounds}
@@ -274,18 +295,19 @@ def test_eval_step_embeds_like_the_model_and_reports_the_train_loss(
       pristine, train_lib.shard_batch(batch, mesh))
   # Without dropout the train step's (pre-update) loss is the eval loss.
   for name in ("loss", "contrastive_cross_b", "entail_safe", "dist0_G"):
-    np.testing.assert_allclose(metrics[name], train_metrics[name], rtol=1e-5,
-                               err_msg=name)
+    np.testing.assert_allclose(metrics[name], train_metrics[name],
+                               rtol=METRIC_TOL, err_msg=name)
   params = jax.device_get(pristine.params)
   model = pristine.model
   direct = model.apply({"params": params}, batch["unsafe_image"][:3],
                        method=model.encode_image)
-  np.testing.assert_allclose(emb["G"][:3], direct, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(emb["G"][:3], direct, rtol=F64_TOL,
+                             atol=F64_TOL)
   # The eval step's points sit where the head scalars say.
   curv = hysac_lib.head_scalars(params)["curv"]
   np.testing.assert_allclose(float(metrics["dist0_S"]),
                              float(jnp.mean(lorentz.dist0(emb["S"], curv))),
-                             rtol=1e-5)
+                             rtol=F64_TOL)
 
 
 def test_batch_errors_name_the_problem(global_runs):
