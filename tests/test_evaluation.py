@@ -35,12 +35,29 @@ def np_scores(q, p, c, mode):
   return q @ p.T
 
 
+# Our scores are float32 (relative error ~1e-7), the reference float64. Ranks
+# agree on any CPU only where no two scores that decide a rank are closer than
+# rounding: every fixture is checked to keep such gaps above this (relative to
+# the largest score), or to have exact ties (lattice points).
+SEPARATION = 1e-5
+
+
+def assert_separated(row, index):
+  """No score of `row` lies within SEPARATION of row[index] unless equal."""
+  gaps = np.abs(row - row[index])
+  gaps = gaps[gaps > 0]
+  assert gaps.size == 0 or gaps.min() > SEPARATION * np.abs(row).max(), (
+      "fixture has a near-tie that float32 rounding could reorder")
+
+
 def np_ranks(q, p, c, positives, mode):
   """Position of each positive in a stable descending sort; top-1 index."""
   scores = np_scores(q, p, c, mode)
   ranks, top1 = [], []
   for i in range(len(q)):
     order = list(np.argsort(-scores[i], kind="stable"))
+    assert_separated(scores[i], positives[i])
+    assert_separated(scores[i], order[0])
     ranks.append(order.index(positives[i]))
     top1.append(order[0])
   return np.array(ranks), np.array(top1)

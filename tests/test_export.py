@@ -117,6 +117,7 @@ def exported(live, tmp_path_factory):
 # ------------------------------------------------------------------- hf ---
 
 
+@pytest.mark.slow
 def test_hf_export_gives_torch_clip_the_features_of_our_towers(live,
                                                                exported):
   model, params = live
@@ -140,6 +141,7 @@ def test_hf_export_gives_torch_clip_the_features_of_our_towers(live,
   assert math.isclose(hf.logit_scale.exp().item(), 20.0, rel_tol=1e-6)
 
 
+@pytest.mark.slow
 def test_hf_head_applied_to_torch_features_gives_our_points(live, exported):
   model, params = live
   _, dirs, bounds = exported
@@ -169,6 +171,7 @@ def test_hf_head_applied_to_torch_features_gives_our_points(live, exported):
   assert_close(export.apply_head(i.numpy(), head, "image"), image, "image")
 
 
+@pytest.mark.slow
 def test_hf_export_round_trips_through_convert(live, exported):
   model, params = live
   _, dirs, bounds = exported
@@ -200,6 +203,7 @@ def test_apply_head_in_euc_mode_normalises():
 # ---------------------------------------------------------------- orbax ---
 
 
+@pytest.mark.slow
 def test_orbax_export_holds_merged_params_and_gives_the_same_points(
     live, exported):
   model, params = live
@@ -221,6 +225,7 @@ def test_orbax_export_holds_merged_params_and_gives_the_same_points(
 # ------------------------------------------------------------ stablehlo ---
 
 
+@pytest.mark.slow
 def test_stablehlo_functions_match_the_live_model_at_batch_1_and_7(
     live, exported):
   model, params = live
@@ -251,6 +256,7 @@ def test_stablehlo_functions_match_the_live_model_at_batch_1_and_7(
   assert 0 < unsafe.sum() < len(unsafe)
 
 
+@pytest.mark.slow
 def test_load_exported_reads_every_format(exported):
   _, dirs, _ = exported
   kinds = {f: export.load_exported(dirs[f]).kind for f in export.FORMATS}
@@ -260,6 +266,7 @@ def test_load_exported_reads_every_format(exported):
 # ----------------------------------------------------------- run dirs ---
 
 
+@pytest.mark.slow
 def test_export_of_a_training_run_uses_its_checkpoint_and_bounds(tmp_path):
   """A run directory as the trainer leaves it: config.json, a best_recall
   checkpoint of the trainable params only, and bounds.json."""
@@ -308,6 +315,7 @@ def test_model_dir_of_the_wrong_kind_is_refused_by_name(tmp_path, capsys,
   assert message in err and str(path) in err
 
 
+@pytest.mark.slow
 def test_exporting_an_export_is_refused(exported, capsys, tmp_path):
   _, dirs, _ = exported
   assert export.main(["--model", str(dirs["orbax"]), "--out", str(tmp_path),

@@ -185,6 +185,7 @@ def pod_and_reference(data_dir, tmp_path_factory):
 # ------------------------------------------------------------ pod training ---
 
 
+@pytest.mark.slow
 def test_pod_params_equal_a_single_process_run_on_the_same_global_batches(
     pod_and_reference):
   r = pod_and_reference
@@ -202,6 +203,7 @@ def test_pod_params_equal_a_single_process_run_on_the_same_global_batches(
   assert moved > 1e-4
 
 
+@pytest.mark.slow
 def test_pod_metrics_are_global_and_logged_once_by_process_zero(
     pod_and_reference):
   r = pod_and_reference
@@ -224,6 +226,7 @@ def test_pod_metrics_are_global_and_logged_once_by_process_zero(
     assert text not in out1, text
 
 
+@pytest.mark.slow
 def test_pod_validation_counts_every_example_once(pod_and_reference):
   # 40 validation examples padded to a global batch of 64 across two
   # processes: the recall sum and bounds see each example exactly once,
@@ -253,6 +256,7 @@ def _mid_run_copy(pod, dest):
   return dest
 
 
+@pytest.mark.slow
 def test_pod_checkpoint_resumes_on_one_process_with_four_devices(
     pod_and_reference, tmp_path):
   r = pod_and_reference
@@ -264,6 +268,7 @@ def test_pod_checkpoint_resumes_on_one_process_with_four_devices(
   assert_trees_close(resumed_final, pod_final, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pod_checkpoint_resumes_on_one_process_with_one_device(
     pod_and_reference, tmp_path):
   # One device keeps the global batch of 32 with 32 rows per device.
@@ -295,6 +300,7 @@ def _initialize_cmd(address, process_id, timeout_s):
   return [sys.executable, "-c", code]
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_in_bounded_time_with_a_clear_message(
     tmp_path):
   address = f"127.0.0.1:{free_port()}"  # nobody listens there

@@ -115,6 +115,7 @@ def test_early_stopping_follows_the_release_rule():
   assert again == stop
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_training_when_validation_loss_rises(
     data_dir, tmp_path, monkeypatch):
   calls = []
@@ -140,6 +141,7 @@ def test_early_stopping_ends_training_when_validation_loss_rises(
 # ------------------------------------------------------------ failures ---
 
 
+@pytest.mark.slow
 def test_nan_in_a_batch_stops_training_without_saving_it(
     data_dir, tmp_path, monkeypatch):
   def poison_fourth(count, next_batch):
@@ -159,6 +161,7 @@ def test_nan_in_a_batch_stops_training_without_saving_it(
     assert np.isfinite(np.asarray(leaf, np.float64)).all()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path,
                                               monkeypatch):
   def preempt_at_third(count, next_batch):
@@ -175,6 +178,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path,
 # ------------------------------------------------------- resume (kill) ---
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_bitwise_equal_params(
     data_dir, tmp_path):
   env = run_env()
@@ -213,6 +217,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bitwise_equal_params(
 # ------------------------------------------------------ run directory ---
 
 
+@pytest.mark.slow
 def test_finished_run_writes_logs_checkpoints_and_bounds(finished_run):
   workdir, summary = finished_run
   assert summary["steps"] == 8 and not summary["stopped_early"]
@@ -229,6 +234,7 @@ def test_finished_run_writes_logs_checkpoints_and_bounds(finished_run):
     assert group["low_05"] <= group["avg"] <= group["up_95"]
 
 
+@pytest.mark.slow
 def test_eval_writes_every_report_file(finished_run, data_dir):
   workdir, _ = finished_run
   report, out_dir = evaluate_run.run(workdir=str(workdir), split="test")
