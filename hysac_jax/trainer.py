@@ -517,11 +517,16 @@ def restore_for_eval(config, workdir, kind=ckpt_lib.BEST_RECALL):
   state = train_lib.create_train_state(config, init_key,
                                        initial_params(config), mesh=mesh,
                                        model=model)
-  checkpoints = ckpt_lib.RunCheckpoints(workdir, config.train.keep_last)
-  if checkpoints.latest_step(kind) is None:
-    kind = ckpt_lib.LAST
-  restored = checkpoints.restore(checkpoint_tree(state, step_key), kind=kind)
-  checkpoints.close()
+  # Read-only: evaluating or exporting a run creates nothing in it.
+  checkpoints = ckpt_lib.RunCheckpoints(workdir, config.train.keep_last,
+                                        read_only=True)
+  try:
+    if checkpoints.latest_step(kind) is None:
+      kind = ckpt_lib.LAST
+    restored = checkpoints.restore(checkpoint_tree(state, step_key),
+                                   kind=kind)
+  finally:
+    checkpoints.close()
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir} (looked in "
                             f"{ckpt_lib.BEST_RECALL}/ and {ckpt_lib.LAST}/)")
