@@ -87,7 +87,14 @@ def absl_flags_parser(prog):
   def parse(argv):
     from absl import flags  # pylint: disable=g-import-not-at-top
     try:
-      return flags.FLAGS(argv)
+      remaining = flags.FLAGS(argv)
+      for name in list(flags.FLAGS):
+        flag = flags.FLAGS[name]
+        if type(flag).__module__.startswith("ml_collections"):
+          # A config file that failed to load gives a placeholder that
+          # raises on first use: make that happen here, not inside main.
+          getattr(flag.value, "keys", None)
+      return remaining
     except flags.Error as e:  # unknown flag, bad value: absl's own message
       sys.exit(fail(prog, e, EXIT_USAGE))
     except Exception as e:  # pylint: disable=broad-except
