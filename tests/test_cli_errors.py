@@ -176,3 +176,122 @@ def test_eval_predict_and_export_flag_the_same_items_with_the_runs_alpha(
   overridden = verdicts(out / "orbax", "--traversal-alpha", "0.8")
   assert all(r["alpha"] == 0.8 for r in overridden)
   assert [r["unsafe"] for r in overridden] != [r["unsafe"] for r in from_run]
+
+
+# --------------------------------------------- one-line errors: eval.py ---
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,exit_code,message", [
+    (["--config.model.modee=hyp"], 2,
+     "--config.model.modee: unknown config field 'modee'; Did you mean"),
+    (["--split=nonsense"], 2, "--split"),
+    (["--config=/no/such/config.py"], 2,
+     "config file not found: /no/such/config.py"),
+])
+def test_eval_bad_flags_give_one_line_before_any_work(run_dir, tmp_path,
+                                                      flags, exit_code,
+                                                      message):
+  data_dir = tmp_path / "tfds"
+  base = ["--workdir", run_dir,
+          f"--config={ROOT / 'configs' / 'tiny.py'}",
+          f"--config.data.data_dir={data_dir}"]
+  if any(f.startswith("--config=") for f in flags):
+    base = base[:2]
+  out = cli_run(ROOT / "eval.py", *base, *flags)
+  assert out.returncode == exit_code, out.stderr[-3000:]
+  assert message in one_error_line(out, "eval.py")
+  assert not data_dir.exists()  # nothing built or embedded
+
+
+@pytest.mark.slow
+def test_eval_of_a_corrupt_bounds_file_fails_before_embedding(tmp_path):
+  data_dir = tmp_path / "tfds"
+  run = tmp_path / "run"
+  make_run(run, data_dir)
+  (run / "bounds.json").write_text('{"S": {"avg": 1.0, "up_')
+  out = cli_run(ROOT / "eval.py", "--workdir", run)
+  assert out.returncode == 1
+  line = one_error_line(out, "eval.py")
+  assert f"bounds file is not valid JSON: {run / 'bounds.json'}" in line
+  assert not data_dir.exists()
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_without_checkpoints_creates_nothing(tmp_path):
+  run = tmp_path / "run"
+  trainer.save_config(small_config(tmp_path / "tfds"), run)
+  out = cli_run(ROOT / "eval.py", "--workdir", run)
+  assert out.returncode == 1
+  assert "no checkpoint in" in one_error_line(out, "eval.py")
+  assert sorted(os.listdir(run)) == ["config.json"]
+
+
+def corrupt_copy(run_dir, tmp_path):
+  """A copy of the run with its largest checkpoint file truncated."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  bad = tmp_path / "bad_run"
+  shutil.copytree(run_dir, bad)
+  files = [p for p in (bad / "best_recall" / "4" / "state").rglob("*")
+           if p.is_file()]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  with open(largest, "r+b") as f:
+    f.truncate(1000)
+  return bad
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_gives_one_line_naming_the_step(run_dir, tmp_path,
+                                                           capsys):
+  bad = corrupt_copy(run_dir, tmp_path)
+  step_dir = str(bad / "best_recall" / "4")
+  out = cli_run(ROOT / "eval.py", "--workdir", bad)
+  assert out.returncode == 1
+  assert f"checkpoint {step_dir} cannot be restored: " in one_error_line(
+      out, "eval.py")
+
+  capsys.readouterr()
+  assert export.main(["--model", str(bad), "--out", str(tmp_path / "o"),
+                      "--format", "hf"]) == 1
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith("python -m hysac_jax.export: error: checkpoint "
+                         f"{step_dir} cannot be restored")
+  assert predict.main(["--model", str(bad), "--text", "a cat"]) == 1
+  captured = capsys.readouterr()
+  (line,) = captured.err.splitlines()
+  assert line.startswith("python -m hysac_jax.predict: error: checkpoint "
+                         f"{step_dir} cannot be restored")
+  assert json.loads(captured.out)["model"] == str(bad)
+
+
+def test_eval_with_a_missing_visu_manual_dir_names_it(run_dir, tmp_path):
+  config = small_config(tmp_path / "tfds")
+  config.data.name = "visu"
+  config.data.manual_dir = str(tmp_path / "no_visu_here")
+  with pytest.raises(FileNotFoundError,
+                     match=f"manual_dir {tmp_path / 'no_visu_here'} does "
+                           "not exist"):
+    evaluate_run.run(config=config, workdir=str(run_dir),
+                     out_dir=str(tmp_path / "eval"))
+  assert not (tmp_path / "tfds").exists()
+
+
+# ----------------------------------- one-line errors: export and convert ---
+
+
+def test_export_and_convert_out_that_is_a_file(run_dir, tmp_path, capsys):
+  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "out.txt"
+  out.write_text("not a directory")
+  capsys.readouterr()
+  assert export.main(["--model", str(run_dir), "--out", str(out),
+                      "--format", "orbax"]) == cli.EXIT_ERROR
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line == (f"python -m hysac_jax.export: error: --out {out} is a "
+                  "file, not a directory")
+  assert convert.main(["--clip", str(tmp_path), "--out",
+                       str(out)]) == cli.EXIT_ERROR
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line == (f"python -m hysac_jax.convert: error: --out {out} is a "
+                  "file, not a directory")
+  assert out.read_text() == "not a directory"
