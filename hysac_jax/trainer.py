@@ -71,6 +71,12 @@ def check_config(config):
     bad("data.manual_dir", d.manual_dir,
         "the directory holding the ViSU JSON files, coco/ and the unsafe "
         "images (see README, 'Train HySAC on ViSU')")
+  if d.name == "synthetic_visu":
+    sizes = d.get("synthetic_sizes", (4096, 512, 1024))
+    if (not isinstance(sizes, (tuple, list)) or len(sizes) != 3
+        or not all(isinstance(n, int) and n > 0 for n in sizes)):
+      bad("data.synthetic_sizes", sizes,
+          "three positive sizes (train, validation, test)")
   for field in ("batch_size_per_device", "eval_batch_size_per_device"):
     if d[field] < 1:
       bad(f"data.{field}", d[field], "a positive batch size")
