@@ -15,6 +15,7 @@ leaves a checkpoint that looks finished.
 
 import math
 import os
+import sys
 
 import jax
 import numpy as np
@@ -45,6 +46,45 @@ def _manager(directory, max_to_keep, read_only=False):
       enable_async_checkpointing=False,
       cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(directory, options=options)
+
+
+def _is_closed_loop_error(exc_type, exc):
+  return (exc_type is RuntimeError and str(exc) == "Event loop is closed")
+
+
+def silence_closed_loop_errors():
+  """Drops the "Event loop is closed" tracebacks of a failed Orbax restore.
+
+  When one read of a restore fails, Orbax closes its asyncio loop while
+  TensorStore still completes the other reads; each completion then calls
+  `loop.call_soon_threadsafe` on the closed loop from a TensorStore thread,
+  which prints a traceback (dozens of them, after the real error). Called
+  once a restore has failed, this filters exactly that RuntimeError from
+  the hooks those threads report through; any other error still prints.
+  """
+  import threading  # pylint: disable=g-import-not-at-top
+  if getattr(sys.excepthook, "_hysac_quiet", False):
+    return
+  previous_excepthook = sys.excepthook
+  previous_threading = threading.excepthook
+  previous_unraisable = sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _is_closed_loop_error(exc_type, exc):
+      previous_excepthook(exc_type, exc, tb)
+
+  def threading_hook(args):
+    if not _is_closed_loop_error(args.exc_type, args.exc_value):
+      previous_threading(args)
+
+  def unraisable_hook(args):
+    if not _is_closed_loop_error(args.exc_type, args.exc_value):
+      previous_unraisable(args)
+
+  excepthook._hysac_quiet = True  # pylint: disable=protected-access
+  sys.excepthook = excepthook
+  threading.excepthook = threading_hook
+  sys.unraisablehook = unraisable_hook
 
 
 def root_cause(error):
@@ -139,6 +179,7 @@ class RunCheckpoints:
     except Exception as e:  # pylint: disable=broad-except
       # Orbax raises plain `Exception`s (TensorStore read errors, missing
       # metadata, JSON errors) for a damaged step; name the step instead.
+      silence_closed_loop_errors()
       path = os.path.join(self.workdir, kind, str(step))
       raise CorruptCheckpointError(path, step, kind, root_cause(e)) from e
     return restored.state, restored.data, restored.meta

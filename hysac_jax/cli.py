@@ -96,7 +96,11 @@ def absl_flags_parser(prog):
           getattr(flag.value, "keys", None)
       return remaining
     except flags.Error as e:  # unknown flag, bad value: absl's own message
-      sys.exit(fail(prog, e, EXIT_USAGE))
+      message = str(e)
+      if "Unknown command line flag 'config." in message and not any(
+          a.startswith("--config=") or a == "--config" for a in argv[1:]):
+        message += " (a --config.FIELD override needs --config FILE)"
+      sys.exit(fail(prog, message, EXIT_USAGE))
     except Exception as e:  # pylint: disable=broad-except
       # Raised by config_flags while loading or overriding a config.
       sys.exit(fail(prog, _config_flag_message(e, argv), EXIT_USAGE))

@@ -638,6 +638,7 @@ def load_orbax(directory):
   except Exception as e:  # pylint: disable=broad-except
     # Orbax raises plain Exceptions for missing or damaged files.
     from hysac_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    ckpt_lib.silence_closed_loop_errors()
     raise ModelDirError(f"orbax export {params_dir} cannot be restored: "
                         f"{ckpt_lib.root_cause(e)}") from e
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
@@ -666,8 +667,16 @@ def load_stablehlo(directory):
       raise ModelDirError(f"stablehlo export incomplete: {path} is missing")
     with open(path, "rb") as f:
       functions[name] = jax_export.deserialize(bytearray(f.read()))
-  params = traverse_util.unflatten_dict(
-      load_file(os.path.join(directory, STABLEHLO_PARAMS_FILE)), sep="/")
+  params_file = os.path.join(directory, STABLEHLO_PARAMS_FILE)
+  try:
+    params = traverse_util.unflatten_dict(load_file(params_file), sep="/")
+  except FileNotFoundError:
+    raise ModelDirError(f"stablehlo export incomplete: {params_file} is "
+                        "missing") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # SafetensorError (a truncated file) is no OSError or ValueError.
+    raise ModelDirError(f"{params_file} is not a readable safetensors file: "
+                        f"{e}") from e
   clip = head["clip"]
   return StableHLOModel(head, head.get("bounds"),
                         clip["vision"]["image_size"],

@@ -176,6 +176,9 @@ def load_pool(path, model):
   if not os.path.isfile(path):
     raise PoolError(f"pool file not found: {path}")
   if path.endswith(".npz"):
+    if not zipfile.is_zipfile(path):
+      raise PoolError(f"pool {path} is not a readable .npz: not a zip "
+                      "archive (truncated, or not written by np.savez)")
     try:
       with np.load(path, allow_pickle=False) as z:
         missing = [k for k in ("embeddings", "labels", "modality")
