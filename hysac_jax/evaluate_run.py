@@ -76,6 +76,7 @@ def run(config=None, workdir=None, model_dir=None, split="test",
   if config is None:
     raise ValueError("--model needs --config for the dataset to evaluate")
   trainer.check_config(config)
+  pipeline.check_data(config.data)
   if workdir is not None:
     workdir = source
     state, mesh, eval_step = trainer.restore_for_eval(config, workdir,

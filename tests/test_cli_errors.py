@@ -264,7 +264,12 @@ def test_corrupt_checkpoint_gives_one_line_naming_the_step(run_dir, tmp_path,
   assert json.loads(captured.out)["model"] == str(bad)
 
 
-def test_eval_with_a_missing_visu_manual_dir_names_it(run_dir, tmp_path):
+def test_eval_with_a_missing_visu_manual_dir_names_it_first(run_dir, tmp_path,
+                                                            monkeypatch):
+  def restore(*args, **kwargs):
+    raise AssertionError("restored before checking the data")
+
+  monkeypatch.setattr(trainer, "restore_for_eval", restore)
   config = small_config(tmp_path / "tfds")
   config.data.name = "visu"
   config.data.manual_dir = str(tmp_path / "no_visu_here")

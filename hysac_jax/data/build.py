@@ -126,6 +126,14 @@ def _check_manual_dir(builder, manual_dir):
                             f"manual_dir of dataset {builder.name!r})")
 
 
+def check_buildable(name, data_dir, manual_dir=None, **builder_kwargs):
+  """Raises what `build_dataset` would raise for a missing manual_dir, in
+  milliseconds and without creating anything: for early checks."""
+  builder = get_builder(name, data_dir, **builder_kwargs)
+  if not builder.is_prepared():
+    _check_manual_dir(builder, manual_dir)
+
+
 def build_dataset(name, data_dir, manual_dir=None, **builder_kwargs):
   """Builds the dataset if it is not complete yet; returns the builder.
 
