@@ -120,8 +120,11 @@ def load_run_config(workdir):
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a training "
                             "run directory? (pass --config as well)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 # ---------------------------------------------------------- early stop ---

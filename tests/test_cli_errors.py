@@ -217,6 +217,13 @@ def test_eval_of_a_corrupt_bounds_file_fails_before_embedding(tmp_path):
   assert not data_dir.exists()
 
 
+def test_eval_of_a_corrupt_run_config_names_it(tmp_path):
+  (tmp_path / "config.json").write_text('{"model": {')
+  with pytest.raises(ValueError,
+                     match=f"{tmp_path / 'config.json'} is not valid JSON"):
+    evaluate_run.run(workdir=str(tmp_path))
+
+
 @pytest.mark.slow
 def test_eval_of_a_run_without_checkpoints_creates_nothing(tmp_path):
   run = tmp_path / "run"
