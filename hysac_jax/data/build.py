@@ -107,31 +107,33 @@ def build_lock(builder):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _check_manual_dir(builder, manual_dir):
+def _check_manual_dir(name, manual_dir):
   """A builder that reads the user's files needs an existing manual_dir.
 
   Checked before TFDS runs: TFDS would first create `downloads/` and the
   dataset directory, then fail with an AssertionError.
   """
-  if not getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+  if not getattr(_builder_class(name), "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
     return
   if not manual_dir:
-    raise FileNotFoundError(f"dataset {builder.name!r} needs manual_dir "
+    raise FileNotFoundError(f"dataset {name!r} needs manual_dir "
                             "(config.data.manual_dir): the directory of the "
                             "user's files")
   path = os.path.expanduser(os.fspath(manual_dir))
   if not os.path.isdir(path):
     what = "is a file" if os.path.exists(path) else "does not exist"
     raise FileNotFoundError(f"manual_dir {path} {what} (config.data."
-                            f"manual_dir of dataset {builder.name!r})")
+                            f"manual_dir of dataset {name!r})")
 
 
 def check_buildable(name, data_dir, manual_dir=None, **builder_kwargs):
   """Raises what `build_dataset` would raise for a missing manual_dir, in
   milliseconds and without creating anything: for early checks."""
-  builder = get_builder(name, data_dir, **builder_kwargs)
-  if not builder.is_prepared():
-    _check_manual_dir(builder, manual_dir)
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  if os.path.isdir(os.path.join(data_dir, name)):  # else TFDS logs warnings
+    if get_builder(name, data_dir, **builder_kwargs).is_prepared():
+      return
+  _check_manual_dir(name, manual_dir)
 
 
 def build_dataset(name, data_dir, manual_dir=None, **builder_kwargs):
@@ -153,7 +155,7 @@ def build_dataset(name, data_dir, manual_dir=None, **builder_kwargs):
   builder = get_builder(name, data_dir, **builder_kwargs)
   if builder.is_prepared():
     return builder
-  _check_manual_dir(builder, manual_dir)
+  _check_manual_dir(name, manual_dir)
   with build_lock(builder):
     # Another build may have finished while this one waited for the lock.
     builder = get_builder(name, data_dir, **builder_kwargs)
