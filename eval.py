@@ -7,15 +7,25 @@
 Prints the report and writes WORKDIR/eval/<split>/ (report.json, report.md,
 distance histograms, Poincaré-disk view, ROC curves). Bounds come from the
 run's bounds.json (validation split) when there is one.
+
+Exit codes (hysac_jax/cli.py): 0 success; 1 an expected failure, in one line
+`eval.py: error: ...` (a run without checkpoints, a corrupt checkpoint or
+bounds.json, a bad config field, a missing manual_dir); 2 bad flags (an
+unknown flag or config field, a missing --config file, --split nonsense).
+Nothing is written into the run directory except eval/.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from hysac_jax import cli
+
+PROG = "eval.py"
+SPLITS = ("train", "validation", "test")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file; default: the run's saved config.json.",
@@ -24,7 +34,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A training run directory.")
 _MODEL = flags.DEFINE_string(
     "model", None, "A converted HySAC directory (python -m hysac_jax.convert)"
     " instead of a training run; needs --config for the data.")
-_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
+_SPLIT = flags.DEFINE_enum("split", "test", SPLITS, "Split to evaluate.")
 _CHECKPOINT = flags.DEFINE_enum(
     "checkpoint", "best_recall", ["best_recall", "best_loss", "checkpoints"],
     "Which checkpoint of a run: best by recall sum, best by validation loss,"
@@ -38,10 +48,12 @@ _OUT = flags.DEFINE_string("out", None,
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    return cli.fail(PROG, f"unexpected arguments: {argv[1:]}",
+                    cli.EXIT_USAGE)
   logging.set_verbosity(logging.WARNING)
   if bool(_WORKDIR.value) == bool(_MODEL.value):
-    raise app.UsageError("give exactly one of --workdir or --model")
+    return cli.fail(PROG, "give exactly one of --workdir or --model",
+                    cli.EXIT_USAGE)
   from hysac_jax import distributed
   from hysac_jax import evaluate_run
   try:
@@ -50,9 +62,10 @@ def main(argv):
         config=_CONFIG.value, workdir=_WORKDIR.value, model_dir=_MODEL.value,
         split=_SPLIT.value, checkpoint=_CHECKPOINT.value, out_dir=_OUT.value,
         traversal_alpha=_ALPHA.value)
-  except (ValueError, FileNotFoundError, ConnectionError) as e:
-    print(f"eval.py: error: {e}", file=sys.stderr)
-    return 1
+  except (ValueError, OSError, ConnectionError) as e:
+    # ValueError: bad config values, corrupt checkpoints (CorruptCheckpoint-
+    # Error), bounds and model directories; OSError: missing files.
+    return cli.fail(PROG, e)
   from hysac_jax import evaluation
   print(evaluation.format_console(report))
   print(f"report written to {os.path.abspath(out_dir)}")
@@ -60,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser(PROG))

@@ -15,6 +15,7 @@ leaves a checkpoint that looks finished.
 
 import math
 import os
+import sys
 
 import jax
 import numpy as np
@@ -23,12 +24,86 @@ import orbax.checkpoint as ocp
 LAST, BEST_LOSS, BEST_RECALL = "checkpoints", "best_loss", "best_recall"
 
 
-def _manager(directory, max_to_keep):
+class CorruptCheckpointError(ValueError):
+  """A checkpoint step that Orbax cannot read (truncated or damaged files).
+
+  Attributes:
+    path: the step directory, e.g. RUN/best_recall/384.
+    step: the step.
+    kind: LAST, BEST_LOSS or BEST_RECALL.
+  """
+
+  def __init__(self, path, step, kind, cause):
+    super().__init__(f"checkpoint {path} cannot be restored: {cause}")
+    self.path, self.step, self.kind = path, step, kind
+
+
+def _manager(directory, max_to_keep, read_only=False):
+  # Read-only: no directory is created and no temporary one is cleaned up,
+  # so evaluating or exporting a run leaves it as it was.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True,
+      max_to_keep=max_to_keep, create=not read_only,
       enable_async_checkpointing=False,
-      cleanup_tmp_directories=True)
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(directory, options=options)
+
+
+def _is_closed_loop_error(exc_type, exc):
+  return (exc_type is RuntimeError and str(exc) == "Event loop is closed")
+
+
+def silence_closed_loop_errors():
+  """Drops the "Event loop is closed" tracebacks of a failed Orbax restore.
+
+  When one read of a restore fails, Orbax closes its asyncio loop while
+  TensorStore still completes the other reads; each completion then calls
+  `loop.call_soon_threadsafe` on the closed loop from a TensorStore thread,
+  which prints a traceback (dozens of them, after the real error). Called
+  once a restore has failed, this filters exactly that RuntimeError from
+  the hooks those threads report through; any other error still prints.
+  """
+  import threading  # pylint: disable=g-import-not-at-top
+  if getattr(sys.excepthook, "_hysac_quiet", False):
+    return
+  previous_excepthook = sys.excepthook
+  previous_threading = threading.excepthook
+  previous_unraisable = sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _is_closed_loop_error(exc_type, exc):
+      previous_excepthook(exc_type, exc, tb)
+
+  def threading_hook(args):
+    if not _is_closed_loop_error(args.exc_type, args.exc_value):
+      previous_threading(args)
+
+  def unraisable_hook(args):
+    if not _is_closed_loop_error(args.exc_type, args.exc_value):
+      previous_unraisable(args)
+
+  excepthook._hysac_quiet = True  # pylint: disable=protected-access
+  sys.excepthook = excepthook
+  threading.excepthook = threading_hook
+  sys.unraisablehook = unraisable_hook
+
+
+def root_cause(error):
+  """The innermost exception of a chain, as one short line.
+
+  Orbax wraps a TensorStore error (e.g. "OUT_OF_RANGE: ... byte range")
+  in a generic `Exception` whose message is a page of TensorStore spec.
+  """
+  seen = set()
+  while id(error) not in seen:
+    seen.add(id(error))
+    inner = error.__cause__ or error.__context__
+    if inner is None:
+      break
+    error = inner
+  line = " ".join(str(error).split())
+  if len(line) > 400:
+    line = line[:400] + " ..."
+  return f"{type(error).__name__}: {line}"
 
 
 def _check_finite(tree, what):
@@ -50,13 +125,19 @@ def _check_finite(tree, what):
 class RunCheckpoints:
   """The last-N and best-by-metric checkpoints of one run directory."""
 
-  def __init__(self, workdir, keep_last=2):
+  def __init__(self, workdir, keep_last=2, read_only=False):
+    """Opens (and, unless `read_only`, creates) the three managers.
+
+    `read_only=True` is for evaluation and export: nothing is created or
+    cleaned up in `workdir`; `save` must not be called.
+    """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     self.workdir = workdir
     self.managers = {
-        LAST: _manager(os.path.join(workdir, LAST), keep_last),
-        BEST_LOSS: _manager(os.path.join(workdir, BEST_LOSS), 1),
-        BEST_RECALL: _manager(os.path.join(workdir, BEST_RECALL), 1),
+        LAST: _manager(os.path.join(workdir, LAST), keep_last, read_only),
+        BEST_LOSS: _manager(os.path.join(workdir, BEST_LOSS), 1, read_only),
+        BEST_RECALL: _manager(os.path.join(workdir, BEST_RECALL), 1,
+                              read_only),
     }
 
   def save(self, step, state, data_state, meta, kind=LAST):
@@ -90,10 +171,17 @@ class RunCheckpoints:
       return None
     abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                   abstract_state)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax raises plain `Exception`s (TensorStore read errors, missing
+      # metadata, JSON errors) for a damaged step; name the step instead.
+      silence_closed_loop_errors()
+      path = os.path.join(self.workdir, kind, str(step))
+      raise CorruptCheckpointError(path, step, kind, root_cause(e)) from e
     return restored.state, restored.data, restored.meta
 
   def close(self):

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from hysac_jax import cli
 from hysac_jax.models.clip import (CLIPConfig, CLIPModel, LoRAConfig,
                                    TextConfig, VisionConfig, dummy_inputs)
 from hysac_jax.models.lora import LORA_A, LORA_B
@@ -606,13 +607,17 @@ def main(argv=None):
   parser.add_argument("--lora-alpha", type=float, default=1.0,
                       help="LoRA alpha of the checkpoint (release: 1)")
   args = parser.parse_args(argv)
+  out = os.path.expanduser(args.out)
+  if os.path.exists(out) and not os.path.isdir(out):
+    return cli.fail(parser.prog, f"--out {out} is a file, not a directory")
   try:
-    out = convert(args.clip, args.out, args.hysac_checkpoint,
+    out = convert(args.clip, out, args.hysac_checkpoint,
                   merge=args.merge_lora, curv_init=args.curv_init,
                   lora_alpha=args.lora_alpha)
-  except (CheckpointError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except (CheckpointError, ValueError, OSError, ImportError) as e:
+    # ValueError: a bad config.json; OSError: missing or unwritable files;
+    # ImportError: torch, needed for .pth / .bin checkpoints.
+    return cli.fail(parser.prog, e)
   with open(os.path.join(out, HEAD_FILE)) as f:
     print(f"wrote {out}: {json.load(f)['values']}")
   return 0

@@ -1,7 +1,9 @@
 """Evaluation of a training run or a converted model on a dataset split.
 
-The glue behind eval.py: restore the model, embed a split once, read the
-bounds, then hand the embeddings to `hysac_jax.evaluation`.
+The glue behind eval.py: check the inputs (split, config, bounds), restore
+the model, embed a split once, then hand the embeddings to
+`hysac_jax.evaluation`. Everything that can be checked without embedding is
+checked first, so a bad input fails in seconds, not after the embedding.
 """
 
 import os
@@ -13,6 +15,8 @@ from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import evaluation
 from hysac_jax import safety
 from hysac_jax import trainer
+
+SPLITS = ("train", "validation", "test")
 
 
 def _model_encoder(model):
@@ -58,32 +62,40 @@ def run(config=None, workdir=None, model_dir=None, split="test",
   from hysac_jax.data import pipeline
   if (workdir is None) == (model_dir is None):
     raise ValueError("give exactly one of workdir or model_dir")
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  source = os.path.abspath(os.path.expanduser(workdir or model_dir))
+  if not os.path.isdir(source):
+    what = "is a file" if os.path.exists(source) else "does not exist"
+    raise FileNotFoundError(
+        f"{'--workdir' if workdir else '--model'} {source} {what}")
+  # Checked before the (slow) restore and embedding.
+  bounds, bounds_path = _bounds_for(source)
+  if workdir is not None and config is None:
+    config = trainer.load_run_config(source)
+  if config is None:
+    raise ValueError("--model needs --config for the dataset to evaluate")
+  trainer.check_config(config)
+  pipeline.check_data(config.data)
   if workdir is not None:
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    if config is None:
-      config = trainer.load_run_config(workdir)
+    workdir = source
     state, mesh, eval_step = trainer.restore_for_eval(config, workdir,
                                                       checkpoint)
     encode = trainer.state_encoder(state, mesh, eval_step)
     curv = trainer.curvature(state, config)
     mode = config.model.mode
     image_size = state.model.clip.vision.image_size
-    source = workdir
   else:
-    if config is None:
-      raise ValueError("--model needs --config for the dataset to evaluate")
     from hysac_jax import convert
-    model = convert.load_pretrained(model_dir)
+    model = convert.load_pretrained(source)
     encode = _model_encoder(model)
     curv, mode = model.curv, model.mode
     image_size = model.config.vision.image_size
-    source = os.path.abspath(model_dir)
 
   trainer.prepare_data(config.data, image_size)
   batches = pipeline.make_dataset(config.data, split, image_size,
                                   seed=config.seed, train=False)
   emb, _ = trainer.embed_split(encode, batches, desc=f"embedding {split}")
-  bounds, bounds_path = _bounds_for(source)
   if traversal_alpha is None:
     traversal_alpha = config.get("eval", {}).get("traversal_alpha",
                                                  safety.DEFAULT_ALPHA)

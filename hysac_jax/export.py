@@ -32,10 +32,19 @@ StableHLO artifacts (`jax.export`) have a symbolic batch dimension `b`.
 with `params` the tree stored in `params.safetensors` (keys are `/`-joined
 paths). Closed-over weights would be inlined as constants: a ViT-L/14 image
 tower (1.2 GB) would approach the 2 GB limit of the serialised format and be
-copied into every compiled executable. `classify_unsafe(emb, curv, bound)`
-and `traverse_to_safe(emb, curv, bound)` take the curvature and the safe
-group's 95th-percentile distance `b` (`bounds["S" or "V"]["up_95"]`) as
-float32 scalars; `load_stablehlo` binds all of these for you.
+copied into every compiled executable. `classify_unsafe(emb, curv, bound,
+alpha)` and `traverse_to_safe(emb, curv, bound, alpha)` take the curvature,
+the safe group's 95th-percentile distance `b` (`bounds["S" or "V"]["up_95"]`)
+and the traversal alpha as float32 scalars; `load_stablehlo` binds all of
+these for you.
+
+**One alpha per model.** The threshold b' = b + tanh((b - alpha)/c) + 1
+depends on alpha. An export of a training run stores the run's
+`config.eval.traversal_alpha` (the alpha `eval.py` reports with) in
+`hysac_head.json` as `traversal_alpha`, and its `thresholds` use it; a
+converted model gets the release's 0.8. `--traversal-alpha` (export) and
+`load_model(..., traversal_alpha=)` / `predict --traversal-alpha` override
+it.
 """
 
 import argparse
@@ -49,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from hysac_jax import cli
 from hysac_jax import convert
 from hysac_jax import safety
 from hysac_jax.models import hysac as hysac_lib
@@ -57,7 +67,7 @@ from hysac_jax.models.lora import LORA_A, LORA_B, merge_lora
 
 FORMATS = ("hf", "orbax", "stablehlo")
 EXPORT_FORMAT = "hysac_jax.export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: the StableHLO safety functions take alpha
 HEAD_FILE = "hysac_head.json"
 HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"
@@ -89,6 +99,8 @@ class ExportSource:
     curv_init: c0, which sets the curvature's clamp range.
     bounds: release-shaped bounds dict (SPEC §4), or None.
     source: JSON-able description of where it came from.
+    traversal_alpha: alpha of the traversal threshold b' (the run's
+      `config.eval.traversal_alpha`; 0.8, the release's, otherwise).
   """
   config: object
   params: dict
@@ -96,6 +108,7 @@ class ExportSource:
   curv_init: float = 1.0
   bounds: dict | None = None
   source: dict = dataclasses.field(default_factory=dict)
+  traversal_alpha: float = safety.DEFAULT_ALPHA
 
 
 # --------------------------------------------------------------------------
@@ -208,8 +221,9 @@ def head_json(src, kind):
       "mode": src.mode, "curv_init": float(src.curv_init), **values,
       "stored_logs": {k: float(src.params[k]) for k in hysac_lib.HEAD_NAMES},
       "bounds": src.bounds,
-      "thresholds": thresholds(src.bounds, values["curv"]),
-      "traversal_alpha": safety.DEFAULT_ALPHA,
+      "thresholds": thresholds(src.bounds, values["curv"],
+                               src.traversal_alpha),
+      "traversal_alpha": float(src.traversal_alpha),
       "apply": how,
       "clip": dataclasses.asdict(src.config),
       "source": src.source,
@@ -289,7 +303,14 @@ def _find_bounds(directories, bounds_path):
   return None
 
 
-def load_source(model_dir, bounds_path=None, checkpoint="best_recall"):
+def run_traversal_alpha(config):
+  """A run's `config.eval.traversal_alpha` (0.8 when the config has none)."""
+  return float(config.get("eval", {}).get("traversal_alpha",
+                                          safety.DEFAULT_ALPHA))
+
+
+def load_source(model_dir, bounds_path=None, checkpoint="best_recall",
+                traversal_alpha=None):
   """Reads a training run or a converted directory for export.
 
   Args:
@@ -300,6 +321,8 @@ def load_source(model_dir, bounds_path=None, checkpoint="best_recall"):
       `hysac_bounds.json`) in the directory, else none.
     checkpoint: which checkpoint of a run: "best_recall", "best_loss" or
       "checkpoints" (the latest).
+    traversal_alpha: alpha of the threshold b'; default the run's
+      `config.eval.traversal_alpha` (0.8 for a converted model).
 
   Returns:
     `ExportSource` with LoRA merged.
@@ -316,15 +339,20 @@ def load_source(model_dir, bounds_path=None, checkpoint="best_recall"):
       params = merge_lora(params, state.model.lora)
     bounds = _find_bounds([model_dir, os.path.join(model_dir, checkpoint)],
                           bounds_path)
+    if traversal_alpha is None:
+      traversal_alpha = run_traversal_alpha(config)
     return ExportSource(state.model.clip, _numpy(params), config.model.mode,
                         float(config.model.curv_init), bounds,
-                        {"run": model_dir, "checkpoint": checkpoint})
+                        {"run": model_dir, "checkpoint": checkpoint},
+                        float(traversal_alpha))
   if kind == "converted":
     model = convert.load_pretrained(model_dir, merge=True)
     return ExportSource(model.config, _numpy(model.params), model.mode,
                         float(model.curv_init),
                         _find_bounds([model_dir], bounds_path),
-                        {"converted": model_dir})
+                        {"converted": model_dir},
+                        float(safety.DEFAULT_ALPHA if traversal_alpha is None
+                              else traversal_alpha))
   raise ModelDirError(f"{model_dir} is already an export ({kind}); export "
                       "from the training run or converted directory")
 
@@ -374,14 +402,14 @@ def export_orbax(src, out_dir):
 def _geometry_functions():
   """The exported safety functions: pure, all inputs passed in."""
 
-  def classify_unsafe(emb, curv, bound):
-    """(b, D), (), () -> ((b,) bool unsafe, (b,) float32 distance)."""
+  def classify_unsafe(emb, curv, bound, alpha):
+    """(b, D), (), (), () -> ((b,) bool unsafe, (b,) float32 distance)."""
     distance = safety.unsafe_score(emb, curv)
-    return distance > safety.safety_threshold(bound, curv), distance
+    return distance > safety.safety_threshold(bound, curv, alpha), distance
 
-  def traverse_to_safe(emb, curv, bound):
-    """(b, D), (), () -> (b, D) points moved to distance <= b' (geodesic)."""
-    return safety.traverse_to_safe(emb, curv, bound)
+  def traverse_to_safe(emb, curv, bound, alpha):
+    """(b, D), (), (), () -> (b, D) points moved to distance <= b'."""
+    return safety.traverse_to_safe(emb, curv, bound, alpha)
 
   return classify_unsafe, traverse_to_safe
 
@@ -392,8 +420,8 @@ def stablehlo_exports(src, platforms=DEFAULT_PLATFORMS):
   Returns:
     {name: Exported}: `encode_image(params, pixels (b, H, W, C) float32)`,
     `encode_text(params, ids (b, L) int32)` -> (b, D) float32 points;
-    `classify_unsafe(emb, curv, bound)`, `traverse_to_safe(emb, curv,
-    bound)` (see the module docstring).
+    `classify_unsafe(emb, curv, bound, alpha)`, `traverse_to_safe(emb,
+    curv, bound, alpha)` (see the module docstring).
   """
   from jax import export as jax_export  # pylint: disable=g-import-not-at-top
   module = hysac_lib.HySAC(src.config, None, mode=src.mode,
@@ -421,8 +449,8 @@ def stablehlo_exports(src, platforms=DEFAULT_PLATFORMS):
           jnp.float32))),
       "encode_text": (encode_text, (params_spec, spec(
           f"b, {t.max_position_embeddings}", jnp.int32))),
-      "classify_unsafe": (classify_unsafe, (emb, scalar, scalar)),
-      "traverse_to_safe": (traverse_to_safe, (emb, scalar, scalar)),
+      "classify_unsafe": (classify_unsafe, (emb, scalar, scalar, scalar)),
+      "traverse_to_safe": (traverse_to_safe, (emb, scalar, scalar, scalar)),
   }
   return {name: jax_export.export(jax.jit(fn), platforms=tuple(platforms))(
       *args) for name, (fn, args) in todo.items()}
@@ -469,6 +497,8 @@ class ServingModel:
     mode: "hyp" or "euc".
     curv: the curvature magnitude (float).
     bounds: release-shaped bounds, or None.
+    traversal_alpha: alpha of the threshold b' (the head's
+      `traversal_alpha`, unless overridden).
     image_size, context_length: the input sizes the towers expect.
   """
 
@@ -476,6 +506,8 @@ class ServingModel:
                encode_image, encode_text):
     self.kind, self.head, self.bounds = kind, head, bounds
     self.mode, self.curv = head["mode"], float(head["curv"])
+    self.traversal_alpha = float(head.get("traversal_alpha",
+                                          safety.DEFAULT_ALPHA))
     self.image_size, self.context_length = image_size, context_length
     self._encode_image, self._encode_text = encode_image, encode_text
 
@@ -499,18 +531,25 @@ class ServingModel:
                        "(bounds.json of the training run)")
     return float(self.bounds[safety.SAFE_GROUP[modality]]["up_95"])
 
+  def threshold(self, modality):
+    """b' of the modality, with this model's `traversal_alpha`."""
+    self.safe_bound(modality)  # a clear error without bounds
+    return safety.modality_threshold(self.curv, self.bounds, modality,
+                                     self.traversal_alpha)
+
   def classify_unsafe(self, emb, modality):
     """(B, D) points -> ((B,) bool unsafe, (B,) distance from the origin)."""
     self.safe_bound(modality)  # a clear error without bounds
     emb = jnp.asarray(emb, jnp.float32)
     return (np.asarray(safety.classify_unsafe(emb, self.curv, self.bounds,
-                                              modality)),
+                                              modality,
+                                              self.traversal_alpha)),
             np.asarray(safety.unsafe_score(emb, self.curv)))
 
   def traverse_to_safe(self, emb, modality):
     """(B, D) points moved toward the origin to distance <= b' (geodesic)."""
     return np.asarray(safety.traverse_to_safe(
-        emb, self.curv, self.safe_bound(modality)))
+        emb, self.curv, self.safe_bound(modality), self.traversal_alpha))
 
 
 class StableHLOModel(ServingModel):
@@ -530,13 +569,15 @@ class StableHLOModel(ServingModel):
   def classify_unsafe(self, emb, modality):
     unsafe, dist = self._classify(np.asarray(emb, np.float32),
                                   np.float32(self.curv),
-                                  np.float32(self.safe_bound(modality)))
+                                  np.float32(self.safe_bound(modality)),
+                                  np.float32(self.traversal_alpha))
     return np.asarray(unsafe), np.asarray(dist)
 
   def traverse_to_safe(self, emb, modality):
     return np.asarray(self._traverse(np.asarray(emb, np.float32),
                                      np.float32(self.curv),
-                                     np.float32(self.safe_bound(modality))))
+                                     np.float32(self.safe_bound(modality)),
+                                     np.float32(self.traversal_alpha)))
 
 
 def _flax_model(kind, config, params, head, bounds):
@@ -590,8 +631,16 @@ def load_orbax(directory):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.fspath(directory))
   head = _read_head(directory, "orbax")
-  with ocp.StandardCheckpointer() as ckpt:
-    params = ckpt.restore(os.path.join(directory, ORBAX_PARAMS_DIR))
+  params_dir = os.path.join(directory, ORBAX_PARAMS_DIR)
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      params = ckpt.restore(params_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    # Orbax raises plain Exceptions for missing or damaged files.
+    from hysac_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    ckpt_lib.silence_closed_loop_errors()
+    raise ModelDirError(f"orbax export {params_dir} cannot be restored: "
+                        f"{ckpt_lib.root_cause(e)}") from e
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   config = _clip_config(head["clip"])
   return _flax_model("orbax", config, params, head, head.get("bounds"))
@@ -607,6 +656,10 @@ def load_stablehlo(directory):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   directory = os.fspath(directory)
   head = _read_head(directory, "stablehlo")
+  if head.get("version", 1) < 2:
+    raise ModelDirError(f"{directory} is a version-{head.get('version', 1)} "
+                        "stablehlo export, whose safety functions take no "
+                        "alpha: export the model again")
   functions = {}
   for name in STABLEHLO_FUNCTIONS:
     path = os.path.join(directory, name + STABLEHLO_SUFFIX)
@@ -614,8 +667,16 @@ def load_stablehlo(directory):
       raise ModelDirError(f"stablehlo export incomplete: {path} is missing")
     with open(path, "rb") as f:
       functions[name] = jax_export.deserialize(bytearray(f.read()))
-  params = traverse_util.unflatten_dict(
-      load_file(os.path.join(directory, STABLEHLO_PARAMS_FILE)), sep="/")
+  params_file = os.path.join(directory, STABLEHLO_PARAMS_FILE)
+  try:
+    params = traverse_util.unflatten_dict(load_file(params_file), sep="/")
+  except FileNotFoundError:
+    raise ModelDirError(f"stablehlo export incomplete: {params_file} is "
+                        "missing") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # SafetensorError (a truncated file) is no OSError or ValueError.
+    raise ModelDirError(f"{params_file} is not a readable safetensors file: "
+                        f"{e}") from e
   clip = head["clip"]
   return StableHLOModel(head, head.get("bounds"),
                         clip["vision"]["image_size"],
@@ -635,21 +696,28 @@ def load_exported(directory):
   return _LOADERS[kind](directory)
 
 
-def load_model(directory, bounds_path=None, checkpoint="best_recall"):
+def load_model(directory, bounds_path=None, checkpoint="best_recall",
+               traversal_alpha=None):
   """Any model directory as a `ServingModel`: export, run or converted.
 
   Args:
     directory: an export, a training run or a converted directory.
     bounds_path: optional bounds JSON overriding the directory's own.
     checkpoint: for a run: "best_recall", "best_loss" or "checkpoints".
+    traversal_alpha: alpha of the threshold b'; default the model's own
+      (an export's `hysac_head.json`, a run's `config.eval.traversal_alpha`,
+      0.8 for a converted model).
   """
   kind = detect_kind(directory)
   if kind in _LOADERS:
+    bounds = safety.load_bounds(bounds_path) if bounds_path else None
     model = _LOADERS[kind](directory)
-    if bounds_path:
-      model.bounds = safety.load_bounds(bounds_path)
+    if bounds is not None:
+      model.bounds = bounds
+    if traversal_alpha is not None:
+      model.traversal_alpha = float(traversal_alpha)
     return model
-  src = load_source(directory, bounds_path, checkpoint)
+  src = load_source(directory, bounds_path, checkpoint, traversal_alpha)
   head = head_json(src, kind)
   return _flax_model(kind, src.config, src.params, head, src.bounds)
 
@@ -676,15 +744,28 @@ def main(argv=None):
   parser.add_argument("--platforms", nargs="+", default=list(DEFAULT_PLATFORMS),
                       help="stablehlo lowering platforms (default: "
                            "%(default)s)")
+  parser.add_argument("--traversal-alpha", type=float, default=None,
+                      help="alpha of the unsafe threshold b' stored in "
+                           "hysac_head.json (default: the run's "
+                           "config.eval.traversal_alpha; 0.8 for a "
+                           "converted model)")
   args = parser.parse_args(argv)
+  prog = parser.prog
+  out = os.path.expanduser(args.out)
+  if os.path.exists(out) and not os.path.isdir(out):
+    return cli.fail(prog, f"--out {out} is a file, not a directory")
+  for fmt in args.format:
+    sub = os.path.join(out, fmt)
+    if os.path.exists(sub) and not os.path.isdir(sub):
+      return cli.fail(prog, f"{sub} is a file, not a directory")
   try:
-    src = load_source(args.model, args.bounds, args.checkpoint)
-    written = export(src, args.out, tuple(dict.fromkeys(args.format)),
+    src = load_source(args.model, args.bounds, args.checkpoint,
+                      args.traversal_alpha)
+    written = export(src, out, tuple(dict.fromkeys(args.format)),
                      tuple(args.platforms))
-  except (ModelDirError, convert.CheckpointError, FileNotFoundError,
-          ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except (ModelDirError, convert.CheckpointError, ValueError, OSError) as e:
+    # OSError: a missing bounds file, an --out that cannot be written.
+    return cli.fail(prog, e)
   for fmt, directory in written.items():
     print(f"wrote {fmt}: {directory}")
   if src.bounds is None:

@@ -6,7 +6,9 @@
 
 `--model` is any directory `hysac_jax.export.load_model` reads: an export
 (`OUT/hf`, `OUT/orbax`, `OUT/stablehlo`), a training run or a converted
-model. One JSON line is printed per input, images first, in the order given:
+model. One JSON line is printed per input, in the order the `--image` and
+`--text` values appear on the command line (`--image a.jpg --text "a dog"
+--image b.jpg` answers a.jpg, "a dog", b.jpg; each flag may repeat):
 
     {"type": "image", "input": "photo.jpg",
      "distance_from_origin": 1.93,         # SPEC §4: farther = less safe
@@ -31,10 +33,17 @@ the origin with the bound of the pool's modality (as in the evaluation).
 `--redirect` also applies that traversal to the reported embedding and
 distance (with the input's own modality when there is no pool).
 
-Bad inputs (a missing or unreadable image, an empty caption) get an
-`{"type", "input", "error"}` line; the other inputs are still answered, and
-the exit code is 1. A model or pool that cannot be read gives one
-`{"error": ...}` line and exit code 2.
+`unsafe` uses the model's traversal alpha (in b'): an export's
+`traversal_alpha` from `hysac_head.json`, a run's `config.eval.traversal_alpha`
+(the alpha `eval.py` reports with), 0.8 for a converted model;
+`--traversal-alpha` overrides it. Each record says which (`alpha`).
+
+Exit codes (`hysac_jax.cli`): 0 every input answered; 3 partial: some inputs
+(a missing, unreadable, truncated or oversized image, an empty caption) got
+an `{"type", "input", "error"}` line, the others were answered; 1 a model,
+bounds or pool that cannot be read: one `{"error": ..., "model" or "pool":
+...}` line on stdout and one `python -m hysac_jax.predict: error: ...` line
+on stderr, nothing else; 2 bad command-line flags.
 """
 
 import argparse
@@ -43,11 +52,14 @@ import json
 import math
 import os
 import sys
+import zipfile
 
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from hysac_jax import checkpoint as ckpt_lib
+from hysac_jax import cli
 from hysac_jax import convert
 from hysac_jax import export
 from hysac_jax import lorentz
@@ -78,8 +90,10 @@ def read_image(path, image_size):
   """An image file -> (image_size, image_size, 3) float32 CLIP pixels.
 
   Raises:
-    InputError: naming the file, for a missing, unreadable or truncated one.
+    InputError: naming the file, for a missing, unreadable, truncated or
+      oversized one (PIL's decompression-bomb limit).
   """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with open(path, "rb") as f:
       data = f.read()
@@ -88,7 +102,10 @@ def read_image(path, image_size):
     raise InputError(f"image file not found: {path}") from None
   except IsADirectoryError:
     raise InputError(f"image path is a directory: {path}") from None
-  except (OSError, ValueError, SyntaxError) as e:  # PIL decode errors
+  except (OSError, ValueError, SyntaxError, MemoryError,
+          Image.DecompressionBombError) as e:
+    # PIL decode errors; DecompressionBombError (more than twice PIL's pixel
+    # limit) is no OSError.
     raise InputError(f"unreadable image {path}: {type(e).__name__}: "
                      f"{e}") from None
 
@@ -159,6 +176,9 @@ def load_pool(path, model):
   if not os.path.isfile(path):
     raise PoolError(f"pool file not found: {path}")
   if path.endswith(".npz"):
+    if not zipfile.is_zipfile(path):
+      raise PoolError(f"pool {path} is not a readable .npz: not a zip "
+                      "archive (truncated, or not written by np.savez)")
     try:
       with np.load(path, allow_pickle=False) as z:
         missing = [k for k in ("embeddings", "labels", "modality")
@@ -169,10 +189,12 @@ def load_pool(path, model):
         pool = Pool(np.asarray(z["embeddings"], np.float32),
                     [str(s) for s in z["labels"]], str(z["modality"]),
                     None if math.isnan(curv) else curv)
-    except (OSError, ValueError) as e:
-      if isinstance(e, PoolError):
-        raise
-      raise PoolError(f"pool {path} is not a readable .npz: {e}") from None
+    except PoolError:
+      raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      # A truncated or corrupt archive: BadZipFile is no OSError.
+      raise PoolError(f"pool {path} is not a readable .npz: "
+                      f"{type(e).__name__}: {e}") from None
     _check_pool(pool, model, path)
     return pool
   try:
@@ -260,10 +282,10 @@ def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
       rec["distance_from_origin"] = float(d)
     if has_bounds:
       unsafe, _ = model.classify_unsafe(emb, modality)
-      threshold = export.thresholds(model.bounds, model.curv)[modality]
+      threshold = model.threshold(modality)
       for rec, u, d in zip(records, unsafe, dist):
         rec.update(unsafe=bool(u), unsafe_score=float(d - threshold),
-                   threshold=threshold)
+                   threshold=threshold, alpha=model.traversal_alpha)
     else:
       for rec in records:
         rec.update(unsafe=None, unsafe_score=None, note=NO_BOUNDS_NOTE)
@@ -304,7 +326,7 @@ def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
 
 
 def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
-            embedding=False):
+            embedding=False, inputs=None):
   """Answers every input; bad ones get an "error" record.
 
   Args:
@@ -312,16 +334,21 @@ def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
     images: image file paths.
     texts: captions.
     pool, top_k, redirect, embedding: as in `answer`.
+    inputs: [("image" or "text", value), ...] in the order to answer;
+      default the images, then the texts.
 
   Returns:
-    A list of dicts, images first, each with "type" and "input".
+    A list of dicts, one per input in order, each with "type" and "input".
   """
-  records = []
-  for modality, items in (("image", images), ("text", texts)):
-    good, arrays, recs = [], [], []
-    for item in items:
-      rec = {"type": modality, "input": item}
-      recs.append(rec)
+  if inputs is None:
+    inputs = [("image", i) for i in images] + [("text", t) for t in texts]
+  records = [{"type": modality, "input": item} for modality, item in inputs]
+  for modality in ("image", "text"):
+    good, arrays = [], []
+    for rec in records:
+      if rec["type"] != modality:
+        continue
+      item = rec["input"]
       try:
         if modality == "image":
           arrays.append(read_image(item, model.image_size))
@@ -340,7 +367,6 @@ def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
       for rec, extra in zip(good, answer(model, emb, modality, pool, top_k,
                                          redirect, embedding)):
         rec.update(extra)
-    records.extend(recs)
   return records
 
 
@@ -348,22 +374,40 @@ def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
 # CLI.
 
 
+PROG = "python -m hysac_jax.predict"
+
+
 def _fail(message, **context):
-  print(json.dumps({"error": message, **context}))
-  print(f"error: {message}", file=sys.stderr)
-  return 2
+  """A model, bounds or pool that cannot be read: one JSON error record on
+  stdout (for the consumer of the JSON lines), one error line on stderr."""
+  print(json.dumps({"error": message, **context}), flush=True)
+  return cli.fail(PROG, message, cli.EXIT_ERROR)
+
+
+class _InOrder(argparse.Action):
+  """--image / --text values, kept in command-line order in `inputs`."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    setattr(namespace, self.dest, getattr(namespace, self.dest) + values)
+    namespace.inputs = (getattr(namespace, "inputs", None) or []) + [
+        (self.dest, v) for v in values]
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog="python -m hysac_jax.predict",
+      prog=PROG,
       description="Embed images and captions with a HySAC model; print one "
                   "JSON line per input (distance from the origin, unsafe "
                   "flag, optional embedding and retrievals).")
   parser.add_argument("--model", required=True,
                       help="export, training run or converted directory")
-  parser.add_argument("--image", nargs="+", default=[], metavar="PATH")
-  parser.add_argument("--text", nargs="+", default=[], metavar="TEXT")
+  parser.add_argument("--image", nargs="+", default=[], metavar="PATH",
+                      action=_InOrder, help="image files (repeatable)")
+  parser.add_argument("--text", nargs="+", default=[], metavar="TEXT",
+                      action=_InOrder, help="captions (repeatable)")
+  parser.add_argument("--traversal-alpha", type=float, default=None,
+                      help="alpha of the unsafe threshold b' (default: the "
+                           "model's own, see above)")
   parser.add_argument("--bounds", default=None,
                       help="bounds JSON (default: the model's own)")
   parser.add_argument("--checkpoint", default="best_recall",
@@ -378,6 +422,7 @@ def main(argv=None):
   parser.add_argument("--top-k", type=int, default=5)
   parser.add_argument("--embedding", action="store_true",
                       help="print the embeddings")
+  parser.set_defaults(inputs=[])
   args = parser.parse_args(argv)
   if args.top_k < 1:
     parser.error("--top-k must be at least 1")
@@ -386,9 +431,12 @@ def main(argv=None):
   if args.save_pool and not args.pool:
     parser.error("--save-pool needs --pool CAPTIONS.txt")
   try:
-    model = export.load_model(args.model, args.bounds, args.checkpoint)
-  except (export.ModelDirError, convert.CheckpointError, FileNotFoundError,
-          ValueError, KeyError) as e:
+    model = export.load_model(args.model, args.bounds, args.checkpoint,
+                              args.traversal_alpha)
+  except (export.ModelDirError, convert.CheckpointError,
+          ckpt_lib.CorruptCheckpointError, OSError, ValueError,
+          KeyError) as e:
+    # OSError: a missing --bounds file, unreadable weights.
     return _fail(str(e), model=args.model)
   pool = None
   if args.pool:
@@ -397,14 +445,20 @@ def main(argv=None):
     except PoolError as e:
       return _fail(str(e), pool=args.pool)
     if args.save_pool:
-      save_pool(pool, args.save_pool)
+      try:
+        save_pool(pool, args.save_pool)
+      except OSError as e:
+        return _fail(f"cannot write --save-pool {args.save_pool}: {e}",
+                     pool=args.save_pool)
       print(f"saved pool of {len(pool.labels)} to {args.save_pool}",
             file=sys.stderr)
-  records = predict(model, args.image, args.text, pool, args.top_k,
-                    args.redirect, args.embedding)
+  records = predict(model, pool=pool, top_k=args.top_k,
+                    redirect=args.redirect, embedding=args.embedding,
+                    inputs=args.inputs)
   for rec in records:
     print(json.dumps(rec))
-  return 1 if any("error" in r for r in records) else 0
+  return cli.EXIT_PARTIAL if any("error" in r for r in records) else (
+      cli.EXIT_OK)
 
 
 if __name__ == "__main__":

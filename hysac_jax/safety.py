@@ -144,7 +144,7 @@ def load_bounds(path: str | os.PathLike) -> dict:
       bounds = json.load(f)
   except FileNotFoundError:
     raise FileNotFoundError(f"bounds file not found: {path}") from None
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"bounds file is not valid JSON: {path}: {e}") from None
   return validate_bounds(bounds, str(path))
 

@@ -71,6 +71,12 @@ def check_config(config):
     bad("data.manual_dir", d.manual_dir,
         "the directory holding the ViSU JSON files, coco/ and the unsafe "
         "images (see README, 'Train HySAC on ViSU')")
+  if d.name == "synthetic_visu":
+    sizes = d.get("synthetic_sizes", (4096, 512, 1024))
+    if (not isinstance(sizes, (tuple, list)) or len(sizes) != 3
+        or not all(isinstance(n, int) and n > 0 for n in sizes)):
+      bad("data.synthetic_sizes", sizes,
+          "three positive sizes (train, validation, test)")
   for field in ("batch_size_per_device", "eval_batch_size_per_device"):
     if d[field] < 1:
       bad(f"data.{field}", d[field], "a positive batch size")
@@ -114,8 +120,11 @@ def load_run_config(workdir):
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a training "
                             "run directory? (pass --config as well)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 # ---------------------------------------------------------- early stop ---
@@ -517,11 +526,16 @@ def restore_for_eval(config, workdir, kind=ckpt_lib.BEST_RECALL):
   state = train_lib.create_train_state(config, init_key,
                                        initial_params(config), mesh=mesh,
                                        model=model)
-  checkpoints = ckpt_lib.RunCheckpoints(workdir, config.train.keep_last)
-  if checkpoints.latest_step(kind) is None:
-    kind = ckpt_lib.LAST
-  restored = checkpoints.restore(checkpoint_tree(state, step_key), kind=kind)
-  checkpoints.close()
+  # Read-only: evaluating or exporting a run creates nothing in it.
+  checkpoints = ckpt_lib.RunCheckpoints(workdir, config.train.keep_last,
+                                        read_only=True)
+  try:
+    if checkpoints.latest_step(kind) is None:
+      kind = ckpt_lib.LAST
+    restored = checkpoints.restore(checkpoint_tree(state, step_key),
+                                   kind=kind)
+  finally:
+    checkpoints.close()
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir} (looked in "
                             f"{ckpt_lib.BEST_RECALL}/ and {ckpt_lib.LAST}/)")

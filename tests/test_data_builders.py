@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -322,6 +323,57 @@ def test_visu_text_without_export_says_what_it_looked_for(tmp_path):
   with pytest.raises(FileNotFoundError, match="no ViSU text export"):
     build.build_dataset("visu_text", str(tmp_path / "tfds"),
                         manual_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("manual", ["missing", "file"])
+def test_visu_with_a_missing_manual_dir_names_it_and_creates_nothing(
+    tmp_path, manual):
+  path = tmp_path / "manual"
+  if manual == "file":
+    path.write_text("x")
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(FileNotFoundError, match=f"manual_dir {path} "):
+    build.build_dataset("visu", str(data_dir), manual_dir=str(path))
+  assert not data_dir.exists()  # no empty downloads/ or visu/
+
+
+def test_two_concurrent_first_builds_both_get_the_dataset(tmp_path,
+                                                          monkeypatch):
+  """Two threads build one data_dir at once: without the build lock both
+  generate, and the second TFDS rename raises FileExistsError. With it the
+  second waits and opens the first one's dataset."""
+  inside = threading.Barrier(2, timeout=3)
+  real = synthetic.SyntheticVisu._generate_examples
+
+  def generate(self, *args, **kwargs):
+    try:
+      inside.wait()  # both builders generating at once (without the lock)
+    except threading.BrokenBarrierError:
+      pass  # the other one waits for the lock
+    yield from real(self, *args, **kwargs)
+
+  monkeypatch.setattr(synthetic.SyntheticVisu, "_generate_examples", generate)
+  results, errors = [], []
+
+  def build_one():
+    try:
+      results.append(build.build_dataset(
+          "synthetic_visu", str(tmp_path),
+          config=synthetic.synthetic_config(**SMALL)))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=build_one) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert errors == []
+  assert len(results) == 2
+  for builder in results:
+    src = builder.as_data_source()
+    assert {s: len(src[s]) for s in src} == {"train": 24, "validation": 8,
+                                             "test": 8}
 
 
 # ------------------------------------------------------------ synthetic_visu

@@ -2,6 +2,8 @@
 
 import json
 import math
+import struct
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +52,21 @@ def live(model_dir):
   return convert.load_pretrained(model_dir)
 
 
+def png_header_only(path, width, height):
+  """A PNG whose header claims width x height (8-bit RGB) and no pixels:
+  enough for PIL's decompression-bomb check, which runs on open."""
+  def chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data +
+            struct.pack(">I", zlib.crc32(kind + data)))
+  ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
+                   chunk(b"IEND", b""))
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  """Two readable images (RGB, grayscale), a corrupt and a truncated one."""
+  """Two readable images (RGB, grayscale), a corrupt and a truncated one,
+  and a 14000 x 14000 one beyond PIL's decompression-bomb limit."""
   d = tmp_path_factory.mktemp("images")
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 256, (40, 50, 3), np.uint8)).save(
@@ -61,6 +75,7 @@ def files(tmp_path_factory):
       d / "gray.jpg")
   (d / "corrupt.png").write_bytes(b"this is not an image")
   (d / "truncated.png").write_bytes((d / "rgb.png").read_bytes()[:60])
+  png_header_only(d / "bomb.png", 14000, 14000)
   (d / "captions.txt").write_text("\n".join(CAPTIONS[:3]) + "\n\n" +
                                   "\n".join(CAPTIONS[3:]) + "\n")
   return d
@@ -109,16 +124,26 @@ def bounds_file(live, files, tmp_path_factory):
   return path
 
 
-def test_mixed_valid_and_invalid_inputs_answer_each_item(
+def test_mixed_valid_and_invalid_inputs_answer_each_item_in_order(
     capsys, model_dir, live, files, bounds_file):
-  images = [files / "rgb.png", files / "missing.png", files / "corrupt.png",
-            files / "gray.jpg", files / "truncated.png", files]
-  texts = [CAPTIONS[0], "", "   ", CAPTIONS[4]]
+  """Answers in command-line order (the flags interleaved and repeated);
+  a bad item, even an image PIL refuses as a decompression bomb, is
+  answered with an error and the batch goes on: exit 3, partial."""
+  given = [("image", files / "rgb.png"), ("image", files / "missing.png"),
+           ("text", CAPTIONS[0]), ("text", ""),
+           ("image", files / "corrupt.png"), ("image", files / "bomb.png"),
+           ("image", files / "gray.jpg"), ("image", files / "truncated.png"),
+           ("image", files), ("text", "   "), ("text", CAPTIONS[4])]
+  argv = []
+  for i, (kind, value) in enumerate(given):
+    if i == 0 or given[i - 1][0] != kind:
+      argv.append(f"--{kind}")
+    argv.append(value)
   code, lines = run(capsys, "--model", model_dir, "--bounds", bounds_file,
-                    "--image", *images, "--text", *texts)
-  assert code == 1
-  assert [(r["type"], r["input"]) for r in lines] == (
-      [("image", str(p)) for p in images] + [("text", t) for t in texts])
+                    *argv)
+  assert code == 3
+  assert [(r["type"], r["input"]) for r in lines] == [
+      (k, str(v)) for k, v in given]
   errors = {r["input"]: r["error"] for r in lines if "error" in r}
   assert errors[str(files / "missing.png")] == (
       f"image file not found: {files / 'missing.png'}")
@@ -127,19 +152,24 @@ def test_mixed_valid_and_invalid_inputs_answer_each_item(
   assert errors[str(files / "truncated.png")].startswith(
       f"unreadable image {files / 'truncated.png'}")
   assert "is a directory" in errors[str(files)]
+  assert errors[str(files / "bomb.png")].startswith(
+      f"unreadable image {files / 'bomb.png'}: DecompressionBombError")
   assert errors[""] == errors["   "] == "empty text"
-  assert len(errors) == 6
+  assert len(errors) == 7
 
   bounds = safety.load_bounds(bounds_file)
   b_text = threshold_f64(bounds["S"]["up_95"], CURV)
   b_image = threshold_f64(bounds["V"]["up_95"], CURV)
   good = [r for r in lines if "error" not in r]
+  assert [r["input"] for r in good] == [str(files / "rgb.png"), CAPTIONS[0],
+                                        str(files / "gray.jpg"), CAPTIONS[4]]
   pixels = np.stack([preprocess.clip_preprocess(
       (files / n).read_bytes(), 32) for n in ("rgb.png", "gray.jpg")])
-  emb = np.concatenate([live.encode_image(pixels),
-                        live.encode_text([CAPTIONS[0], CAPTIONS[4]])])
+  image, text = live.encode_image(pixels), live.encode_text(
+      [CAPTIONS[0], CAPTIONS[4]])
+  emb = np.stack([image[0], text[0], image[1], text[1]])
   dist = dist0_f64(emb, CURV)
-  for rec, d, b in zip(good, dist, [b_image] * 2 + [b_text] * 2):
+  for rec, d, b in zip(good, dist, [b_image, b_text] * 2):
     assert math.isclose(rec["distance_from_origin"], d, rel_tol=1e-5)
     assert rec["unsafe"] == (d > b)
     assert math.isclose(rec["threshold"], b, rel_tol=1e-6)
@@ -220,26 +250,57 @@ def test_image_query_against_caption_pool_on_an_exported_model(
         h["index"] for h in b["top_k_traversed"]]
 
 
+def run_failing(capsys, *argv):
+  """(exit code, stdout JSON records, stderr lines) of a failing call."""
+  code = predict.main([str(a) for a in argv])
+  captured = capsys.readouterr()
+  return (code, [json.loads(line) for line in captured.out.splitlines()],
+          captured.err.splitlines())
+
+
 def test_model_dir_of_the_wrong_kind_gives_an_error_line(capsys, files,
                                                         tmp_path):
   (tmp_path / "config.json").write_text('{"model_type": "clip"}')
   for path, message in ((files / "rgb.png", "is a file"),
                         (tmp_path, "plain Hugging Face CLIP directory"),
                         (tmp_path / "nope", "is missing")):
-    code, lines = run(capsys, "--model", path, "--text", "a cat")
-    assert code == 2
+    code, lines, err = run_failing(capsys, "--model", path, "--text", "a cat")
+    assert code == 1
     (rec,) = lines
     assert rec["model"] == str(path) and message in rec["error"]
+    (line,) = err
+    assert line.startswith("python -m hysac_jax.predict: error: ")
+    assert message in line
 
 
 def test_pool_from_another_model_is_refused(capsys, model_dir, tmp_path):
   bad = tmp_path / "other.npz"
   predict.save_pool(predict.Pool(np.zeros((2, 64), np.float32), ["a", "b"],
                                  "text", 2.5), bad)
-  code, lines = run(capsys, "--model", model_dir, "--pool", bad, "--text",
-                    "a cat")
-  assert code == 2 and "embedded by another model" in lines[0]["error"]
-  assert lines[0]["pool"] == str(bad)
+  code, lines, err = run_failing(capsys, "--model", model_dir, "--pool", bad,
+                                 "--text", "a cat")
+  assert code == 1 and "embedded by another model" in lines[0]["error"]
+  assert lines[0]["pool"] == str(bad) and len(err) == 1
+
+
+def test_corrupt_or_truncated_npz_pool_gives_one_error_line(capsys, model_dir,
+                                                            tmp_path):
+  good = tmp_path / "good.npz"
+  predict.save_pool(predict.Pool(np.zeros((2, 64), np.float32), ["a", "b"],
+                                 "text", CURV), good)
+  data = good.read_bytes()
+  for name, content in (("truncated.npz", data[:len(data) // 2]),
+                        ("garbage.npz", b"not a zip archive at all")):
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    code, lines, err = run_failing(capsys, "--model", model_dir, "--pool",
+                                   bad, "--text", "a cat")
+    assert code == 1, name
+    (rec,) = lines
+    assert rec["pool"] == str(bad)
+    assert rec["error"].startswith(f"pool {bad} is not a readable .npz")
+    (line,) = err
+    assert line.startswith("python -m hysac_jax.predict: error: pool ")
 
 
 def test_encode_batched_pads_to_few_shapes_and_keeps_order():

@@ -72,7 +72,8 @@ def finished_run(data_dir, tmp_path_factory):
     ("model.mode", "poincare"), ("model.dtype", "float8"),
     ("model.size", "vit-huge"), ("data.name", "laion"),
     ("optim.schedule", "linear"), ("train.epochs", 0),
-    ("data.batch_size_per_device", 0), ("model.lora.dropout", 1.5)])
+    ("data.batch_size_per_device", 0), ("model.lora.dropout", 1.5),
+    ("data.synthetic_sizes", (64, 64)), ("data.synthetic_sizes", (64, 0, 8))])
 def test_bad_config_value_names_the_field(field, value, tmp_path):
   c = micro_config(tmp_path, **{field: value})
   with pytest.raises(ValueError, match=f"config.{field.replace('.', '[.]')}="):

@@ -10,10 +10,21 @@ finished `incomplete.*` directory, so a half-written dataset is never taken
 for a complete one. A build that raises removes its temporary directory; one
 killed outright leaves it behind, and the next `build_dataset` deletes such
 leftovers of the same version before starting afresh.
+
+Builds of one dataset version are serialised by an `fcntl` lock on
+`<data_dir>/<name>/<config>/.<version>.build.lock`: a second process (or
+thread) that asks for a dataset being built waits, then opens the finished
+one instead of building it again (two concurrent TFDS builds would race on
+the final rename). The lock dies with its process, so a killed build never
+leaves it held. `fcntl` locks work on local disks; on a network file system
+without lock support, build once before starting concurrent jobs.
 """
 
+import contextlib
+import fcntl
 import os
 import shutil
+import sys
 
 import tensorflow_datasets as tfds
 
@@ -76,6 +87,55 @@ def remove_stale_incomplete(builder):
   return removed
 
 
+@contextlib.contextmanager
+def build_lock(builder):
+  """Holds the build lock of `builder`'s dataset version (blocking)."""
+  final = os.fspath(builder.data_path)
+  parent, version = os.path.split(final)
+  os.makedirs(parent, exist_ok=True)
+  path = os.path.join(parent, f".{version}.build.lock")
+  with open(path, "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"waiting for another build of {final} to finish (lock {path})",
+            file=sys.stderr, flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield path
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_manual_dir(name, manual_dir):
+  """A builder that reads the user's files needs an existing manual_dir.
+
+  Checked before TFDS runs: TFDS would first create `downloads/` and the
+  dataset directory, then fail with an AssertionError.
+  """
+  if not getattr(_builder_class(name), "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+    return
+  if not manual_dir:
+    raise FileNotFoundError(f"dataset {name!r} needs manual_dir "
+                            "(config.data.manual_dir): the directory of the "
+                            "user's files")
+  path = os.path.expanduser(os.fspath(manual_dir))
+  if not os.path.isdir(path):
+    what = "is a file" if os.path.exists(path) else "does not exist"
+    raise FileNotFoundError(f"manual_dir {path} {what} (config.data."
+                            f"manual_dir of dataset {name!r})")
+
+
+def check_buildable(name, data_dir, manual_dir=None, **builder_kwargs):
+  """Raises what `build_dataset` would raise for a missing manual_dir, in
+  milliseconds and without creating anything: for early checks."""
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  if os.path.isdir(os.path.join(data_dir, name)):  # else TFDS logs warnings
+    if get_builder(name, data_dir, **builder_kwargs).is_prepared():
+      return
+  _check_manual_dir(name, manual_dir)
+
+
 def build_dataset(name, data_dir, manual_dir=None, **builder_kwargs):
   """Builds the dataset if it is not complete yet; returns the builder.
 
@@ -95,12 +155,19 @@ def build_dataset(name, data_dir, manual_dir=None, **builder_kwargs):
   builder = get_builder(name, data_dir, **builder_kwargs)
   if builder.is_prepared():
     return builder
-  for path in remove_stale_incomplete(builder):
-    print(f"removed the leftovers of an interrupted build: {path}")
-  config = None
-  if manual_dir:
-    config = tfds.download.DownloadConfig(
-        manual_dir=os.path.expanduser(os.fspath(manual_dir)))
-  builder.download_and_prepare(download_config=config,
-                               file_format="array_record")
+  _check_manual_dir(name, manual_dir)
+  with build_lock(builder):
+    # Another build may have finished while this one waited for the lock.
+    builder = get_builder(name, data_dir, **builder_kwargs)
+    if builder.is_prepared():
+      return builder
+    # Under the lock, an `incomplete.*` directory is no live build's.
+    for path in remove_stale_incomplete(builder):
+      print(f"removed the leftovers of an interrupted build: {path}")
+    config = None
+    if manual_dir:
+      config = tfds.download.DownloadConfig(
+          manual_dir=os.path.expanduser(os.fspath(manual_dir)))
+    builder.download_and_prepare(download_config=config,
+                                 file_format="array_record")
   return builder

@@ -305,6 +305,15 @@ def open_builder(data_config, image_size=None):
       **_builder_kwargs(data_config, image_size))
 
 
+def check_data(data_config, image_size=None):
+  """Fails fast (FileNotFoundError) when the dataset `config.data` names is
+  not built and cannot be: its manual_dir is missing. Creates nothing."""
+  build.check_buildable(
+      data_config.name, os.path.expanduser(data_config.data_dir),
+      manual_dir=data_config.get("manual_dir") or None,
+      **_builder_kwargs(data_config, image_size))
+
+
 def make_dataset(data_config, split, image_size, *, seed=0, num_epochs=None,
                  train=None, process_index=None, process_count=None,
                  local_device_count=None, num_workers=None):
