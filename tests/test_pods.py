@@ -59,10 +59,14 @@ def cli_flags(data_dir, **extra):
 
 
 def env_with_devices(n):
-  # The XLA cache dir set by conftest.py comes along in os.environ.
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-              PYTHONUNBUFFERED="1")
+  """This environment with n simulated devices; other XLA flags (e.g.
+  --xla_cpu_multi_thread_eigen=false) and the XLA cache dir set by
+  conftest.py come along."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={n}")
+  return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu",
+              PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 
 
 def free_port():
