@@ -109,15 +109,16 @@ class BatchPlan:
 class _LoadBatch:
   """grain map: batch index -> dict of numpy arrays (runs in workers)."""
 
-  def __init__(self, source, plan, image_size, augment, text_only):
+  def __init__(self, source, plan, image_size, augment, text_only,
+               jpeg_draft=False):
     self.source, self.plan = source, plan
     self.image_size, self.augment = image_size, augment
-    self.text_only = text_only
+    self.text_only, self.jpeg_draft = text_only, jpeg_draft
 
   def _image(self, data, rng):
     if rng is not None:
       return preprocess.random_resized_crop_uint8(data, self.image_size, rng)
-    return preprocess.resize_crop(data, self.image_size)
+    return preprocess.resize_crop(data, self.image_size, self.jpeg_draft)
 
   def __call__(self, batch_index):
     indices, mask = self.plan.examples(int(batch_index))
@@ -237,7 +238,7 @@ class InputIterator:
 def make_iterator(source, *, batch_size, image_size=None, train,
                   seed=0, num_epochs=None, augment=False, text_only=False,
                   process_index=None, process_count=None, num_workers=0,
-                  num_threads=None, prefetch=2):
+                  num_threads=None, prefetch=2, jpeg_draft=False):
   """A batch iterator over any random-access source of records.
 
   Args:
@@ -255,6 +256,9 @@ def make_iterator(source, *, batch_size, image_size=None, train,
     num_workers: grain worker processes (0: reader threads in this process).
     num_threads: reader threads (default: 1 with workers, else 4).
     prefetch: batches buffered ahead.
+    jpeg_draft: decode JPEGs at a reduced scale before the centre-crop
+      resize (`preprocess` module docstring); the augmentation path always
+      decodes at full size.
   """
   if process_index is None or process_count is None:
     import jax  # Not at module level: grain workers need no JAX.
@@ -275,7 +279,8 @@ def make_iterator(source, *, batch_size, image_size=None, train,
         f"split of {plan.num_examples} examples is smaller than one global "
         f"batch of {plan.global_batch_size}")
   epochs = 1 if not train else (num_epochs or _FOREVER // plan.steps_per_epoch)
-  loader = _LoadBatch(source, plan, image_size, augment and train, text_only)
+  loader = _LoadBatch(source, plan, image_size, augment and train, text_only,
+                      jpeg_draft)
   if num_threads is None:
     num_threads = 1 if num_workers else 4
   return InputIterator(source, plan, plan.steps_per_epoch * epochs, loader,
@@ -313,7 +318,8 @@ def make_dataset(data_config, split, image_size, *, seed=0, num_epochs=None,
   Args:
     data_config: `config.data` (name, data_dir, manual_dir,
       batch_size_per_device, eval_batch_size_per_device, num_workers,
-      augment; optional synthetic_sizes, synthetic_seed, skip_invalid).
+      augment; optional jpeg_draft, synthetic_sizes, synthetic_seed,
+      skip_invalid).
     split: "train", "validation" or "test".
     image_size: model input side (the vision config's image_size).
     seed: shuffle (and augmentation) seed.
@@ -339,6 +345,7 @@ def make_dataset(data_config, split, image_size, *, seed=0, num_epochs=None,
       source, batch_size=per_device * local_device_count,
       image_size=image_size, train=train, seed=seed, num_epochs=num_epochs,
       augment=data_config.get("augment", False),
+      jpeg_draft=data_config.get("jpeg_draft", False),
       process_index=process_index, process_count=process_count,
       num_workers=(data_config.num_workers if num_workers is None
                    else num_workers))
