@@ -820,8 +820,13 @@ def main():
   except (ConfigError, ValueError) as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     sys.exit(2)
-  progress(f"bench_train_step: size {args.size}, batch {args.batch}, "
-           f"dtype {args.dtype}, init {args.init}")
+  parts = [f"size {args.size}"]
+  if not args.no_jax:
+    parts.append(f"JAX batch {args.batch}, dtype {args.dtype}, init "
+                 f"{args.init}")
+  if not args.no_torch:
+    parts.append(f"torch {args.torch_modes} (device {args.torch_device})")
+  progress("bench_train_step: " + "; ".join(parts))
   summary = report(args, *run(args))
   if args.json:
     with open(args.json, "w") as f:
