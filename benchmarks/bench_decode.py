@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+# This checkout's package first (not an installed copy), then `timing`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -44,6 +46,7 @@ from hysac_jax.data import tokenizer  # pylint: disable=g-import-not-at-top,wron
 
 SOURCES = {"coco": (480, 640), "unsafe512": (512, 512),
            "unsafe1024": (1024, 1024)}
+NOISE = 18  # noise sigma: ~150 KiB per 640x480 JPEG (COCO train2017: 18 GiB / 118k)
 CORES = 16  # the GPU machine's cores
 GOAL_QUADRUPLES = 400  # per second: 2 images (V, G) each
 
@@ -65,7 +68,7 @@ def photo_like(rng, h, w, quality=90):
       draw.ellipse(box, fill=fill)
     else:
       draw.rectangle(box, fill=fill)
-  pixels = np.asarray(img, np.float32) + rng.normal(0, 6, (h, w, 3))
+  pixels = np.asarray(img, np.float32) + rng.normal(0, NOISE, (h, w, 3))
   buf = io.BytesIO()
   Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
       buf, "JPEG", quality=quality)
