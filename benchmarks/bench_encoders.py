@@ -10,13 +10,18 @@ is meaningful on a shared machine. Reports images/s and texts/s (median of
 """
 
 import argparse
+import os
 import platform
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import median_seconds
-from timing import progress
+
+# This checkout's package first (not an installed copy).
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_seconds  # pylint: disable=g-import-not-at-top,wrong-import-position
+from timing import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from hysac_jax.convert import params_from_state_dict
 from hysac_jax.models.clip import CLIPModel

@@ -31,6 +31,8 @@ import time
 import jax
 import numpy as np
 
+# This checkout's package first (not an installed copy), then `timing`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -15,12 +15,16 @@ is the median of `--repeats` runs, baseline and JAX in the same process.
 import argparse
 import os
 import platform
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import median_seconds
-from timing import progress
+
+# This checkout's package first (not an installed copy).
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_seconds  # pylint: disable=g-import-not-at-top,wrong-import-position
+from timing import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from hysac_jax import lorentz
 
