@@ -279,3 +279,19 @@ def test_jpeg_draft_reaches_the_decoder():
                      for r in records])
     np.testing.assert_array_equal(draft[key], want)
   assert not np.array_equal(draft["safe_image"], plain["safe_image"])
+
+
+def test_input_wait_counts_the_time_next_blocks():
+  ticks = iter(range(100))
+  records = [{"id": b"0", "safe_caption": b"a", "unsafe_caption": b"b"}] * 4
+  it = pipeline.make_iterator(records, batch_size=2, train=False,
+                              text_only=True, process_index=0,
+                              process_count=1, clock=lambda: next(ticks))
+  assert it.take_wait() == 0 and it.wait_seconds == 0
+  next(it)  # the clock reads 0 then 1
+  next(it)  # 2 then 3
+  assert it.wait_seconds == 2 and it.take_wait() == 2
+  assert it.take_wait() == 0
+  with pytest.raises(StopIteration):
+    next(it)  # 4 then 5: the blocked time still counts
+  assert it.wait_seconds == 3 and it.take_wait() == 1

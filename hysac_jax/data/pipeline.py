@@ -31,6 +31,7 @@ import functools
 import os
 import sys
 import threading
+import time
 
 import grain
 import numpy as np
@@ -166,16 +167,21 @@ class InputIterator:
   Attributes:
     plan: the `BatchPlan` (steps_per_epoch, global_batch_size, ...).
     num_batches: batches this iterator yields in total.
+    wait_seconds: total time `next()` has blocked waiting for a batch
+      (the first batch's pipeline start-up included); see `take_wait`.
   """
 
   def __init__(self, source, plan, num_batches, loader, num_workers,
-               num_threads, prefetch):
+               num_threads, prefetch, clock=time.perf_counter):
     self.plan, self.num_batches = plan, num_batches
     self._source, self._loader = source, loader
     self._num_workers, self._num_threads = num_workers, num_threads
     self._prefetch = prefetch
     self._next = 0
     self._it = None
+    self._clock = clock
+    self.wait_seconds = 0.0
+    self._untaken = 0.0
 
   @property
   def steps_per_epoch(self):
@@ -201,11 +207,24 @@ class InputIterator:
     return self
 
   def __next__(self):
+    start = self._clock()
     if self._it is None:
       self._start()
-    batch = next(self._it)
+    try:
+      batch = next(self._it)
+    finally:
+      waited = self._clock() - start
+      self.wait_seconds += waited
+      self._untaken += waited
     self._next += 1
     return batch
+
+  def take_wait(self):
+    """Seconds `next()` blocked since the last call (input wait per log
+    interval: near 0 when the workers keep up, the step's starvation when
+    they do not)."""
+    waited, self._untaken = self._untaken, 0.0
+    return waited
 
   def __len__(self):
     return self.num_batches
@@ -238,7 +257,8 @@ class InputIterator:
 def make_iterator(source, *, batch_size, image_size=None, train,
                   seed=0, num_epochs=None, augment=False, text_only=False,
                   process_index=None, process_count=None, num_workers=0,
-                  num_threads=None, prefetch=2, jpeg_draft=False):
+                  num_threads=None, prefetch=2, jpeg_draft=False,
+                  clock=time.perf_counter):
   """A batch iterator over any random-access source of records.
 
   Args:
@@ -259,6 +279,7 @@ def make_iterator(source, *, batch_size, image_size=None, train,
     jpeg_draft: decode JPEGs at a reduced scale before the centre-crop
       resize (`preprocess` module docstring); the augmentation path always
       decodes at full size.
+    clock: time source of the input-wait accounting (tests).
   """
   if process_index is None or process_count is None:
     import jax  # Not at module level: grain workers need no JAX.
@@ -284,7 +305,7 @@ def make_iterator(source, *, batch_size, image_size=None, train,
   if num_threads is None:
     num_threads = 1 if num_workers else 4
   return InputIterator(source, plan, plan.steps_per_epoch * epochs, loader,
-                       num_workers, num_threads, prefetch)
+                       num_workers, num_threads, prefetch, clock)
 
 
 def _builder_kwargs(data_config, image_size):
