@@ -259,14 +259,12 @@ class JaxStep:
           self.state.replace(model=plain), self.batch,
           self.rng).cost_analysis())
       self.flops_source = "step lowered without remat"
-    t = time.perf_counter()
     self.first_s, loss = self.step()
     progress(f"jax: batch {batch_size}: first call {self.first_s:.3f} s "
              f"(compiled executable, no recompile), loss {loss:.4f}")
     self.stages.setdefault("first step", self.first_s)
     self.stages.setdefault("process start to first step done",
-                           time.time() - timing._T0[0])  # pylint: disable=protected-access
-    del t
+                           timing.elapsed())
 
   def step(self):
     start = time.perf_counter()
@@ -757,7 +755,7 @@ def report(args, sides, info, times, losses, search, errors):
 
 
 def main():
-  t0 = time.time()
+  t0 = timing.start_time()  # this process's start
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", default="small",
                       choices=["tiny", "small", "vitb32", "vitb16", "vitl14"])

@@ -4,7 +4,17 @@ import statistics
 import sys
 import time
 
-_T0 = [time.time()]  # wall-clock origin of the progress stamps
+
+def _process_start():
+  """Wall-clock time this process started (its import time without psutil)."""
+  try:
+    import psutil  # pylint: disable=g-import-not-at-top
+    return psutil.Process().create_time()
+  except Exception:  # pylint: disable=broad-except
+    return time.time()
+
+
+_T0 = [_process_start()]  # wall-clock origin of the progress stamps
 
 
 def set_start(t0):
@@ -13,11 +23,20 @@ def set_start(t0):
   _T0[0] = t0
 
 
+def start_time():
+  """The wall-clock origin of the progress stamps."""
+  return _T0[0]
+
+
+def elapsed():
+  """Seconds since the process started (see `set_start`)."""
+  return time.time() - _T0[0]
+
+
 def progress(message):
   """Prints one flushed progress line, stamped with the seconds since the
   process started (this module's import, or `set_start`)."""
-  elapsed = time.time() - _T0[0]
-  print(f"[{elapsed:7.1f} s] {message}", flush=True)
+  print(f"[{elapsed():7.1f} s] {message}", flush=True)
   sys.stderr.flush()
 
 
