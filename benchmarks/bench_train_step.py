@@ -43,6 +43,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -567,6 +568,11 @@ def _ask(conn, msg):
   return payload
 
 
+def _gpu_machine():
+  """An NVIDIA GPU machine, told without importing JAX or torch."""
+  return os.path.exists("/dev/nvidiactl") or bool(shutil.which("nvidia-smi"))
+
+
 def parse_torch_modes(text, batch):
   """"fp32,fp16:32,bf16:128" -> [("fp32", batch), ("fp16", 32), ...]."""
   modes = []
@@ -602,7 +608,7 @@ def run(args):
            "t0": args.t0}
   interleave = args.interleave
   if interleave == "auto":  # on a GPU machine the workers share the device
-    interleave = "off" if os.path.exists("/dev/nvidiactl") else "on"
+    interleave = "off" if _gpu_machine() else "on"
   order = ([sides] if interleave == "on" else [[s] for s in sides])
   info, times, losses, errors, search = {}, {}, {}, {}, None
   for group in order:
@@ -808,7 +814,7 @@ def main():
   args = parser.parse_args()
   args.t0 = t0
   if args.torch_modes is None:
-    args.torch_modes = ("fp32,fp16,bf16" if os.path.exists("/dev/nvidiactl")
+    args.torch_modes = ("fp32,fp16,bf16" if _gpu_machine()
                         else "fp32")
   prog = "bench_train_step.py"
   try:
