@@ -15,7 +15,7 @@ resize and crop. It only acts on JPEGs at least twice the output size (a
 faster but not pixel-identical to the full decode: libjpeg's DCT-domain
 downscale is a box-like filter, so edges come out slightly softer and the
 result moves away from `CLIPImageProcessor` by a few 1/255 on average
-(BENCHMARKS.md, "Input pipeline").
+(BENCHMARKS.md, "Decode + preprocess per core").
 """
 
 import io
