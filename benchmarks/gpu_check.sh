@@ -42,7 +42,7 @@ stage() {
   local left=$((BUDGET - (SECONDS - START) - 5))
   if ((left < limit)); then limit=$left; fi
   if ((limit < 10)); then
-    say "$name: SKIPPED (budget of ${BUDGET} s spent)"; return
+    say "$name: SKIPPED (budget of ${BUDGET} s spent)"; return 1
   fi
   local t0=$SECONDS
   say "$name: start (limit ${limit} s)"
@@ -52,12 +52,14 @@ stage() {
   if ((rc == 124 || rc == 137)); then how="TIMED OUT";
   elif ((rc != 0)); then how="FAILED (exit $rc)"; fi
   say "$name: $how in $((SECONDS - t0)) s"
+  return "$rc"
 }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  stage wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile \
-      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  if stage wheels 60 "$PY" -m pip install -q --no-index --no-deps \
+      --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
 fi
 # This checkout's package, whether or not it is pip-installed.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
