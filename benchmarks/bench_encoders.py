@@ -10,12 +10,18 @@ is meaningful on a shared machine. Reports images/s and texts/s (median of
 """
 
 import argparse
+import os
 import platform
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import median_seconds
+
+# This checkout's package first (not an installed copy).
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_seconds  # pylint: disable=g-import-not-at-top,wrong-import-position
+from timing import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from hysac_jax.convert import params_from_state_dict
 from hysac_jax.models.clip import CLIPModel
@@ -51,15 +57,18 @@ def bench_size(name, batch, repeats, dtype, with_torch):
   v = config.vision
   pixels = rng.standard_normal((batch, v.image_size, v.image_size, 3),
                                np.float32)
+  progress(f"{name}: inputs ready (batch {batch})")
   if with_torch:
     import torch  # pylint: disable=g-import-not-at-top
     model = hf_model(config)
+    progress(f"{name}: PyTorch model built")
     state = {k: p.detach().numpy() for k, p in model.state_dict().items()}
     params = params_from_state_dict(state, config, source=f"{name} (random)")
     del state
   else:
     params = random_params(config)
   params = jax.device_put(params)
+  progress(f"{name}: JAX params ready")
   clip = CLIPModel(config, dtype=dtype)
   image_fn = jax.jit(lambda p, x: clip.apply({"params": p}, x,
                                              method="encode_image"))
@@ -68,7 +77,8 @@ def bench_size(name, batch, repeats, dtype, with_torch):
   px, tk = jax.device_put(pixels), jax.device_put(ids)
   rows = []
   for tower, fn, x in (("image", image_fn, px), ("text", text_fn, tk)):
-    secs = median_seconds(lambda: fn(params, x).block_until_ready(), repeats)
+    secs = median_seconds(lambda: fn(params, x).block_until_ready(), repeats,
+                          label=f"{name} {tower} JAX (warm-up compiles)")
     ours = np.asarray(fn(params, x))
     torch_rate, diff = None, None
     if with_torch:
@@ -81,7 +91,8 @@ def bench_size(name, batch, repeats, dtype, with_torch):
           inp = torch.from_numpy(ids.astype(np.int64))
           run = lambda: model.text_projection(
               model.text_model(input_ids=inp).pooler_output)
-        torch_secs = median_seconds(run, repeats)
+        torch_secs = median_seconds(run, repeats,
+                                    label=f"{name} {tower} PyTorch")
         diff = float(np.abs(ours - run().numpy()).max())
       torch_rate = batch / torch_secs
     rows.append((name, tower, batch, batch / secs, torch_rate, diff))
@@ -105,7 +116,10 @@ def main():
     torch_note = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
   else:
     torch_note = "no PyTorch baseline"
-  print(f"machine: {platform.machine()}, {jax.devices()[0].device_kind} "
+  rows = [row for name in args.sizes.split(",")
+          for row in bench_size(name, args.batch, args.repeats, dtype,
+                                with_torch)]
+  print(f"\nmachine: {platform.machine()}, {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}), jax {jax.__version__}, {torch_note}")
   print(f"command: python benchmarks/bench_encoders.py --sizes {args.sizes} "
         f"--batch {args.batch} --repeats {args.repeats} --dtype {args.dtype}"
@@ -115,14 +129,12 @@ def main():
   print("| size | tower | batch | JAX items/s | PyTorch items/s | JAX / PyTorch "
         "| max abs diff |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
-  for name in args.sizes.split(","):
-    for size, tower, batch, ours, theirs, diff in bench_size(
-        name, args.batch, args.repeats, dtype, with_torch):
-      ratio = f"{ours / theirs:.2f}x" if theirs else "-"
-      theirs_s = f"{theirs:.2f}" if theirs else "-"
-      diff_s = f"{diff:.1e}" if diff is not None else "-"
-      print(f"| {size} | {tower} | {batch} | {ours:.2f} | {theirs_s} | "
-            f"{ratio} | {diff_s} |", flush=True)
+  for size, tower, batch, ours, theirs, diff in rows:
+    ratio = f"{ours / theirs:.2f}x" if theirs else "-"
+    theirs_s = f"{theirs:.2f}" if theirs else "-"
+    diff_s = f"{diff:.1e}" if diff is not None else "-"
+    print(f"| {size} | {tower} | {batch} | {ours:.2f} | {theirs_s} | "
+          f"{ratio} | {diff_s} |", flush=True)
 
 
 if __name__ == "__main__":

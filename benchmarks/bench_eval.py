@@ -25,10 +25,16 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
+
+# This checkout's package first (not an installed copy), then `timing`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from hysac_jax import evaluation
 from hysac_jax import safety
@@ -178,18 +184,24 @@ def main():
 
   groups = dict(zip("SUVG", make_quadruples(args.n, args.dim, args.curv)))
   c = args.curv
+  progress(f"{args.n} quadruples ready (dim {args.dim})")
 
   t0 = time.perf_counter()
   report = evaluation.evaluate(*groups.values(), c)
   first = time.perf_counter() - t0
+  progress(f"evaluate: first call (with jit compile) {first:.2f} s")
   ours = []
-  for _ in range(args.repeats):
+  for i in range(args.repeats):
     t0 = time.perf_counter()
     evaluation.evaluate(*groups.values(), c)
     ours.append(time.perf_counter() - t0)
+    progress(f"evaluate: run {i + 1}/{args.repeats} {ours[-1]:.2f} s")
 
-  loops = [loop_report(groups, c, args.loop_queries)
-           for _ in range(args.repeats)]
+  loops = []
+  for i in range(args.repeats):
+    loops.append(loop_report(groups, c, args.loop_queries))
+    progress(f"loop baseline: run {i + 1}/{args.repeats} {loops[-1][1]:.1f} s"
+             f" spent, {loops[-1][0]:.1f} s extrapolated")
   loop_full = statistics.median(x for x, _ in loops)
   loop_spent = statistics.median(x for _, x in loops)
   med = statistics.median(ours)

@@ -19,11 +19,17 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
+
+# This checkout's package first (not an installed copy), then `timing`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from hysac_jax.data import build
 from hysac_jax.data import pipeline
@@ -106,17 +112,19 @@ def main():
 
   with tempfile.TemporaryDirectory() as tmp:
     make_tree(os.path.join(tmp, "manual"), args.num)
+    progress(f"fake ViSU tree written ({args.num} quadruples)")
     builder = build.build_dataset(
         "visu", os.path.join(tmp, "tfds"), manual_dir=os.path.join(
             tmp, "manual"), split_files={"train": "train.json"})
     source = builder.as_data_source(split="train",
                                     decoders=schema.skip_image_decoding())
     tokenizer.load_tokenizer()
+    progress("TFDS dataset built, tokenizer loaded")
     configs = [("baseline: single-threaded PIL loop", None),
                ("pipeline, 2 reader threads, no workers", (0, 2)),
                (f"pipeline, {args.workers} grain workers", (args.workers, 1))]
     results = {}
-    for _ in range(args.repeats):  # interleaved, so load drifts hit all
+    for i in range(args.repeats):  # interleaved, so load drifts hit all
       for name, cfg in configs:
         if cfg is None:
           rate, startup = baseline(source, args.image_size), 0.0
@@ -124,6 +132,8 @@ def main():
           rate, startup = run_pipeline(source, args.image_size, args.batch,
                                        *cfg)
         results.setdefault(name, []).append((rate, startup))
+        progress(f"run {i + 1}/{args.repeats}: {name}: {rate:.1f} "
+                 f"quadruples/s (start-up {startup:.2f} s)")
 
   base = statistics.median(r for r, _ in results[configs[0][0]])
   print(f"\nMachine: {platform.processor() or platform.machine()}, "

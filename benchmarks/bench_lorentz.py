@@ -15,11 +15,16 @@ is the median of `--repeats` runs, baseline and JAX in the same process.
 import argparse
 import os
 import platform
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import median_seconds
+
+# This checkout's package first (not an installed copy).
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_seconds  # pylint: disable=g-import-not-at-top,wrong-import-position
+from timing import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from hysac_jax import lorentz
 
@@ -63,6 +68,7 @@ def main():
     return np.asarray(lorentz.exp_map0(v, args.curv))
 
   x, y = points(), points()
+  progress(f"points ready ({args.n} x {args.dim})")
   xj, yj = jnp.asarray(x), jnp.asarray(y)
   cj = jnp.float32(args.curv)
   jax_dist = jax.jit(lorentz.pairwise_dist)
@@ -80,7 +86,13 @@ def main():
   np.testing.assert_allclose(np.cos(np.asarray(cases[1][2]())),
                              np.cos(cases[1][1]()), atol=2e-3)
 
-  print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+  rows = []
+  for name, np_fn, jax_fn in cases:
+    t_np = median_seconds(np_fn, args.repeats, label=f"{name} NumPy")
+    t_jax = median_seconds(jax_fn, args.repeats, label=f"{name} JAX")
+    rows.append((name, t_np, t_jax))
+
+  print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{jax.devices()[0].platform}; jax {jax.__version__}, "
         f"numpy {np.__version__}")
   print(f"command: python benchmarks/bench_lorentz.py --n {args.n} "
@@ -89,9 +101,7 @@ def main():
         f"median of {args.repeats}\n")
   print("| op | NumPy (s) | JAX jit (s) | speed-up |")
   print("| --- | --- | --- | --- |")
-  for name, np_fn, jax_fn in cases:
-    t_np = median_seconds(np_fn, args.repeats)
-    t_jax = median_seconds(jax_fn, args.repeats)
+  for name, t_np, t_jax in rows:
     print(f"| {name} | {t_np:.3f} | {t_jax:.3f} | {t_np / t_jax:.2f}x |")
 
 

@@ -48,8 +48,9 @@ def get_config():
   c.data.manual_dir = ""  # ViSU JSON files + COCO + unsafe images (visu only)
   c.data.batch_size_per_device = 32
   c.data.eval_batch_size_per_device = 64
-  c.data.num_workers = 4
+  c.data.num_workers = 8  # grain decode processes: ~90 quadruples/s each (BENCHMARKS.md)
   c.data.augment = False  # random-resized-crop, off as in the release
+  c.data.jpeg_draft = False  # True: JPEGs decode at 1/2-1/8 scale first (faster, not pixel-identical)
   c.data.skip_invalid = False  # visu: skip bad records (report file) instead of failing
 
   c.train = ml_collections.ConfigDict()

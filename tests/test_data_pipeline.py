@@ -1,11 +1,13 @@
 """The grain input pipeline: batch contents, shuffling, sharding, eval
 padding, resumable state, workers, text-only batches."""
 
+import io
 import json
 
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from hysac_jax.data import build
 from hysac_jax.data import pipeline
@@ -254,3 +256,42 @@ def test_split_smaller_than_a_global_batch_is_an_error(data_config):
 def test_build_dataset_rejects_unknown_names(tmp_path):
   with pytest.raises(ValueError, match="unknown dataset"):
     build.build_dataset("imagenet", str(tmp_path))
+
+
+def test_jpeg_draft_reaches_the_decoder():
+  rng = np.random.default_rng(0)
+
+  def jpeg(h, w):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(
+        buf, "JPEG")
+    return buf.getvalue()
+
+  records = [{"id": f"{i}".encode(), "safe_caption": b"a photo",
+              "unsafe_caption": b"another photo", "safe_image": jpeg(96, 128),
+              "unsafe_image": jpeg(64, 64)} for i in range(2)]
+  kw = dict(batch_size=2, image_size=16, train=False, process_index=0,
+            process_count=1)
+  plain = next(pipeline.make_iterator(records, **kw))
+  draft = next(pipeline.make_iterator(records, jpeg_draft=True, **kw))
+  for key in schema.IMAGE_KEYS:
+    want = np.stack([preprocess.clip_preprocess(r[key], 16, jpeg_draft=True)
+                     for r in records])
+    np.testing.assert_array_equal(draft[key], want)
+  assert not np.array_equal(draft["safe_image"], plain["safe_image"])
+
+
+def test_input_wait_counts_the_time_next_blocks():
+  ticks = iter(range(100))
+  records = [{"id": b"0", "safe_caption": b"a", "unsafe_caption": b"b"}] * 4
+  it = pipeline.make_iterator(records, batch_size=2, train=False,
+                              text_only=True, process_index=0,
+                              process_count=1, clock=lambda: next(ticks))
+  assert it.take_wait() == 0 and it.wait_seconds == 0
+  next(it)  # the clock reads 0 then 1
+  next(it)  # 2 then 3
+  assert it.wait_seconds == 2 and it.take_wait() == 2
+  assert it.take_wait() == 0
+  with pytest.raises(StopIteration):
+    next(it)  # 4 then 5: the blocked time still counts
+  assert it.wait_seconds == 3 and it.take_wait() == 1

@@ -94,3 +94,54 @@ def test_decode_image_rejects_truncated_bytes():
   data = _encoded(np.random.default_rng(3), 64, 64)
   with pytest.raises(OSError):
     preprocess.decode_image(data[:len(data) // 2])
+
+
+# ------------------------------------------------------ JPEG draft mode ---
+
+
+def test_jpeg_draft_decodes_at_the_largest_reduction_that_keeps_the_size():
+  data = _encoded(np.random.default_rng(4), 192, 256)  # h, w
+  assert preprocess.decode_image(data).size == (256, 192)
+  # min(256 // 32, 192 // 32) = 6 -> scale 1/4 (1/8 would give 24 < 32).
+  assert preprocess.decode_image(data, draft_size=32).size == (64, 48)
+  assert preprocess.decode_image(data, draft_size=96).size == (128, 96)
+  # Less than twice the size on one side: a full decode.
+  assert preprocess.decode_image(data, draft_size=100).size == (256, 192)
+
+
+@pytest.mark.parametrize("h,w,size,fmt", [
+    (100, 150, 64, "JPEG"),   # < 2x the output: nothing to reduce
+    (192, 256, 32, "PNG"),    # not a JPEG
+])
+def test_jpeg_draft_changes_nothing_it_cannot_reduce(h, w, size, fmt):
+  data = _encoded(np.random.default_rng(h + w), h, w, fmt)
+  np.testing.assert_array_equal(
+      preprocess.clip_preprocess(data, size, jpeg_draft=True),
+      preprocess.clip_preprocess(data, size))
+
+
+def test_jpeg_draft_stays_close_on_smooth_content():
+  # Error model: the full path (bicubic antialiased resize of the full
+  # decode) and the draft path (libjpeg's 1/4 DCT downscale, then bicubic)
+  # both reproduce a linear ramp; a sinusoid of wavelength 128 source px
+  # and amplitude 60 is attenuated by about (2 pi / 128)^2 * var / 2 * 60
+  # < 0.5 levels for either filter (variance under 16 px^2). With one
+  # JPEG quantisation error per path (quality 95, about 1 level) and the
+  # uint8 rounding of each output, the paths differ by at most 4 levels;
+  # on full-band noise they do differ (draft is not a full decode).
+  y, x = np.mgrid[0:384, 0:512].astype(np.float64)
+  smooth = np.stack([128 + 60 * np.sin(2 * np.pi * x / 128) + 0.1 * y,
+                     128 + 60 * np.cos(2 * np.pi * y / 128),
+                     100 + 0.2 * x], -1)
+  noise = np.random.default_rng(5).integers(0, 256, (384, 512, 3))
+  for pixels, close in ((smooth, True), (noise, False)):
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8)).save(
+        buf, "JPEG", quality=95)
+    full = preprocess.resize_crop(buf.getvalue(), 64).astype(np.float64)
+    draft = preprocess.resize_crop(buf.getvalue(), 64, jpeg_draft=True)
+    diff = np.abs(full - draft)
+    if close:
+      assert diff.max() <= 4 and diff.mean() <= 1
+    else:
+      assert diff.mean() > 1

@@ -31,6 +31,7 @@ import functools
 import os
 import sys
 import threading
+import time
 
 import grain
 import numpy as np
@@ -109,15 +110,16 @@ class BatchPlan:
 class _LoadBatch:
   """grain map: batch index -> dict of numpy arrays (runs in workers)."""
 
-  def __init__(self, source, plan, image_size, augment, text_only):
+  def __init__(self, source, plan, image_size, augment, text_only,
+               jpeg_draft=False):
     self.source, self.plan = source, plan
     self.image_size, self.augment = image_size, augment
-    self.text_only = text_only
+    self.text_only, self.jpeg_draft = text_only, jpeg_draft
 
   def _image(self, data, rng):
     if rng is not None:
       return preprocess.random_resized_crop_uint8(data, self.image_size, rng)
-    return preprocess.resize_crop(data, self.image_size)
+    return preprocess.resize_crop(data, self.image_size, self.jpeg_draft)
 
   def __call__(self, batch_index):
     indices, mask = self.plan.examples(int(batch_index))
@@ -165,16 +167,21 @@ class InputIterator:
   Attributes:
     plan: the `BatchPlan` (steps_per_epoch, global_batch_size, ...).
     num_batches: batches this iterator yields in total.
+    wait_seconds: total time `next()` has blocked waiting for a batch
+      (the first batch's pipeline start-up included); see `take_wait`.
   """
 
   def __init__(self, source, plan, num_batches, loader, num_workers,
-               num_threads, prefetch):
+               num_threads, prefetch, clock=time.perf_counter):
     self.plan, self.num_batches = plan, num_batches
     self._source, self._loader = source, loader
     self._num_workers, self._num_threads = num_workers, num_threads
     self._prefetch = prefetch
     self._next = 0
     self._it = None
+    self._clock = clock
+    self.wait_seconds = 0.0
+    self._untaken = 0.0
 
   @property
   def steps_per_epoch(self):
@@ -200,11 +207,24 @@ class InputIterator:
     return self
 
   def __next__(self):
+    start = self._clock()
     if self._it is None:
       self._start()
-    batch = next(self._it)
+    try:
+      batch = next(self._it)
+    finally:
+      waited = self._clock() - start
+      self.wait_seconds += waited
+      self._untaken += waited
     self._next += 1
     return batch
+
+  def take_wait(self):
+    """Seconds `next()` blocked since the last call (input wait per log
+    interval: near 0 when the workers keep up, the step's starvation when
+    they do not)."""
+    waited, self._untaken = self._untaken, 0.0
+    return waited
 
   def __len__(self):
     return self.num_batches
@@ -237,7 +257,8 @@ class InputIterator:
 def make_iterator(source, *, batch_size, image_size=None, train,
                   seed=0, num_epochs=None, augment=False, text_only=False,
                   process_index=None, process_count=None, num_workers=0,
-                  num_threads=None, prefetch=2):
+                  num_threads=None, prefetch=2, jpeg_draft=False,
+                  clock=time.perf_counter):
   """A batch iterator over any random-access source of records.
 
   Args:
@@ -255,6 +276,10 @@ def make_iterator(source, *, batch_size, image_size=None, train,
     num_workers: grain worker processes (0: reader threads in this process).
     num_threads: reader threads (default: 1 with workers, else 4).
     prefetch: batches buffered ahead.
+    jpeg_draft: decode JPEGs at a reduced scale before the centre-crop
+      resize (`preprocess` module docstring); the augmentation path always
+      decodes at full size.
+    clock: time source of the input-wait accounting (tests).
   """
   if process_index is None or process_count is None:
     import jax  # Not at module level: grain workers need no JAX.
@@ -275,11 +300,12 @@ def make_iterator(source, *, batch_size, image_size=None, train,
         f"split of {plan.num_examples} examples is smaller than one global "
         f"batch of {plan.global_batch_size}")
   epochs = 1 if not train else (num_epochs or _FOREVER // plan.steps_per_epoch)
-  loader = _LoadBatch(source, plan, image_size, augment and train, text_only)
+  loader = _LoadBatch(source, plan, image_size, augment and train, text_only,
+                      jpeg_draft)
   if num_threads is None:
     num_threads = 1 if num_workers else 4
   return InputIterator(source, plan, plan.steps_per_epoch * epochs, loader,
-                       num_workers, num_threads, prefetch)
+                       num_workers, num_threads, prefetch, clock)
 
 
 def _builder_kwargs(data_config, image_size):
@@ -322,7 +348,8 @@ def make_dataset(data_config, split, image_size, *, seed=0, num_epochs=None,
   Args:
     data_config: `config.data` (name, data_dir, manual_dir,
       batch_size_per_device, eval_batch_size_per_device, num_workers,
-      augment; optional synthetic_sizes, synthetic_seed, skip_invalid).
+      augment; optional jpeg_draft, synthetic_sizes, synthetic_seed,
+      skip_invalid).
     split: "train", "validation" or "test".
     image_size: model input side (the vision config's image_size).
     seed: shuffle (and augmentation) seed.
@@ -348,6 +375,7 @@ def make_dataset(data_config, split, image_size, *, seed=0, num_epochs=None,
       source, batch_size=per_device * local_device_count,
       image_size=image_size, train=train, seed=seed, num_epochs=num_epochs,
       augment=data_config.get("augment", False),
+      jpeg_draft=data_config.get("jpeg_draft", False),
       process_index=process_index, process_count=process_count,
       num_workers=(data_config.num_workers if num_workers is None
                    else num_workers))

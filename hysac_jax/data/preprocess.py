@@ -6,6 +6,16 @@ convert to RGB, resize the shorter side to `image_size` with PIL bicubic
 `(size - crop) // 2`, scale to [0, 1], normalise with the OpenAI CLIP mean and
 std. `random_resized_crop` is the optional training augmentation (off by
 default, as in the HySAC release).
+
+`jpeg_draft=True` (config `data.jpeg_draft`, off by default) lets libjpeg
+decode a JPEG at 1/2, 1/4 or 1/8 scale (PIL's `Image.draft`), the largest
+reduction that keeps both sides >= `image_size`, before the same bicubic
+resize and crop. It only acts on JPEGs at least twice the output size (a
+640x480 COCO image decodes at 320x240, a 1024 px one at 256), and it is
+faster but not pixel-identical to the full decode: libjpeg's DCT-domain
+downscale is a box-like filter, so edges come out slightly softer and the
+result moves away from `CLIPImageProcessor` by a few 1/255 on average
+(BENCHMARKS.md, "Decode + preprocess per core").
 """
 
 import io
@@ -18,20 +28,28 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
-def decode_image(data):
+def decode_image(data, draft_size=None):
   """Decodes JPEG/PNG bytes into an RGB PIL image (fully loaded).
+
+  Args:
+    data: encoded bytes.
+    draft_size: if set, a JPEG at least twice this size on both sides is
+      decoded at a reduced scale (1/2, 1/4 or 1/8) whose sides all stay
+      >= draft_size (see the module docstring); other formats are unchanged.
 
   Raises:
     OSError / PIL.UnidentifiedImageError: unreadable or truncated bytes.
   """
   img = Image.open(io.BytesIO(data))
+  if draft_size:
+    img.draft(None, (draft_size, draft_size))  # no-op unless a JPEG
   img.load()  # Forces the full decode, so truncated files fail here.
   return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def _to_pil(image):
+def _to_pil(image, draft_size=None):
   if isinstance(image, (bytes, bytearray)):
-    return decode_image(bytes(image))
+    return decode_image(bytes(image), draft_size)
   if isinstance(image, np.ndarray):
     return Image.fromarray(np.asarray(image, np.uint8))
   return image.convert("RGB") if image.mode != "RGB" else image
@@ -55,30 +73,33 @@ def resize_shorter_side(img, size):
   return img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
 
 
-def resize_crop(image, image_size):
+def resize_crop(image, image_size, jpeg_draft=False):
   """Shorter-side bicubic resize then centre crop, still uint8.
 
   Args:
     image: encoded bytes, a PIL image, or a uint8 (H, W, 3) array.
     image_size: output side length.
+    jpeg_draft: decode JPEG bytes at a reduced scale first (module
+      docstring); no effect on PIL images, arrays or other formats.
 
   Returns:
     uint8 (image_size, image_size, 3).
   """
-  img = resize_shorter_side(_to_pil(image), image_size)
+  img = resize_shorter_side(
+      _to_pil(image, image_size if jpeg_draft else None), image_size)
   pixels = np.asarray(img, np.uint8)
   h, w = pixels.shape[:2]
   top, left = (h - image_size) // 2, (w - image_size) // 2
   return pixels[top:top + image_size, left:left + image_size]
 
 
-def clip_preprocess(image, image_size):
+def clip_preprocess(image, image_size, jpeg_draft=False):
   """The CLIP evaluation transform: `normalise(resize_crop(...))`.
 
   Returns:
     float32 (image_size, image_size, 3), NHWC channel order, normalised.
   """
-  return normalise(resize_crop(image, image_size))
+  return normalise(resize_crop(image, image_size, jpeg_draft))
 
 
 def random_resized_crop(image, image_size, rng, scale=(0.5, 1.0),
