@@ -15,12 +15,47 @@ leaves a checkpoint that looks finished.
 
 import math
 import os
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 LAST, BEST_LOSS, BEST_RECALL = "checkpoints", "best_loss", "best_recall"
+SET_ASIDE = "unreadable"  # WORKDIR/unreadable/<kind>-<step>-<time>/
+
+
+class CheckpointError(Exception):
+  """A checkpoint that cannot be read; `kind` and `step` name it."""
+
+  def __init__(self, message, kind=None, step=None):
+    super().__init__(message)
+    self.kind, self.step = kind, step
+
+
+def saved_steps(workdir, kind=LAST):
+  """Finished steps under workdir/kind, ascending, without opening Orbax
+  (so nothing is created or cleaned up)."""
+  directory = os.path.join(workdir, kind)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit()
+                and os.path.isdir(os.path.join(directory, name)))
+
+
+def _root_cause(error):
+  """The first line of the innermost error in a chain (Orbax wraps the
+  TensorStore error, e.g. OUT_OF_RANGE with the file, in a generic one)."""
+  seen = []
+  while error is not None and error not in seen:
+    seen.append(error)
+    error = error.__cause__ or error.__context__
+  for e in reversed(seen):
+    text = str(e).strip()
+    if text:
+      return f"{type(e).__name__}: {text.splitlines()[0]}"
+  return type(seen[-1]).__name__
 
 
 def _manager(directory, max_to_keep):
@@ -74,6 +109,23 @@ class RunCheckpoints:
   def latest_step(self, kind=LAST):
     return self.managers[kind].latest_step()
 
+  def all_steps(self, kind=LAST):
+    return sorted(self.managers[kind].all_steps())
+
+  def set_aside(self, step, kind=LAST):
+    """Moves an unreadable checkpoint to workdir/unreadable/ (never deletes
+    it) so that the step can be saved again; returns the new path."""
+    target = os.path.join(self.workdir, SET_ASIDE,
+                          f"{kind}-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(os.path.join(self.workdir, kind, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"hysac_jax: set aside {step}")
+    self.managers[kind].reload()
+    return target
+
   def restore(self, abstract_state, step=None, kind=LAST):
     """Restores (state, data_state, meta); None when there is no checkpoint.
 
@@ -90,10 +142,17 @@ class RunCheckpoints:
       return None
     abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                   abstract_state)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax raises bare Exceptions; any failure here means the files on
+      # disk do not hold the checkpoint.
+      raise CheckpointError(
+          f"checkpoint {kind}/{step} in {self.workdir} cannot be read: "
+          f"{_root_cause(e)}", kind=kind, step=step) from e
     return restored.state, restored.data, restored.meta
 
   def close(self):
