@@ -16,6 +16,7 @@ checkpoint (rerun to resume), 130 interrupted before anything was saved.
 """
 
 import json
+import os
 
 from absl import app
 from absl import logging
@@ -58,15 +59,25 @@ _DIST_TIMEOUT = flags.DEFINE_integer(
 def train(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _OVERWRITE.value and _RESUME.value:
+    raise app.UsageError("--overwrite starts afresh: drop --resume")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   from hysac_jax import distributed
   from hysac_jax import trainer
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, timeout_s=_DIST_TIMEOUT.value)
-  summary = trainer.train_and_evaluate(
-      _CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value,
-      resume=_RESUME.value, overwrite=_OVERWRITE.value,
-      fallback_checkpoint=_FALLBACK.value)
+  try:
+    summary = trainer.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value,
+        resume=_RESUME.value, overwrite=_OVERWRITE.value,
+        fallback_checkpoint=_FALLBACK.value)
+  except KeyboardInterrupt:
+    from hysac_jax import checkpoint
+    steps = checkpoint.saved_steps(os.path.abspath(_WORKDIR.value))
+    last = (f"the last checkpoint is step {steps[-1]}" if steps
+            else "no checkpoint was saved")
+    raise cli.CLIError(f"interrupted; {last} in {_WORKDIR.value}",
+                       cli.EXIT_INTERRUPTED) from None
   import jax
   if jax.process_index() == 0:
     print(json.dumps({k: v for k, v in summary.items() if k != "bounds"},
@@ -75,14 +86,10 @@ def train(argv):
 
 
 def main(argv):
-  from hysac_jax import checkpoint
-  from hysac_jax import run_lock
-  from hysac_jax import trainer
-  return cli.run_guarded(
-      "train.py", train, argv,
-      expected=(ValueError, OSError, ConnectionError,
-                trainer.TrainingDiverged, run_lock.RunLocked,
-                checkpoint.CheckpointError))
+  # A locked run or an unreadable checkpoint raise cli.CLIError; a NaN loss
+  # raises trainer.TrainingDiverged, a FloatingPointError.
+  return cli.run_guarded("train.py", train, argv,
+                         expected=(ValueError, OSError, FloatingPointError))
 
 
 if __name__ == "__main__":

@@ -21,15 +21,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from hysac_jax import cli
+
 LAST, BEST_LOSS, BEST_RECALL = "checkpoints", "best_loss", "best_recall"
 SET_ASIDE = "unreadable"  # WORKDIR/unreadable/<kind>-<step>-<time>/
 
 
-class CheckpointError(Exception):
+class CheckpointError(cli.CLIError):
   """A checkpoint that cannot be read; `kind` and `step` name it."""
 
   def __init__(self, message, kind=None, step=None):
-    super().__init__(message)
+    super().__init__(message, cli.EXIT_ERROR)
     self.kind, self.step = kind, step
 
 

@@ -29,10 +29,12 @@ import os
 import socket
 import time
 
+from hysac_jax import cli
+
 LOCK_NAME = ".lock"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(cli.CLIError):
   """Another process holds the run directory."""
 
 

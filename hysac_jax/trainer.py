@@ -309,18 +309,22 @@ def validate(state, config, mesh, eval_step, image_size, desc="validation"):
 
 class _Preemption:
   """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks between
-  steps, so both save a checkpoint; a second SIGINT interrupts at once."""
+  steps, so both save a checkpoint; a second SIGINT interrupts at once,
+  unless a checkpoint is being written (that one is finished first)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
     self.signal_name = None
+    self.saving = False
     self._previous = {}
 
   def __enter__(self):
     try:
       for signum in self.SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_IGN:
+          continue  # nohup, or a background job of a script: keep ignoring.
         self._previous[signum] = signal.signal(signum, self._handle)
     except ValueError:  # Not the main thread: leave signals alone.
       pass
@@ -328,7 +332,7 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del frame
-    if self.requested and signum == signal.SIGINT:
+    if self.requested and signum == signal.SIGINT and not self.saving:
       raise KeyboardInterrupt
     self.requested = True
     self.signal_name = signal.Signals(signum).name
@@ -548,8 +552,12 @@ def _train_and_evaluate(config, workdir, *, init_from, resume,
   def save(step, kind=ckpt_lib.LAST, extra=None):
     meta = {"step": step, "epoch": step // steps_per_epoch,
             "early_stopping": stopper.to_json(), **(extra or {})}
-    checkpoints.save(step, checkpoint_tree(state, step_key),
-                     train_batches.get_state(), meta, kind=kind)
+    preemption.saving = True
+    try:
+      checkpoints.save(step, checkpoint_tree(state, step_key),
+                       train_batches.get_state(), meta, kind=kind)
+    finally:
+      preemption.saving = False
 
   bar = tqdm(total=total_steps, initial=start_step, disable=not is_main,
              desc="train", dynamic_ncols=True)
@@ -614,12 +622,12 @@ def _train_and_evaluate(config, workdir, *, init_from, resume,
         summary.update(preempted=True,
                        signal=preemption.signal_name or "SIGTERM/SIGINT "
                        "on another process")
-        if is_main:
-          tqdm.write(f"{summary['signal']}: saved step {step} in "
-                     f"{os.path.join(workdir, ckpt_lib.LAST)}; rerun the "
-                     "same command to resume", file=sys.stderr)
         break
   bar.close()
+  if summary["preempted"] and is_main:
+    print(f"{summary['signal']}: saved step {step} in "
+          f"{os.path.join(workdir, ckpt_lib.LAST)}; rerun the same command "
+          "to resume", file=sys.stderr, flush=True)
   train_batches.close()
 
   summary.update(steps=step, epochs=step / steps_per_epoch,
