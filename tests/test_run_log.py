@@ -1,6 +1,7 @@
 """Metric logging (hysac_jax/run_log.py)."""
 
 import json
+import struct
 
 from hysac_jax import run_log
 
@@ -33,3 +34,32 @@ def test_fresh_run_keeps_nothing_logged_past_step_zero(tmp_path):
   run_log.RunLog(tmp_path, enabled=True).close()
   assert path.read_text() == ""
   assert _steps(tmp_path / "metrics.jsonl.discarded") == [10]
+
+
+def _events(path):
+  """The Event records of a TensorBoard file (TFRecord framing: length,
+  its CRC, the data, its CRC)."""
+  from tensorboardX.proto import event_pb2
+  data, events, at = path.read_bytes(), [], 0
+  while at < len(data):
+    (length,) = struct.unpack("<Q", data[at:at + 8])
+    event = event_pb2.Event()
+    event.ParseFromString(data[at + 12:at + 12 + length])
+    events.append(event)
+    at += 12 + length + 4
+  return events
+
+
+def test_resumed_tensorboard_purges_events_past_the_checkpoint(tmp_path):
+  from tensorboardX.proto import event_pb2
+  first = run_log.RunLog(tmp_path, enabled=True)
+  for step in (2, 4, 6):
+    first.write(step, {"loss": 1.0})
+  first.close()
+  assert len(list((tmp_path / "tensorboard").iterdir())) == 1
+  run_log.RunLog(tmp_path, enabled=True, start_step=4).close()
+  starts = [e.step for f in sorted((tmp_path / "tensorboard").iterdir())
+            for e in _events(f)
+            if e.session_log.status == event_pb2.SessionLog.START]
+  # TensorBoard hides the earlier run's events at step >= 5 on reading this.
+  assert starts == [5]
