@@ -59,6 +59,8 @@ _DIST_TIMEOUT = flags.DEFINE_integer(
 def train(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value.strip():
+    raise app.UsageError("--workdir is empty: name the run directory")
   if _OVERWRITE.value and _RESUME.value:
     raise app.UsageError("--overwrite starts afresh: drop --resume")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.

@@ -124,7 +124,7 @@ def assert_one_line_error(out, code, *fragments):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["field", "config_file", "workdir_file",
-                                  "sizes"])
+                                  "empty_workdir", "sizes"])
 def test_cli_bad_input_ends_in_one_line(case, tmp_path):
   flags = cli_flags(tmp_path) + [f"--workdir={tmp_path / 'run'}"]
   if case == "field":
@@ -140,6 +140,9 @@ def test_cli_bad_input_ends_in_one_line(case, tmp_path):
     out = train_cli(cli_flags(tmp_path) + [f"--workdir={tmp_path / 'afile'}"])
     assert_one_line_error(out, cli.EXIT_ERROR, str(tmp_path / "afile"),
                           "is a file")
+  elif case == "empty_workdir":  # would train into the current directory
+    out = train_cli(cli_flags(tmp_path) + ["--workdir="])
+    assert_one_line_error(out, cli.EXIT_USAGE, "--workdir is empty")
   else:
     out = train_cli(
         [f for f in flags if "synthetic_sizes" not in f]
