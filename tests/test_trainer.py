@@ -105,10 +105,10 @@ def test_cli_rejects_unknown_and_bad_fields(tmp_path):
   assert "config.model.mode='poincare'" in out.stderr
 
 
-def train_cli(args, timeout=300):
+def train_cli(args, timeout=300, cwd=ROOT):
   return subprocess.run([sys.executable, str(ROOT / "train.py")] + args,
                         capture_output=True, text=True, timeout=timeout,
-                        env=run_env(), cwd=ROOT)
+                        env=run_env(), cwd=cwd)
 
 
 def assert_one_line_error(out, code, *fragments):
@@ -141,7 +141,7 @@ def test_cli_bad_input_ends_in_one_line(case, tmp_path):
     assert_one_line_error(out, cli.EXIT_ERROR, str(tmp_path / "afile"),
                           "is a file")
   elif case == "empty_workdir":  # would train into the current directory
-    out = train_cli(cli_flags(tmp_path) + ["--workdir="])
+    out = train_cli(cli_flags(tmp_path) + ["--workdir="], cwd=tmp_path)
     assert_one_line_error(out, cli.EXIT_USAGE, "--workdir is empty")
   else:
     out = train_cli(
