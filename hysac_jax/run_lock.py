@@ -48,7 +48,8 @@ def _pid_alive(pid):
   return True
 
 
-def _describe(holder):
+def describe(holder):
+  """"PID 123 on host h (since 2026-...)" for a lock record."""
   return (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
           f"(since {holder.get('started', '?')})")
 
@@ -82,14 +83,14 @@ class RunLock:
       except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
           holder = self._read(fd) or {}
-          raise RunLocked(f"{self.workdir} is in use by {_describe(holder)}; "
+          raise RunLocked(f"{self.workdir} is in use by {describe(holder)}; "
                           f"wait for it to finish or stop it") from None
         kernel_lock = False  # No locks on this filesystem: trust the record.
       holder = self._read(fd)
       if holder is not None and not kernel_lock:
         here = holder.get("host") == socket.gethostname()
         if not here or _pid_alive(int(holder.get("pid", -1))):
-          raise RunLocked(f"{self.workdir} is in use by {_describe(holder)} "
+          raise RunLocked(f"{self.workdir} is in use by {describe(holder)} "
                           f"(this filesystem has no file locks; remove "
                           f"{self.path} if that process is gone)")
       if holder is not None:
@@ -121,7 +122,3 @@ class RunLock:
 
   def __exit__(self, *exc):
     self.release()
-
-
-def describe_stale(holder):
-  return _describe(holder)

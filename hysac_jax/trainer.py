@@ -412,7 +412,7 @@ def open_run_dir(workdir, resume=None, overwrite=False):
     try:
       if lock.stale is not None:
         _note(f"took over the stale lock of "
-              f"{run_lock.describe_stale(lock.stale)} in {workdir}")
+              f"{run_lock.describe(lock.stale)} in {workdir}")
       steps = ckpt_lib.saved_steps(workdir)
       if overwrite:
         if set(os.listdir(workdir)) - {run_lock.LOCK_NAME}:
