@@ -13,8 +13,10 @@ temporary directory and renames it when complete, so a crash mid-save never
 leaves a checkpoint that looks finished.
 """
 
+import gc
 import math
 import os
+import sys
 import time
 
 import jax
@@ -58,6 +60,30 @@ def _root_cause(error):
     if text:
       return f"{type(e).__name__}: {text.splitlines()[0]}"
   return type(seen[-1]).__name__
+
+
+def _call_quietly(fn):
+  """(fn(), None), or (None, one line naming the innermost error).
+
+  When one array read fails, Orbax's `asyncio.gather` raises and leaves the
+  other read coroutines unfinished; Python reports each of them when it
+  frees them ("Exception ignored in: <coroutine
+  _read_array_index_and_device_put>", "Event loop is closed"), often after
+  the program's own error. Here the error is reduced to a line, its
+  traceback (which holds those coroutines) dropped, and they are freed at
+  once with their reports muted.
+  """
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    try:
+      return fn(), None
+    except Exception as e:  # pylint: disable=broad-except
+      cause = _root_cause(e)
+    gc.collect()
+    return None, cause
+  finally:
+    sys.unraisablehook = previous
 
 
 def _manager(directory, max_to_keep):
@@ -144,17 +170,17 @@ class RunCheckpoints:
       return None
     abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                   abstract_state)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore(),
-          meta=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except
-      # Orbax raises bare Exceptions; any failure here means the files on
-      # disk do not hold the checkpoint.
+    # Orbax raises bare Exceptions; any failure here means the files on disk
+    # do not hold the checkpoint.
+    restored, cause = _call_quietly(lambda: manager.restore(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore())))
+    if cause is not None:
       raise CheckpointError(
           f"checkpoint {kind}/{step} in {self.workdir} cannot be read: "
-          f"{_root_cause(e)}", kind=kind, step=step) from e
+          f"{cause}", kind=kind, step=step)
     return restored.state, restored.data, restored.meta
 
   def close(self):
