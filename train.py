@@ -6,17 +6,24 @@
 
 Every config field can be overridden with --config.FIELD=VALUE. The resolved
 config is saved as WORKDIR/config.json. A workdir that already holds
-checkpoints is resumed (exactly: same batches, same dropout keys) unless
---noresume is given.
+checkpoints is resumed (exactly: same batches, same dropout keys); --noresume
+refuses it, --overwrite moves it to WORKDIR.old-<time>/ and starts afresh.
+WORKDIR/.lock keeps a second train.py off the same run.
+
+Exit codes (hysac_jax/cli.py): 0 done, 1 an expected error (one line naming
+the file, field or step), 2 a bad command line, 75 SIGTERM or SIGINT saved a
+checkpoint (rerun to resume), 130 interrupted before anything was saved.
 """
 
 import json
-import sys
+import os
 
 from absl import app
 from absl import logging
 from absl import flags
 from ml_collections import config_flags
+
+from hysac_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -29,6 +36,13 @@ _RESUME = flags.DEFINE_bool(
     "resume", None, "Continue from the latest checkpoint in --workdir "
     "(default: when there is one). --noresume starts afresh and fails if "
     "the workdir already has checkpoints.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Move an existing run in --workdir to "
+    "WORKDIR.old-<time>/ (nothing is deleted) and start afresh.")
+_FALLBACK = flags.DEFINE_bool(
+    "fallback_checkpoint", False, "On resume, if the latest checkpoint "
+    "cannot be read, move it to WORKDIR/unreadable/ and resume from the "
+    "previous one.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process "
     "runs on clusters without auto-detection (Slurm, Open MPI and TPU pods "
@@ -42,29 +56,44 @@ _DIST_TIMEOUT = flags.DEFINE_integer(
     "the other processes before failing.")
 
 
-def main(argv):
+def train(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value.strip():
+    raise app.UsageError("--workdir is empty: name the run directory")
+  if _OVERWRITE.value and _RESUME.value:
+    raise app.UsageError("--overwrite starts afresh: drop --resume")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   from hysac_jax import distributed
   from hysac_jax import trainer
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value, timeout_s=_DIST_TIMEOUT.value)
   try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                           _PROCESS_ID.value, timeout_s=_DIST_TIMEOUT.value)
     summary = trainer.train_and_evaluate(
         _CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value,
-        resume=_RESUME.value)
-  except (ValueError, FileNotFoundError, ConnectionError,
-          trainer.TrainingDiverged) as e:
-    print(f"train.py: error: {e}", file=sys.stderr)
-    return 1
+        resume=_RESUME.value, overwrite=_OVERWRITE.value,
+        fallback_checkpoint=_FALLBACK.value)
+  except KeyboardInterrupt:
+    from hysac_jax import checkpoint
+    steps = checkpoint.saved_steps(os.path.abspath(_WORKDIR.value))
+    last = (f"the last checkpoint is step {steps[-1]}" if steps
+            else "no checkpoint was saved")
+    raise cli.CLIError(f"interrupted; {last} in {_WORKDIR.value}",
+                       cli.EXIT_INTERRUPTED) from None
   import jax
   if jax.process_index() == 0:
     print(json.dumps({k: v for k, v in summary.items() if k != "bounds"},
                      indent=2, default=str))
-  return 0
+  return cli.EXIT_PREEMPTED if summary["preempted"] else cli.EXIT_OK
+
+
+def main(argv):
+  # A locked run or an unreadable checkpoint raise cli.CLIError; a NaN loss
+  # raises trainer.TrainingDiverged, a FloatingPointError.
+  return cli.run_guarded("train.py", train, argv,
+                         expected=(ValueError, OSError, FloatingPointError))
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser("train.py"))

@@ -13,29 +13,70 @@ temporary directory and renames it when complete, so a crash mid-save never
 leaves a checkpoint that looks finished.
 """
 
+import gc
 import math
 import os
 import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from hysac_jax import cli
+
 LAST, BEST_LOSS, BEST_RECALL = "checkpoints", "best_loss", "best_recall"
+SET_ASIDE = "unreadable"  # WORKDIR/unreadable/<kind>-<step>-<time>/
 
 
-class CorruptCheckpointError(ValueError):
-  """A checkpoint step that Orbax cannot read (truncated or damaged files).
+class CheckpointError(cli.CLIError, ValueError):
+  """A checkpoint step that cannot be read (truncated or damaged files).
 
   Attributes:
     path: the step directory, e.g. RUN/best_recall/384.
-    step: the step.
     kind: LAST, BEST_LOSS or BEST_RECALL.
+    step: the step.
   """
 
-  def __init__(self, path, step, kind, cause):
-    super().__init__(f"checkpoint {path} cannot be restored: {cause}")
-    self.path, self.step, self.kind = path, step, kind
+  def __init__(self, path, cause, kind=None, step=None):
+    super().__init__(f"checkpoint {path} cannot be restored: {cause}",
+                     cli.EXIT_ERROR)
+    self.path, self.cause, self.kind, self.step = path, cause, kind, step
+
+
+def saved_steps(workdir, kind=LAST):
+  """Finished steps under workdir/kind, ascending, without opening Orbax
+  (so nothing is created or cleaned up)."""
+  directory = os.path.join(workdir, kind)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit()
+                and os.path.isdir(os.path.join(directory, name)))
+
+
+def call_quietly(fn):
+  """(fn(), None), or (None, one line naming the innermost error).
+
+  When one array read fails, Orbax's `asyncio.gather` raises and leaves the
+  other read coroutines unfinished; Python reports each of them when it
+  frees them ("Exception ignored in: <coroutine
+  _read_array_index_and_device_put>", "Event loop is closed"), often after
+  the program's own error. Here the error is reduced to a line, its
+  traceback (which holds those coroutines) dropped, and they are freed at
+  once with their reports muted.
+  """
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    try:
+      return fn(), None
+    except Exception as e:  # pylint: disable=broad-except
+      cause = root_cause(e)
+    gc.collect()
+    return None, cause
+  finally:
+    sys.unraisablehook = previous
 
 
 def _manager(directory, max_to_keep, read_only=False):
@@ -46,45 +87,6 @@ def _manager(directory, max_to_keep, read_only=False):
       enable_async_checkpointing=False,
       cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(directory, options=options)
-
-
-def _is_closed_loop_error(exc_type, exc):
-  return (exc_type is RuntimeError and str(exc) == "Event loop is closed")
-
-
-def silence_closed_loop_errors():
-  """Drops the "Event loop is closed" tracebacks of a failed Orbax restore.
-
-  When one read of a restore fails, Orbax closes its asyncio loop while
-  TensorStore still completes the other reads; each completion then calls
-  `loop.call_soon_threadsafe` on the closed loop from a TensorStore thread,
-  which prints a traceback (dozens of them, after the real error). Called
-  once a restore has failed, this filters exactly that RuntimeError from
-  the hooks those threads report through; any other error still prints.
-  """
-  import threading  # pylint: disable=g-import-not-at-top
-  if getattr(sys.excepthook, "_hysac_quiet", False):
-    return
-  previous_excepthook = sys.excepthook
-  previous_threading = threading.excepthook
-  previous_unraisable = sys.unraisablehook
-
-  def excepthook(exc_type, exc, tb):
-    if not _is_closed_loop_error(exc_type, exc):
-      previous_excepthook(exc_type, exc, tb)
-
-  def threading_hook(args):
-    if not _is_closed_loop_error(args.exc_type, args.exc_value):
-      previous_threading(args)
-
-  def unraisable_hook(args):
-    if not _is_closed_loop_error(args.exc_type, args.exc_value):
-      previous_unraisable(args)
-
-  excepthook._hysac_quiet = True  # pylint: disable=protected-access
-  sys.excepthook = excepthook
-  threading.excepthook = threading_hook
-  sys.unraisablehook = unraisable_hook
 
 
 def root_cause(error):
@@ -155,6 +157,23 @@ class RunCheckpoints:
   def latest_step(self, kind=LAST):
     return self.managers[kind].latest_step()
 
+  def all_steps(self, kind=LAST):
+    return sorted(self.managers[kind].all_steps())
+
+  def set_aside(self, step, kind=LAST):
+    """Moves an unreadable checkpoint to workdir/unreadable/ (never deletes
+    it) so that the step can be saved again; returns the new path."""
+    target = os.path.join(self.workdir, SET_ASIDE,
+                          f"{kind}-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(os.path.join(self.workdir, kind, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"hysac_jax: set aside {step}")
+    self.managers[kind].reload()
+    return target
+
   def restore(self, abstract_state, step=None, kind=LAST):
     """Restores (state, data_state, meta); None when there is no checkpoint.
 
@@ -171,17 +190,16 @@ class RunCheckpoints:
       return None
     abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                   abstract_state)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore(),
-          meta=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except
-      # Orbax raises plain `Exception`s (TensorStore read errors, missing
-      # metadata, JSON errors) for a damaged step; name the step instead.
-      silence_closed_loop_errors()
-      path = os.path.join(self.workdir, kind, str(step))
-      raise CorruptCheckpointError(path, step, kind, root_cause(e)) from e
+    # Orbax raises bare Exceptions; any failure here means the files on disk
+    # do not hold the checkpoint.
+    restored, cause = call_quietly(lambda: manager.restore(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore())))
+    if cause is not None:
+      raise CheckpointError(os.path.join(self.workdir, kind, str(step)),
+                            cause, kind=kind, step=step)
     return restored.state, restored.data, restored.meta
 
   def close(self):

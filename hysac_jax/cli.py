@@ -15,7 +15,12 @@ code   meaning
 3      partial (predict): some inputs were answered with an error record
 75     preempted (SIGTERM / SIGINT): a checkpoint was saved; rerun the
        same command to resume (``EX_TEMPFAIL``, so schedulers requeue)
+130    interrupted (a second Ctrl-C, or one before anything was saved)
 =====  ===============================================================
+
+``run_guarded`` turns expected exceptions into that line and code;
+``absl_flags_parser`` does the same for command lines absl or ml_collections
+reject (unknown flag or ``--config.FIELD``, bad value, missing config file).
 """
 
 import sys
@@ -45,64 +50,93 @@ def fail(prog, message, exit_code=EXIT_ERROR):
   return exit_code
 
 
-def _config_flag_message(error, argv):
-  """A one-line message for an exception raised while parsing absl flags.
+EXIT_INTERRUPTED = 130  # A second Ctrl-C, or one before a run could save.
 
-  `ml_collections.config_flags` raises plain exceptions (OSError for a
-  missing --config file, AttributeError / KeyError for an unknown field,
-  with a "Did you mean ..." hint inside) that absl does not turn into a
-  usage message; name the flag that caused it.
+
+def run_guarded(prog, fn, *args, expected=(), **kwargs):
+  """Calls `fn`; returns its exit code, or the code of an expected failure.
+
+  `CLIError` gives its own code, an exception of a type in `expected` gives
+  EXIT_ERROR, `absl.app.UsageError` EXIT_USAGE and KeyboardInterrupt
+  EXIT_INTERRUPTED, each after one line `PROG: error: ...`. Anything else
+  propagates: a traceback means a bug.
   """
-  import re  # pylint: disable=g-import-not-at-top
-  text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'")
-                  .split()).strip("'\" ")
-  flags_given = [a for a in argv[1:] if a.startswith("--")]
-  if isinstance(error, (AttributeError, KeyError)):
-    match = re.match(r"'?([\w-]+)'?", text)
-    field = match.group(1) if match else None
-    hint = re.search(r"Did you mean .*", text)
-    culprit = next((a.split("=", 1)[0] for a in flags_given
-                    if field and re.search(rf"\.{re.escape(field)}(=|$|\.)",
-                                           a.split("=", 1)[0])), None)
-    if culprit:
-      return (f"{culprit}: unknown config field {field!r}"
-              + (f"; {hint.group(0)}" if hint else ""))
-  if isinstance(error, OSError):
-    import os  # pylint: disable=g-import-not-at-top
-    values = [a.split("=", 1)[-1] for a in argv[1:]]
-    for path in values:
-      if path.endswith(".py") and not os.path.isfile(path):
-        return f"config file not found: {path}"
-  return f"bad flags: {type(error).__name__}: {text}"
+  from absl import app
+  try:
+    return fn(*args, **kwargs)
+  except CLIError as e:
+    return fail(prog, e, e.exit_code)
+  except app.UsageError as e:
+    return fail(prog, e, EXIT_USAGE)
+  except KeyboardInterrupt:
+    return fail(prog, "interrupted", EXIT_INTERRUPTED)
+  except expected as e:  # pylint: disable=catching-non-exception
+    return fail(prog, e, EXIT_ERROR)
+
+
+def _config_field_error(error, argv):
+  """One line for ml_collections' unknown-field error (an AttributeError
+  holding the repr of a KeyError: "'modee'\\nDid you mean ...")."""
+  text = str(error).strip()
+  for _ in range(2):  # Unwrap the repr(s) around the KeyError's message.
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+      text = text[1:-1].encode().decode("unicode_escape")
+  key, _, hint = text.partition("\n")
+  key = key.strip("'\"")
+  flag = next((a.split("=")[0] for a in argv
+               if a.startswith("--config.") and
+               key in a.split("=")[0].split(".")), None)
+  where = f"{flag}: " if flag else ""
+  return f"{where}unknown config field {key!r}. {hint.strip()}".strip()
+
+
+class _ConfigFileError(Exception):
+  pass
+
+
+def _load_config_files(flag_values):
+  """Loads every ml_collections config-file flag now (they load lazily),
+  so a missing or broken file is a command-line error."""
+  for name in list(flag_values):
+    flag = flag_values[name]
+    if (type(flag).__module__.startswith("ml_collections")
+        and flag.present and name == flag.name):
+      value = flag.value
+      if type(value).__name__ == "_ErrorConfig":  # Holds the load error.
+        error = object.__getattribute__(value, "_error")
+        lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+        raise _ConfigFileError(
+            f"--{name}={flag.serialize().partition('=')[2]}: cannot load "
+            f"the config file: {lines[-1].strip(chr(34)) if lines else error!r}")
 
 
 def absl_flags_parser(prog):
-  """A `flags_parser` for `absl.app.run`: flag errors in one line, exit 2.
-
-  Covers what absl's own parser leaves as a traceback: a missing --config
-  file, an unknown config field (`--config.model.modee=hyp`), a config file
-  that raises. Usage: `app.run(main, flags_parser=cli.absl_flags_parser(P))`.
-  """
+  """A `flags_parser` for `absl.app.run` that reports bad command lines in
+  one line with EXIT_USAGE: unknown flags, bad values, missing required
+  flags, unknown `--config.FIELD` overrides and config files that do not
+  load (ml_collections raises these outside absl's flags.Error)."""
+  from absl import flags
 
   def parse(argv):
-    from absl import flags  # pylint: disable=g-import-not-at-top
     try:
-      remaining = flags.FLAGS(argv)
-      for name in list(flags.FLAGS):
-        flag = flags.FLAGS[name]
-        if type(flag).__module__.startswith("ml_collections"):
-          # A config file that failed to load gives a placeholder that
-          # raises on first use: make that happen here, not inside main.
-          getattr(flag.value, "keys", None)
-      return remaining
-    except flags.Error as e:  # unknown flag, bad value: absl's own message
+      rest = flags.FLAGS(argv)
+      _load_config_files(flags.FLAGS)
+      return rest
+    except flags.Error as e:
       message = str(e)
       if "Unknown command line flag 'config." in message and not any(
           a.startswith("--config=") or a == "--config" for a in argv[1:]):
         message += " (a --config.FIELD override needs --config FILE)"
-      sys.exit(fail(prog, message, EXIT_USAGE))
-    except Exception as e:  # pylint: disable=broad-except
-      # Raised by config_flags while loading or overriding a config.
-      sys.exit(fail(prog, _config_flag_message(e, argv), EXIT_USAGE))
+    except AttributeError as e:
+      message = _config_field_error(e, argv)
+    except _ConfigFileError as e:
+      message = str(e)
+    except (SyntaxError, ImportError, NameError) as e:
+      # Raised while executing a --config file.
+      where = (f" ({e.filename}, line {e.lineno})"
+               if isinstance(e, SyntaxError) else "")
+      message = (f"cannot load the config file: {type(e).__name__}: "
+                 f"{getattr(e, 'msg', None) or e}{where}")
+    sys.exit(fail(prog, message, EXIT_USAGE))
 
   return parse

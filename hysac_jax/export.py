@@ -632,15 +632,17 @@ def load_orbax(directory):
   directory = os.path.abspath(os.fspath(directory))
   head = _read_head(directory, "orbax")
   params_dir = os.path.join(directory, ORBAX_PARAMS_DIR)
-  try:
+  from hysac_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  def restore():
     with ocp.StandardCheckpointer() as ckpt:
-      params = ckpt.restore(params_dir)
-  except Exception as e:  # pylint: disable=broad-except
-    # Orbax raises plain Exceptions for missing or damaged files.
-    from hysac_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-    ckpt_lib.silence_closed_loop_errors()
+      return ckpt.restore(params_dir)
+
+  # Orbax raises plain Exceptions for missing or damaged files.
+  params, cause = ckpt_lib.call_quietly(restore)
+  if cause is not None:
     raise ModelDirError(f"orbax export {params_dir} cannot be restored: "
-                        f"{ckpt_lib.root_cause(e)}") from e
+                        f"{cause}")
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   config = _clip_config(head["clip"])
   return _flax_model("orbax", config, params, head, head.get("bounds"))

@@ -434,7 +434,7 @@ def main(argv=None):
     model = export.load_model(args.model, args.bounds, args.checkpoint,
                               args.traversal_alpha)
   except (export.ModelDirError, convert.CheckpointError,
-          ckpt_lib.CorruptCheckpointError, OSError, ValueError,
+          ckpt_lib.CheckpointError, OSError, ValueError,
           KeyError) as e:
     # OSError: a missing --bounds file, unreadable weights.
     return _fail(str(e), model=args.model)

@@ -2,6 +2,13 @@
 
 Only process 0 writes; other processes get a writer that drops everything, so
 callers never need to check the process index themselves.
+
+A run resumed from step N continues the same files. Lines a killed run logged
+after its checkpoint (step > N) would repeat once the resumed run reaches
+those steps again, so they are moved to metrics.jsonl.discarded (appended,
+kept for the record of what the lost segment did) before the run goes on;
+TensorBoard is told the same with `purge_step=N + 1`, which hides the old
+events from step N + 1 on.
 """
 
 import json
@@ -18,19 +25,49 @@ def _scalar(value):
   return value.item() if value.ndim == 0 else value.tolist()
 
 
+def discard_after(path, step):
+  """Moves the lines of a metrics.jsonl with "step" > `step` to
+  PATH.discarded; returns how many moved."""
+  if not os.path.exists(path):
+    return 0
+  keep, drop = [], []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        late = int(json.loads(line)["step"]) > step
+      except (ValueError, KeyError, TypeError):
+        late = True  # A torn last line from a killed run.
+      (drop if late else keep).append(line if line.endswith("\n")
+                                      else line + "\n")
+  if drop:
+    with open(path + ".discarded", "a", encoding="utf-8") as f:
+      f.writelines(drop)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+  return len(drop)
+
+
 class RunLog:
   """Writes `{"step", "kind", **metrics}` lines and TensorBoard scalars."""
 
-  def __init__(self, workdir, use_wandb=False, config=None, enabled=None):
+  def __init__(self, workdir, use_wandb=False, config=None, enabled=None,
+               start_step=0):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = self._wandb = self._jsonl = None
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a",
-                       encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    self.discarded = discard_after(path, start_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    tb_dir = os.path.join(workdir, "tensorboard")
+    earlier = os.path.isdir(tb_dir) and bool(os.listdir(tb_dir))
+    self._tb = SummaryWriter(tb_dir,
+                             purge_step=start_step + 1 if earlier else None)
     if use_wandb:
       try:
         import wandb

@@ -13,9 +13,11 @@ checkpoint continues with exactly the batches and keys it would have used.
 
 import dataclasses
 import json
+import logging as py_logging
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -24,6 +26,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from hysac_jax import checkpoint as ckpt_lib
+from hysac_jax import run_lock
 from hysac_jax import run_log
 from hysac_jax import safety
 from hysac_jax import train_lib
@@ -67,16 +70,17 @@ def check_config(config):
     bad("model.curv_init", m.curv_init, "a positive curvature")
   if d.name not in DATASETS:
     bad("data.name", d.name, f"one of {DATASETS}")
+  if d.name == "synthetic_visu" and "synthetic_sizes" in d:
+    sizes = d.synthetic_sizes
+    if (not isinstance(sizes, (tuple, list)) or len(sizes) != 3
+        or not all(isinstance(n, int) and n > 0 for n in sizes)):
+      bad("data.synthetic_sizes", sizes,
+          "three positive example counts (train, validation, test), "
+          "e.g. --config.data.synthetic_sizes=(4096,512,1024)")
   if d.name == "visu" and not d.manual_dir:
     bad("data.manual_dir", d.manual_dir,
         "the directory holding the ViSU JSON files, coco/ and the unsafe "
         "images (see README, 'Train HySAC on ViSU')")
-  if d.name == "synthetic_visu":
-    sizes = d.get("synthetic_sizes", (4096, 512, 1024))
-    if (not isinstance(sizes, (tuple, list)) or len(sizes) != 3
-        or not all(isinstance(n, int) and n > 0 for n in sizes)):
-      bad("data.synthetic_sizes", sizes,
-          "three positive sizes (train, validation, test)")
   for field in ("batch_size_per_device", "eval_batch_size_per_device"):
     if d[field] < 1:
       bad(f"data.{field}", d[field], "a positive batch size")
@@ -307,26 +311,38 @@ def validate(state, config, mesh, eval_step, image_size, desc="validation"):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks between
+  steps, so both save a checkpoint; a second SIGINT interrupts at once,
+  unless a checkpoint is being written (that one is finished first)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name = None
+    self.saving = False
+    self._previous = {}
 
   def __enter__(self):
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in self.SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_IGN:
+          continue  # nohup, or a background job of a script: keep ignoring.
+        self._previous[signum] = signal.signal(signum, self._handle)
     except ValueError:  # Not the main thread: leave signals alone.
-      self._previous = None
+      pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if self.requested and signum == signal.SIGINT and not self.saving:
+      raise KeyboardInterrupt
     self.requested = True
+    self.signal_name = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def _finite_or_raise(metrics, step, checkpoints):
@@ -340,24 +356,161 @@ def _finite_or_raise(metrics, step, checkpoints):
                            f"saving it ({where})")
 
 
-def train_and_evaluate(config, workdir, *, init_from=None, resume=None):
+class _QuietTFDS(py_logging.Filter):
+  """Drops TFDS's "Using custom data configuration" warning, logged at every
+  dataset open (each validation) over the progress bar."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+def _quiet_tfds():
+  absl_logger = py_logging.getLogger("absl")
+  if not any(isinstance(f, _QuietTFDS) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietTFDS())
+
+
+def _note(message):
+  """A one-line note on stderr from process 0."""
+  if jax.process_index() == 0:
+    tqdm.write(f"note: {message}", file=sys.stderr)
+
+
+def _move_run_aside(workdir):
+  """Moves everything in workdir but the lock into WORKDIR.old-<time>/."""
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  target, n = f"{workdir}.old-{stamp}", 1
+  while os.path.exists(target):
+    n += 1
+    target = f"{workdir}.old-{stamp}-{n}"
+  os.makedirs(target)
+  for name in os.listdir(workdir):
+    if name != run_lock.LOCK_NAME:
+      os.rename(os.path.join(workdir, name), os.path.join(target, name))
+  return target
+
+
+def open_run_dir(workdir, resume=None, overwrite=False):
+  """Locks a run directory for training and applies --noresume/--overwrite.
+
+  Process 0 takes the lock (`hysac_jax.run_lock`); the others wait for it.
+
+  Args:
+    workdir: absolute run directory (created if missing).
+    resume: False refuses a workdir that holds checkpoints.
+    overwrite: move an existing run to WORKDIR.old-<time>/ and start afresh
+      (never deletes).
+
+  Returns:
+    The held `run_lock.RunLock` on process 0, None on the others.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir {workdir} is a file, not a run "
+                             "directory")
+  if overwrite and resume:
+    raise ValueError("--overwrite starts afresh: drop --resume")
+  lock = None
+  if jax.process_index() == 0:
+    lock = run_lock.RunLock(workdir).acquire()
+    try:
+      if lock.stale is not None:
+        _note(f"took over the stale lock of "
+              f"{run_lock.describe(lock.stale)} in {workdir}")
+      steps = ckpt_lib.saved_steps(workdir)
+      if overwrite:
+        if set(os.listdir(workdir)) - {run_lock.LOCK_NAME}:
+          _note(f"--overwrite: moved the previous run to "
+                f"{_move_run_aside(workdir)}")
+      elif resume is False and steps:
+        raise FileExistsError(
+            f"{workdir} holds checkpoints up to step {steps[-1]}; rerun "
+            "without --noresume to resume it, or with --overwrite to move "
+            f"it to {os.path.basename(workdir)}.old-<time>/ and start afresh")
+    except BaseException:
+      lock.release()
+      raise
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("hysac_jax: run directory open")
+  return lock
+
+
+def _restore_latest(checkpoints, abstract_tree, fallback):
+  """(state, data, meta) of the newest readable checkpoint in checkpoints/.
+
+  An unreadable newest checkpoint raises `ckpt_lib.CheckpointError` naming
+  it, unless `fallback`: then the newest older one that reads is used and
+  the unreadable ones are moved to workdir/unreadable/. Nothing is moved
+  unless an older one reads (a config that fits no checkpoint fails them
+  all, and they are left alone).
+  """
+  steps = checkpoints.all_steps()[::-1]
+  if not steps:
+    raise FileNotFoundError(f"--resume: no checkpoint in "
+                            f"{checkpoints.workdir}")
+  try:
+    return checkpoints.restore(abstract_tree, step=steps[0])
+  except ckpt_lib.CheckpointError as e:
+    first = e
+  bad = [steps[0]]
+  if fallback:
+    for step in steps[1:]:
+      try:
+        restored = checkpoints.restore(abstract_tree, step=step)
+      except ckpt_lib.CheckpointError:
+        bad.append(step)
+        continue
+      for b in bad:
+        where = checkpoints.set_aside(b)
+        _note(f"checkpoint {ckpt_lib.LAST}/{b} cannot be read; moved to "
+              f"{where}; resuming from step {step}")
+      return restored
+    hint = "no older checkpoint reads either"
+  elif len(steps) > 1:
+    hint = (f"rerun with --fallback_checkpoint to resume from step "
+            f"{steps[1]} (the unreadable one is moved to "
+            f"{ckpt_lib.SET_ASIDE}/, not deleted)")
+  else:
+    hint = "there is no older checkpoint"
+  raise ckpt_lib.CheckpointError(first.path, f"{first.cause}; {hint}",
+                                 kind=first.kind, step=first.step) from first
+
+
+def train_and_evaluate(config, workdir, *, init_from=None, resume=None,
+                       overwrite=False, fallback_checkpoint=False):
   """Trains HySAC as `config` says; returns a summary dict.
 
   Args:
     config: a ConfigDict as in configs/vitl14.py.
-    workdir: run directory (checkpoints, logs, bounds.json).
+    workdir: run directory (checkpoints, logs, bounds.json); locked while
+      training (`hysac_jax.run_lock`).
     init_from: optional converted HySAC directory to start from.
     resume: continue from the latest checkpoint in workdir; None means "if
-      there is one".
+      there is one"; False refuses a workdir that has checkpoints.
+    overwrite: move an existing run aside (WORKDIR.old-<time>/) first.
+    fallback_checkpoint: resume from the previous checkpoint when the latest
+      cannot be read (the unreadable one is moved to WORKDIR/unreadable/).
 
   Returns:
-    dict with "steps", "epochs", "stopped_early", "best" metrics, "bounds"
-    and "preempted".
+    dict with "steps", "epochs", "stopped_early", "best" metrics, "bounds",
+    "preempted" and, when preempted, "signal".
   """
-  from hysac_jax.data import pipeline
-
   check_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  lock = open_run_dir(workdir, resume, overwrite)
+  try:
+    return _train_and_evaluate(config, workdir, init_from=init_from,
+                               resume=None if overwrite else resume,
+                               fallback_checkpoint=fallback_checkpoint)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir, *, init_from, resume,
+                        fallback_checkpoint):
+  from hysac_jax.data import pipeline
+
+  _quiet_tfds()
   save_config(config, workdir)
   is_main = jax.process_index() == 0
 
@@ -385,10 +538,8 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None):
   if resume is None:
     resume = checkpoints.latest_step() is not None
   if resume:
-    restored = checkpoints.restore(checkpoint_tree(state, step_key))
-    if restored is None:
-      raise FileNotFoundError(f"--resume: no checkpoint in {workdir}")
-    tree, data_state, meta = restored
+    tree, data_state, meta = _restore_latest(
+        checkpoints, checkpoint_tree(state, step_key), fallback_checkpoint)
     state = _restore_state(state, tree)
     step_key = jax.random.wrap_key_data(tree["rng"])
     train_batches.set_state(data_state)
@@ -398,14 +549,18 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None):
       print(f"resumed from step {start_step} in {workdir}")
 
   log = run_log.RunLog(workdir, use_wandb=config.train.use_wandb,
-                       config=config)
+                       config=config, start_step=start_step)
   summary = {"stopped_early": False, "preempted": False}
 
   def save(step, kind=ckpt_lib.LAST, extra=None):
     meta = {"step": step, "epoch": step // steps_per_epoch,
             "early_stopping": stopper.to_json(), **(extra or {})}
-    checkpoints.save(step, checkpoint_tree(state, step_key),
-                     train_batches.get_state(), meta, kind=kind)
+    preemption.saving = True
+    try:
+      checkpoints.save(step, checkpoint_tree(state, step_key),
+                       train_batches.get_state(), meta, kind=kind)
+    finally:
+      preemption.saving = False
 
   bar = tqdm(total=total_steps, initial=start_step, disable=not is_main,
              desc="train", dynamic_ncols=True)
@@ -464,11 +619,18 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None):
         save(step)
       if preempt:
         save(step)
-        summary["preempted"] = True
-        if is_main:
-          tqdm.write(f"SIGTERM: saved step {step}; rerun to resume")
+        if step not in checkpoints.all_steps():
+          raise RuntimeError(f"preempted at step {step} but its checkpoint "
+                             "was not written")
+        summary.update(preempted=True,
+                       signal=preemption.signal_name or "SIGTERM/SIGINT "
+                       "on another process")
         break
   bar.close()
+  if summary["preempted"] and is_main:
+    print(f"{summary['signal']}: saved step {step} in "
+          f"{os.path.join(workdir, ckpt_lib.LAST)}; rerun the same command "
+          "to resume", file=sys.stderr, flush=True)
   train_batches.close()
 
   summary.update(steps=step, epochs=step / steps_per_epoch,
