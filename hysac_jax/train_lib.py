@@ -29,6 +29,7 @@ not B): accumulation saves memory but changes the contrastive problem.
 """
 
 import functools
+import zlib
 from typing import Any
 
 import flax
@@ -42,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hysac_jax import losses
 from hysac_jax import lorentz
 from hysac_jax.models import hysac as hysac_lib
+from hysac_jax.models import lora as lora_lib
 
 DATA_AXIS = "data"
 LABELS = ("frozen", "lora", "head", "base")
@@ -129,74 +131,162 @@ def model_from_config(config):
 
 def init_model_params(model, rng):
   """Random HySAC params (LoRA B = 0, head scalars at their inits)."""
-  return _jitted_init(model)(rng)
+  return _jitted_init(model, None)(rng)
+
+
+def _input_structs(model):
+  """Shapes of one dummy image and caption batch, for `model.init`."""
+  vision, text = model.clip.vision, model.clip.text
+  pixels = jax.ShapeDtypeStruct((1, vision.image_size, vision.image_size,
+                                 vision.num_channels), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, text.max_position_embeddings), jnp.int32)
+  return pixels, ids
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_init(model):
-  """model.init on dummy inputs, jitted once per (hashable) module."""
-  vision, text = model.clip.vision, model.clip.text
-  pixels = jnp.zeros((1, vision.image_size, vision.image_size,
-                      vision.num_channels), jnp.float32)
-  ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
+def _jitted_init(model, sharding):
+  """model.init on dummy inputs, jitted once per (hashable) module and
+  placement (None: the default device)."""
+  pixels, ids = (jnp.zeros(s.shape, s.dtype) for s in _input_structs(model))
 
   def init(rng):
     variables = model.init({"params": rng, "dropout": rng}, pixels, ids,
                            deterministic=True)
     return variables["params"]
 
-  return jax.jit(init)
+  return jax.jit(init, out_shardings=sharding)
 
 
-def overlay_params(params, given):
-  """Puts the given (e.g. pretrained) leaves into freshly initialised params.
+@functools.lru_cache(maxsize=8)
+def abstract_params(model):
+  """The model's params tree as `jax.ShapeDtypeStruct` leaves.
+
+  Traces `model.init` without computing anything (`jax.eval_shape`).
+  """
+  def init(pixels, ids):
+    return model.init({"params": jax.random.key(0)}, pixels, ids,
+                      deterministic=True)["params"]
+
+  return jax.eval_shape(init, *_input_structs(model))
+
+
+def _leaf_seed(path):
+  """A stable 31-bit number per param path (keys each fresh leaf)."""
+  return zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_fresh_leaves(model, wanted, sharding):
+  """A jitted rng -> {path: value} for the LoRA and head leaves `wanted`.
+
+  `wanted` is a tuple of (path, shape, dtype). Leaves of one kind and shape
+  are drawn together (vmap over their keys), so the program stays small.
+  """
+  head = hysac_lib.head_init(model.clip.projection_dim, model.curv_init)
+  groups = {}
+  for path, shape, dtype in wanted:
+    groups.setdefault((path[-1], shape, dtype), []).append(path)
+
+  def init(rng):
+    out = {}
+    for (name, shape, dtype), paths in groups.items():
+      if name in head:
+        for path in paths:
+          out[path] = jnp.asarray(head[name], dtype)
+        continue
+      rule = lora_lib.INITIALIZERS[name]
+      seeds = jnp.asarray([_leaf_seed(p) for p in paths], jnp.uint32)
+      keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, seeds)
+      values = jax.vmap(lambda k: rule(k, shape, dtype))(keys)
+      for i, path in enumerate(paths):
+        out[path] = values[i]
+    return out
+
+  return jax.jit(init, out_shardings=sharding)
+
+
+def build_params(model, rng, given=None, *, sharding=None):
+  """The model's params: the given (pretrained) leaves, the rest fresh.
+
+  Nothing that `given` supplies is initialised: shapes come from
+  `abstract_params`, given leaves are placed as they are (a copy, cast to
+  the model's param dtype when it differs), and only the leaves `given`
+  lacks, which must be LoRA matrices or head scalars, are drawn: LoRA `A`
+  by peft's Kaiming-uniform rule (one key per param path), `B` zeros, the
+  head scalars at `hysac.head_init`. Without `given`, the whole model is
+  random (`model.init`; random towers, e.g. the `tiny` demo).
 
   Args:
-    params: the full random-init HySAC tree.
-    given: a full HySAC tree or just its "clip" sub-tree (as converted from
-      Hugging Face, without LoRA leaves or head scalars).
+    model: the HySAC module.
+    rng: PRNG key for the fresh leaves.
+    given: None, a full HySAC tree, or just its "clip" sub-tree (as
+      converted from Hugging Face, without LoRA leaves or head scalars);
+      numpy or jax arrays.
+    sharding: where to place every leaf (e.g. replicated on a mesh); None
+      for the default device.
 
   Returns:
-    `params` with every leaf of `given` in place. LoRA leaves and head scalars
-    that `given` lacks keep their init; any other missing, unknown or
-    mis-shaped leaf is an error naming its path.
+    The full params tree. Its arrays never alias `given`'s, so donating them
+    (the train step does) leaves the caller's arrays intact.
+
+  Raises:
+    KeyError: `given` has a leaf the model lacks, or lacks a frozen leaf.
+    ValueError: a given leaf's shape differs from the model's.
   """
+  if given is None:
+    return _jitted_init(model, sharding)(rng)
   if "clip" not in given:
     given = {"clip": given}
-  flat = traverse_util.flatten_dict(params)
-  new = traverse_util.flatten_dict(given)
-  unknown = [k for k in new if k not in flat]
+  want = traverse_util.flatten_dict(abstract_params(model))
+  have = traverse_util.flatten_dict(given)
+  unknown = [k for k in have if k not in want]
   if unknown:
     raise KeyError("init params hold leaves the model does not have: "
                    + ", ".join("/".join(k) for k in unknown[:8]))
-  missing = [k for k in flat if k not in new and _label(k) == "frozen"]
+  missing = [k for k in want if k not in have and _label(k) == "frozen"]
   if missing:
     raise KeyError("init params lack frozen model leaves: "
                    + ", ".join("/".join(k) for k in missing[:8]))
-  for k, v in new.items():
-    if tuple(np.shape(v)) != tuple(flat[k].shape):
+  for k, v in have.items():
+    if tuple(np.shape(v)) != tuple(want[k].shape):
       raise ValueError(f"init param {'/'.join(k)} has shape {np.shape(v)}, "
-                       f"the model expects {flat[k].shape}")
-    flat[k] = jnp.asarray(v, flat[k].dtype)
-  return traverse_util.unflatten_dict(flat)
+                       f"the model expects {want[k].shape}")
+  keys = list(have)
+  values = [v if v.dtype == want[k].dtype else v.astype(want[k].dtype)
+            for k, v in ((k, _as_array(have[k])) for k in keys)]
+  placed = jax.device_put(values, sharding, may_alias=False)
+  flat = dict(zip(keys, placed))
+  fresh = tuple((k, tuple(v.shape), v.dtype) for k, v in want.items()
+                if k not in have)
+  if fresh:
+    flat.update(_jitted_fresh_leaves(model, fresh, sharding)(rng))
+  return traverse_util.unflatten_dict({k: flat[k] for k in want})
 
 
-def _is_complete(model, given):
-  """Whether `given` is a full HySAC tree with the model's shapes."""
-  vision, text = model.clip.vision, model.clip.text
-  pixels = jax.ShapeDtypeStruct((1, vision.image_size, vision.image_size,
-                                 vision.num_channels), jnp.float32)
-  ids = jax.ShapeDtypeStruct((1, text.max_position_embeddings), jnp.int32)
-  abstract = jax.eval_shape(
-      functools.partial(model.init, deterministic=True),
-      {"params": jax.random.key(0)}, pixels, ids)["params"]
-  want = {k: v.shape for k, v in traverse_util.flatten_dict(abstract).items()}
-  try:
-    have = {k: tuple(np.shape(v))
-            for k, v in traverse_util.flatten_dict(given).items()}
-  except (TypeError, ValueError):
-    return False
-  return want == have
+def _as_array(x):
+  return x if isinstance(x, (jax.Array, np.ndarray)) else np.asarray(x)
+
+
+def random_clip_params(model, seed=0):
+  """Random float32 numpy CLIP weights of the model's shapes, without LoRA.
+
+  A cheap stand-in for a converted CLIP (benchmarks, start-up timing):
+  LayerNorm scales 1, biases 0, every other weight N(0, 0.02²). Pass it as
+  `init_params` to skip the random init's compile.
+  """
+  rng = np.random.default_rng(seed)
+  out = {}
+  for k, v in traverse_util.flatten_dict(abstract_params(model)["clip"]
+                                         ).items():
+    if k[-1] in LORA_NAMES:
+      continue
+    if k[-1] == "scale":
+      out[k] = np.ones(v.shape, np.float32)
+    elif k[-1] == "bias":
+      out[k] = np.zeros(v.shape, np.float32)
+    else:
+      out[k] = rng.standard_normal(v.shape, np.float32) * np.float32(0.02)
+  return traverse_util.unflatten_dict(out)
 
 
 # -------------------------------------------------------------- optimizer ---
@@ -321,7 +411,7 @@ def create_train_state(config, rng, init_params=None, *, mesh=None,
     config: the run config (`config.model`, `config.optim`).
     rng: PRNG key for the random init (LoRA A, and every leaf not given).
     init_params: optional pretrained params: a full HySAC tree or its "clip"
-      sub-tree (see `overlay_params`).
+      sub-tree (see `build_params`).
     mesh: optional device mesh; the state's arrays are replicated on it.
     total_steps: optimizer updates in the run (needed by "warmup_cosine").
     model: optional HySAC module overriding `model_from_config(config)`.
@@ -332,26 +422,23 @@ def create_train_state(config, rng, init_params=None, *, mesh=None,
     do not rebuild it, or the step recompiles.
   """
   model = model or model_from_config(config)
-  if init_params is not None and _is_complete(model, init_params):
-    # No random init needed. Copy: the train step donates the state's
-    # buffers, which must not invalidate the caller's arrays.
-    params = jax.tree.map(lambda x: jnp.array(x, copy=True), init_params)
-  else:
-    params = init_model_params(model, rng)
-    if init_params is not None:
-      params = overlay_params(params, init_params)
-  params = hysac_lib.project_head(params, model.curv_init)
+  replicated = NamedSharding(mesh, P()) if mesh is not None else None
+  params = build_params(model, rng, init_params, sharding=replicated)
   train_base = bool(config.model.get("train_base", False))
   tx = make_optimizer(config.optim,
                       learning_rate_schedule(config.optim, total_steps),
                       train_base)
-  opt_state = tx.init(trainable_params(params, train_base))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=opt_state, model=model, tx=tx,
-                     train_base=train_base)
-  if mesh is not None:
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-  return state
+
+  def start(trainable):
+    # Given head scalars may lie outside their range: project them.
+    trainable = hysac_lib.project_head(trainable, model.curv_init)
+    return jnp.zeros((), jnp.int32), trainable, tx.init(trainable)
+
+  step, trainable, opt_state = jax.jit(start, out_shardings=replicated)(
+      trainable_params(params, train_base))
+  return TrainState(step=step, params=merge_params(params, trainable),
+                    opt_state=opt_state, model=model, tx=tx,
+                    train_base=train_base)
 
 
 # ------------------------------------------------------------------- mesh ---

@@ -53,6 +53,12 @@ def kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+# The init rule of each LoRA leaf: `A` as peft, `B` zeros (so that a fresh
+# LoRA layer equals its base layer).
+INITIALIZERS = {LORA_A: kaiming_uniform_a_sqrt5,
+                LORA_B: nn.initializers.zeros}
+
+
 def dropout_keep_mask(rng, shape, rate):
   """Draws a Bernoulli keep-mask cheaply from random bytes.
 
@@ -184,9 +190,9 @@ class LoRADense(nn.Module):
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if self.rank > 0:
-      a = self.param(LORA_A, kaiming_uniform_a_sqrt5, (d_in, self.rank),
+      a = self.param(LORA_A, INITIALIZERS[LORA_A], (d_in, self.rank),
                      self.param_dtype)
-      b = self.param(LORA_B, nn.initializers.zeros, (self.rank, self.features),
+      b = self.param(LORA_B, INITIALIZERS[LORA_B], (self.rank, self.features),
                      self.param_dtype)
       y = _apply_lora(self, x, kernel, a, b, deterministic)
       y = y.reshape(x.shape[:-1] + (self.features,))
@@ -235,9 +241,9 @@ class LoRAPatchConv(nn.Module):
     kernel = kernel.reshape(p * p * c, self.features).astype(self.dtype)
     if self.rank <= 0:
       return x @ kernel
-    a = self.param(LORA_A, kaiming_uniform_a_sqrt5, (p, p, c, self.rank),
+    a = self.param(LORA_A, INITIALIZERS[LORA_A], (p, p, c, self.rank),
                    self.param_dtype)
-    b = self.param(LORA_B, nn.initializers.zeros,
+    b = self.param(LORA_B, INITIALIZERS[LORA_B],
                    (1, 1, self.rank, self.features), self.param_dtype)
     a = a.reshape(p * p * c, self.rank)
     b = b.reshape(self.rank, self.features)
