@@ -131,15 +131,19 @@ class HySAC(nn.Module):
     mode: "hyp" (HySAC: points on the hyperboloid) or "euc" (the CLIP
       baseline: L2-normalised features, cosine logits).
     dtype: tower compute dtype; params, head and geometry stay float32.
-    remat: rematerialise tower blocks in the backward pass.
+    remat: rematerialisation of tower blocks in the backward pass: "none",
+      "dots_saveable" or "full" (`clip.Encoder`).
     curv_init: initial curvature c0 (also sets its clamp range).
+    attention: the towers' attention implementation: None/"auto", "xla" or
+      "cudnn" (`clip.attention_implementation`).
   """
   clip: Any
   lora: Any = None
   mode: str = "hyp"
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = "none"
   curv_init: float = 1.0
+  attention: str | None = None
 
   @nn.compact
   def __call__(self, pixels=None, input_ids=None, deterministic=True):
@@ -159,7 +163,8 @@ class HySAC(nn.Module):
       raise ValueError(f"HySAC mode {self.mode!r} (config.model.mode) is not "
                        f"one of {MODES}")
     towers = CLIPModel(self.clip, self.lora, dtype=self.dtype,
-                       remat=self.remat, name="clip")
+                       remat=self.remat, attention=self.attention,
+                       name="clip")
     init = head_init(self.clip.projection_dim, self.curv_init)
     head = {name: self.param(name, lambda _, v=init[name]: jnp.asarray(
         v, jnp.float32)) for name in HEAD_NAMES}
