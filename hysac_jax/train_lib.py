@@ -28,7 +28,9 @@ negatives, each micro-batch's negatives are that micro-batch only (B/k rows,
 not B): accumulation saves memory but changes the contrastive problem.
 """
 
+import contextlib
 import functools
+import re
 import zlib
 from typing import Any
 
@@ -124,9 +126,13 @@ def model_from_config(config):
   if m.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of "
                      f"{sorted(DTYPES)}")
+  attention = m.get("attention", "auto")
+  clip_lib.attention_implementation(attention, DTYPES[m.dtype], 64)  # checks
   return hysac_lib.HySAC(clip=clip_config, lora=lora, mode=m.mode,
-                         dtype=DTYPES[m.dtype], remat=m.remat,
-                         curv_init=m.curv_init)
+                         dtype=DTYPES[m.dtype],
+                         remat=clip_lib.remat_policy_name(m.remat),
+                         curv_init=m.curv_init,
+                         attention=None if attention == "auto" else attention)
 
 
 def init_model_params(model, rng):
@@ -665,3 +671,97 @@ def make_eval_step(config, mesh, compiler_options=None):
   return jax.jit(fn, in_shardings=(replicated, data),
                  out_shardings=(data, replicated),
                  compiler_options=compiler_options)
+
+
+# ---------------------------------------------------------- out of memory ---
+
+
+class OutOfMemoryError(RuntimeError):
+  """A step (or its compile) does not fit in accelerator memory."""
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KiB": 2**10,
+          "M": 2**20, "MB": 2**20, "MiB": 2**20, "G": 2**30, "GB": 2**30,
+          "GiB": 2**30, "T": 2**40, "TB": 2**40, "TiB": 2**40}
+_SIZE = r"([0-9.]+)\s*(bytes|[KMGT]i?B?|B)?"
+
+
+def _bytes(number, unit):
+  return float(number) * _UNITS.get("" if unit in (None, "bytes") else unit,
+                                    1)
+
+
+def _gib(n):
+  return f"{n / 2**30:.2f} GiB"
+
+
+def out_of_memory_message(text, *, batch_per_device, global_batch,
+                          stage="in the train step", available=None):
+  """One line explaining an XLA RESOURCE_EXHAUSTED error, or None.
+
+  Args:
+    text: the error's message.
+    batch_per_device: `config.data.batch_size_per_device`.
+    global_batch: the global batch (per device x devices).
+    stage: where it happened, e.g. "compiling the train step".
+    available: the device's memory in bytes (`device_memory_limit()`), used
+      when the message does not say.
+
+  Returns:
+    "out of accelerator memory ... at batch B per device (G global): asked
+    for X, Y available; ..." with what can be parsed from `text` (GPU/CPU
+    "Out of memory while trying to allocate N bytes" and the buffer
+    assignment's "total allocation", TPU "Used X of Y hbm"), or None when
+    `text` is not an out-of-memory error.
+  """
+  if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+    return None
+  asked = None
+  m = re.search(r"[Uu]sed " + _SIZE + r" of " + _SIZE + r" (\w+)", text)
+  if m:  # TPU: "Used 20.5G of 15.48G hbm."
+    asked = _bytes(m.group(1), m.group(2))
+    available = _bytes(m.group(3), m.group(4))
+  m_total = re.search(r"total allocation:\s*" + _SIZE, text)
+  m_alloc = re.search(r"allocate " + _SIZE, text)
+  parts = []
+  if asked is not None:
+    parts.append(f"asked for {_gib(asked)}")
+  else:
+    if m_alloc:
+      parts.append(f"asked for {_gib(_bytes(*m_alloc.groups()))} more")
+    if m_total:
+      parts.append(f"the step needs {_gib(_bytes(*m_total.groups()))}")
+  if available:
+    parts.append(f"{_gib(available)} available")
+  detail = ": " + ", ".join(parts) if parts else ""
+  return (f"out of accelerator memory {stage} at batch {batch_per_device} "
+          f"per device ({global_batch} global){detail}; lower "
+          "config.data.batch_size_per_device, rematerialise with "
+          "config.model.remat=dots_saveable or full, or split the batch "
+          "with config.optim.accum_steps=2 or more")
+
+
+def device_memory_limit(device=None):
+  """Bytes of memory of a (the first local) device, or None if unknown."""
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  # backend without stats
+    return None
+  return (stats or {}).get("bytes_limit")
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(stage, batch_per_device, global_batch):
+  """Turns XLA's RESOURCE_EXHAUSTED into an `OutOfMemoryError` naming the
+  batch, the memory asked for and available (see `out_of_memory_message`)."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    message = out_of_memory_message(
+        str(e), batch_per_device=batch_per_device,
+        global_batch=global_batch, stage=stage,
+        available=device_memory_limit())
+    if message is None:
+      raise
+    raise OutOfMemoryError(message) from None
