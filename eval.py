@@ -42,9 +42,15 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if bool(_WORKDIR.value) == bool(_MODEL.value):
     raise app.UsageError("give exactly one of --workdir or --model")
+  from hysac_jax import compilation_cache
   from hysac_jax import distributed
   from hysac_jax import evaluate_run
+  from hysac_jax import trainer
   try:
+    config = _CONFIG.value
+    if config is None and _WORKDIR.value:
+      config = trainer.load_run_config(_WORKDIR.value)
+    compilation_cache.enable(compilation_cache.configured_dir(config))
     distributed.initialize()  # Multi-host under Slurm, Open MPI, TPU pods.
     report, out_dir = evaluate_run.run(
         config=_CONFIG.value, workdir=_WORKDIR.value, model_dir=_MODEL.value,

@@ -10,13 +10,17 @@ checkpoints is resumed (exactly: same batches, same dropout keys) unless
 --noresume is given.
 """
 
-import json
-import sys
+import time
 
-from absl import app
-from absl import logging
-from absl import flags
-from ml_collections import config_flags
+_START = time.perf_counter()  # start-up stages are timed from here
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import logging  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -46,16 +50,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  from hysac_jax import compilation_cache
   from hysac_jax import distributed
+  from hysac_jax import train_lib
   from hysac_jax import trainer
+  startup = {"imports": time.perf_counter() - _START}
+  compilation_cache.enable(compilation_cache.configured_dir(_CONFIG.value))
   try:
+    t = time.perf_counter()
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value, timeout_s=_DIST_TIMEOUT.value)
+    startup["distributed_init"] = time.perf_counter() - t
     summary = trainer.train_and_evaluate(
         _CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value,
-        resume=_RESUME.value)
+        resume=_RESUME.value, startup=startup)
   except (ValueError, FileNotFoundError, ConnectionError,
-          trainer.TrainingDiverged) as e:
+          trainer.TrainingDiverged, train_lib.OutOfMemoryError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     return 1
   import jax
