@@ -181,46 +181,17 @@ def _leaf_seed(path):
   return zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_fresh_leaves(model, wanted, sharding):
-  """A jitted rng -> {path: value} for the LoRA and head leaves `wanted`.
-
-  `wanted` is a tuple of (path, shape, dtype). Leaves of one kind and shape
-  are drawn together (vmap over their keys), so the program stays small.
-  """
-  head = hysac_lib.head_init(model.clip.projection_dim, model.curv_init)
-  groups = {}
-  for path, shape, dtype in wanted:
-    groups.setdefault((path[-1], shape, dtype), []).append(path)
-
-  def init(rng):
-    out = {}
-    for (name, shape, dtype), paths in groups.items():
-      if name in head:
-        for path in paths:
-          out[path] = jnp.asarray(head[name], dtype)
-        continue
-      rule = lora_lib.INITIALIZERS[name]
-      seeds = jnp.asarray([_leaf_seed(p) for p in paths], jnp.uint32)
-      keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, seeds)
-      values = jax.vmap(lambda k: rule(k, shape, dtype))(keys)
-      for i, path in enumerate(paths):
-        out[path] = values[i]
-    return out
-
-  return jax.jit(init, out_shardings=sharding)
-
-
 def build_params(model, rng, given=None, *, sharding=None):
   """The model's params: the given (pretrained) leaves, the rest fresh.
 
   Nothing that `given` supplies is initialised: shapes come from
   `abstract_params`, given leaves are placed as they are (a copy, cast to
   the model's param dtype when it differs), and only the leaves `given`
-  lacks, which must be LoRA matrices or head scalars, are drawn: LoRA `A`
-  by peft's Kaiming-uniform rule (one key per param path), `B` zeros, the
-  head scalars at `hysac.head_init`. Without `given`, the whole model is
-  random (`model.init`; random towers, e.g. the `tiny` demo).
+  lacks, which must be LoRA matrices or head scalars, are made, on the host
+  (nothing is compiled): LoRA `A` by peft's Kaiming-uniform rule, drawn
+  from (`rng`, param path), `B` zeros (`lora.host_init`), the head scalars
+  at `hysac.head_init`. Without `given`, the whole model is random
+  (`model.init`, jitted; random towers, e.g. the `tiny` demo).
 
   Args:
     model: the HySAC module.
@@ -257,16 +228,27 @@ def build_params(model, rng, given=None, *, sharding=None):
     if tuple(np.shape(v)) != tuple(want[k].shape):
       raise ValueError(f"init param {'/'.join(k)} has shape {np.shape(v)}, "
                        f"the model expects {want[k].shape}")
-  keys = list(have)
-  values = [v if v.dtype == want[k].dtype else v.astype(want[k].dtype)
-            for k, v in ((k, _as_array(have[k])) for k in keys)]
+  head = hysac_lib.head_init(model.clip.projection_dim, model.curv_init)
+  words = [int(w) for w in np.ravel(jax.device_get(_key_data(rng)))]
+  values = []
+  for k, spec in want.items():
+    if k in have:
+      v = _as_array(have[k])
+      values.append(v if v.dtype == spec.dtype else v.astype(spec.dtype))
+    elif k[-1] in head:
+      values.append(np.asarray(head[k[-1]], spec.dtype))
+    else:
+      values.append(lora_lib.host_init(k[-1], spec.shape, spec.dtype,
+                                       words + [_leaf_seed(k)]))
   placed = jax.device_put(values, sharding, may_alias=False)
-  flat = dict(zip(keys, placed))
-  fresh = tuple((k, tuple(v.shape), v.dtype) for k, v in want.items()
-                if k not in have)
-  if fresh:
-    flat.update(_jitted_fresh_leaves(model, fresh, sharding)(rng))
-  return traverse_util.unflatten_dict({k: flat[k] for k in want})
+  return traverse_util.unflatten_dict(dict(zip(want, placed)))
+
+
+def _key_data(rng):
+  """The raw uint32 words of a (typed or legacy) PRNG key."""
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(rng)
+  return rng
 
 
 def _as_array(x):
@@ -435,13 +417,16 @@ def create_train_state(config, rng, init_params=None, *, mesh=None,
                       learning_rate_schedule(config.optim, total_steps),
                       train_base)
 
-  def start(trainable):
-    # Given head scalars may lie outside their range: project them.
-    trainable = hysac_lib.project_head(trainable, model.curv_init)
-    return jnp.zeros((), jnp.int32), trainable, tx.init(trainable)
-
-  step, trainable, opt_state = jax.jit(start, out_shardings=replicated)(
-      trainable_params(params, train_base))
+  # Given head scalars may lie outside their range: project them. Eager
+  # ops: one small program per leaf shape, where a jitted init would
+  # compile a kernel per output buffer.
+  trainable = hysac_lib.project_head(trainable_params(params, train_base),
+                                     model.curv_init)
+  opt_state = tx.init(trainable)
+  step = jnp.zeros((), jnp.int32)
+  if replicated is not None:
+    step, trainable, opt_state = jax.device_put((step, trainable, opt_state),
+                                                replicated)
   return TrainState(step=step, params=merge_params(params, trainable),
                     opt_state=opt_state, model=model, tx=tx,
                     train_base=train_base)

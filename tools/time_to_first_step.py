@@ -48,6 +48,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--size", default="vitl14")
   parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--state_only", action="store_true",
+                      help="stop after create_train_state")
   args = parser.parse_args()
   times = {"imports": time.perf_counter() - T0}
 
@@ -69,6 +71,11 @@ def main():
                                        mesh=mesh, model=model)
   jax.block_until_ready(state)
   t = mark("create_train_state", t)
+  if args.state_only:
+    print(json.dumps({"size": args.size, "state_only": True,
+                      "seconds": {k: round(v, 2) for k, v in times.items()}}),
+          flush=True)
+    return
   step = train_lib.make_train_step(config, mesh)
   rng = np.random.default_rng(0)
   size = model.clip.vision.image_size
