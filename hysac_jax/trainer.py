@@ -418,8 +418,6 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None,
     checkpoints.save(step, checkpoint_tree(state, step_key),
                      train_batches.get_state(), meta, kind=kind)
 
-  bar = tqdm(total=total_steps, initial=start_step, disable=not is_main,
-             desc="train", dynamic_ncols=True)
   pending = None  # (step, metrics) of the last dispatched step, unchecked.
   step = start_step
   global_batch = (config.data.batch_size_per_device * jax.device_count())
@@ -427,28 +425,29 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None,
                                     batch_per_device=(
                                         config.data.batch_size_per_device),
                                     global_batch=global_batch)
-  batch = compiled_step = None
-  if step < total_steps:
-    # Compile once, ahead of the loop, on the first batch's shapes.
-    batch = next(train_batches)
-    startup.mark("first_batch")
-    replicated = NamedSharding(mesh, P())
-    state, step_key = jax.device_put((state, step_key), replicated)
-    with out_of_memory("compiling the train step"):
-      compiled_step = train_step.lower(
-          state, train_lib.shard_batch(batch, mesh), step_key).compile()
-    startup.mark("compile")
-  t0, examples, waited = time.perf_counter(), 0, 0.0
+  sharded = compiled_step = None
   with _Preemption() as preemption:
+    if step < total_steps:
+      # Compile once, ahead of the loop, on the first batch's shapes.
+      sharded = train_lib.shard_batch(next(train_batches), mesh)
+      startup.mark("first_batch")
+      state, step_key = jax.device_put((state, step_key),
+                                       NamedSharding(mesh, P()))
+      with out_of_memory("compiling the train step"):
+        compiled_step = train_step.lower(state, sharded, step_key).compile()
+      startup.mark("compile")
+    bar = tqdm(total=total_steps, initial=start_step, disable=not is_main,
+               desc="train", dynamic_ncols=True)
+    t0, examples, waited = time.perf_counter(), 0, 0.0
     while step < total_steps:
-      if batch is None:
+      if sharded is None:
         t_wait = time.perf_counter()
         batch = next(train_batches)
         waited += time.perf_counter() - t_wait
+        sharded = train_lib.shard_batch(batch, mesh)
       with out_of_memory("in the train step"):
-        state, metrics = compiled_step(
-            state, train_lib.shard_batch(batch, mesh), step_key)
-        batch = None
+        state, metrics = compiled_step(state, sharded, step_key)
+        sharded = None
         if step == start_step:
           jax.block_until_ready(metrics)
           startup.mark("first_step")
