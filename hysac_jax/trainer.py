@@ -22,7 +22,6 @@ import time
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from hysac_jax import checkpoint as ckpt_lib
@@ -431,8 +430,6 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None,
       # Compile once, ahead of the loop, on the first batch's shapes.
       sharded = train_lib.shard_batch(next(train_batches), mesh)
       startup.mark("first_batch")
-      state, step_key = jax.device_put((state, step_key),
-                                       NamedSharding(mesh, P()))
       with out_of_memory("compiling the train step"):
         compiled_step = train_step.lower(state, sharded, step_key).compile()
       startup.mark("compile")
