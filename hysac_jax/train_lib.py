@@ -240,8 +240,21 @@ def build_params(model, rng, given=None, *, sharding=None):
     else:
       values.append(lora_lib.host_init(k[-1], spec.shape, spec.dtype,
                                        words + [_leaf_seed(k)]))
-  placed = jax.device_put(values, sharding, may_alias=False)
+  if sharding is not None and not sharding.is_fully_addressable:
+    # Several processes: each places its own (identical) copy on its
+    # devices; device_put would first compare every leaf across hosts.
+    placed = [_from_host(v, sharding) if isinstance(v, np.ndarray)
+              else jax.device_put(v, sharding, may_alias=False)
+              for v in values]
+  else:
+    placed = jax.device_put(values, sharding, may_alias=False)
   return traverse_util.unflatten_dict(dict(zip(want, placed)))
+
+
+def _from_host(value, sharding):
+  """A global array of `sharding` from the same numpy value on every host."""
+  return jax.make_array_from_callback(value.shape, sharding,
+                                      lambda index: np.array(value[index]))
 
 
 def _key_data(rng):
