@@ -7,10 +7,12 @@ callers never need to check the process index themselves.
 import json
 import math
 import os
+import sys
 import time
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 
 def _scalar(value):
@@ -95,5 +97,6 @@ class StartupTimes:
 
   def _record(self, stage, seconds):
     self.times[stage] = float(seconds)
-    if self.enabled:
-      print(f"startup: {stage} {seconds:.1f} s", flush=True)
+    if self.enabled:  # tqdm.write: a line of its own under a progress bar
+      tqdm.write(f"startup: {stage} {seconds:.1f} s", file=sys.stdout)
+      sys.stdout.flush()
