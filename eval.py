@@ -54,17 +54,23 @@ def main(argv):
   if bool(_WORKDIR.value) == bool(_MODEL.value):
     return cli.fail(PROG, "give exactly one of --workdir or --model",
                     cli.EXIT_USAGE)
+  from hysac_jax import compilation_cache
   from hysac_jax import distributed
   from hysac_jax import evaluate_run
+  from hysac_jax import trainer
   try:
+    config = _CONFIG.value
+    if config is None and _WORKDIR.value:
+      config = trainer.load_run_config(_WORKDIR.value)
+    compilation_cache.enable(compilation_cache.configured_dir(config))
     distributed.initialize()  # Multi-host under Slurm, Open MPI, TPU pods.
     report, out_dir = evaluate_run.run(
         config=_CONFIG.value, workdir=_WORKDIR.value, model_dir=_MODEL.value,
         split=_SPLIT.value, checkpoint=_CHECKPOINT.value, out_dir=_OUT.value,
         traversal_alpha=_ALPHA.value)
   except (ValueError, OSError, ConnectionError) as e:
-    # ValueError: bad config values, corrupt checkpoints (CorruptCheckpoint-
-    # Error), bounds and model directories; OSError: missing files.
+    # ValueError: bad config values, corrupt checkpoints (CheckpointError),
+    # bounds and model directories; OSError: missing files.
     return cli.fail(PROG, e)
   from hysac_jax import evaluation
   print(evaluation.format_console(report))

@@ -15,15 +15,19 @@ the file, field or step), 2 a bad command line, 75 SIGTERM or SIGINT saved a
 checkpoint (rerun to resume), 130 interrupted before anything was saved.
 """
 
-import json
-import os
+import time
 
-from absl import app
-from absl import logging
-from absl import flags
-from ml_collections import config_flags
+_START = time.perf_counter()  # start-up stages are timed from here
 
-from hysac_jax import cli
+import json  # noqa: E402
+import os  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import logging  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from hysac_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -64,15 +68,20 @@ def train(argv):
   if _OVERWRITE.value and _RESUME.value:
     raise app.UsageError("--overwrite starts afresh: drop --resume")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  from hysac_jax import compilation_cache
   from hysac_jax import distributed
   from hysac_jax import trainer
+  startup = {"imports": time.perf_counter() - _START}
+  compilation_cache.enable(compilation_cache.configured_dir(_CONFIG.value))
+  t = time.perf_counter()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, timeout_s=_DIST_TIMEOUT.value)
+  startup["distributed_init"] = time.perf_counter() - t
   try:
     summary = trainer.train_and_evaluate(
         _CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value,
         resume=_RESUME.value, overwrite=_OVERWRITE.value,
-        fallback_checkpoint=_FALLBACK.value)
+        fallback_checkpoint=_FALLBACK.value, startup=startup)
   except KeyboardInterrupt:
     from hysac_jax import checkpoint
     steps = checkpoint.saved_steps(os.path.abspath(_WORKDIR.value))
@@ -89,9 +98,13 @@ def train(argv):
 
 def main(argv):
   # A locked run or an unreadable checkpoint raise cli.CLIError; a NaN loss
-  # raises trainer.TrainingDiverged, a FloatingPointError.
-  return cli.run_guarded("train.py", train, argv,
-                         expected=(ValueError, OSError, FloatingPointError))
+  # raises trainer.TrainingDiverged, a FloatingPointError; a batch that does
+  # not fit, train_lib.OutOfMemoryError.
+  from hysac_jax import train_lib
+  return cli.run_guarded(
+      "train.py", train, argv,
+      expected=(ValueError, OSError, FloatingPointError,
+                train_lib.OutOfMemoryError))
 
 
 if __name__ == "__main__":

@@ -64,14 +64,10 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "v5e": 197.0,
                "v5 lite": 197.0, "v4": 275.0, "v5p": 459.0, "v6e": 918.0}
 SEARCH_CAP = 256  # the largest-batch search stops doubling here
 REMAT_CHOICES = ("none", "dots_saveable", "full")
-ATTENTION_CHOICES = ("xla", "cudnn", "default")
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
 # (autocast dtype, GradScaler on CUDA) per torch precision mode.
 TORCH_MODES = {"fp32": (None, True), "fp16": ("float16", True),
                "bf16": ("bfloat16", False)}
-
-
-class ConfigError(ValueError):
-  """A flag this checkout's config cannot take (one-line message)."""
 
 
 def random_batch(batch, image_size, seed=0):
@@ -100,53 +96,27 @@ def is_oom(error):
 
 
 def apply_model_flags(config, remat=None, attention=None):
-  """Sets config.model.remat / attention_impl if this checkout has them.
+  """Sets config.model.remat and config.model.attention when given.
 
-  `remat` is one of REMAT_CHOICES; a checkout whose `config.model.remat` is
-  still a bool takes "none" (False) and "full" (True) only. `attention` is
-  "xla", "cudnn" or "default" (None: the model's own choice).
-
-  Raises:
-    ConfigError: the config has no such field or cannot take the value.
+  `remat` is one of REMAT_CHOICES; `attention` one of ATTENTION_CHOICES
+  ("auto": cuDNN on GPUs with bf16/fp16 towers, XLA elsewhere).
   """
-  m = config.model
   if remat is not None:
-    if "remat" not in m:
-      raise ConfigError("this checkout's config.model has no `remat` field; "
-                        "drop --remat")
-    if isinstance(m.remat, bool):
-      if remat == "dots_saveable":
-        raise ConfigError("this checkout's config.model.remat is a bool "
-                          "(whole-block remat only): --remat dots_saveable "
-                          "needs the remat-policy field; use none or full")
-      m.remat = remat == "full"
-    else:
-      m.remat = remat
+    config.model.remat = remat
   if attention is not None:
-    if "attention_impl" not in m:
-      raise ConfigError("this checkout's config.model has no "
-                        "`attention_impl` field (no fused attention yet); "
-                        "drop --attention")
-    value = None if attention == "default" else attention
-    with m.ignore_type():
-      m.attention_impl = value
+    config.model.attention = attention
   return config
 
 
 def remat_off(config):
-  """A copy of `config` with rematerialisation off (bool or policy)."""
+  """A copy of `config` with rematerialisation off."""
   config = copy.deepcopy(config)
-  if "remat" in config.model:
-    if isinstance(config.model.remat, bool):
-      config.model.remat = False
-    else:
-      config.model.remat = "none"
+  config.model.remat = "none"
   return config
 
 
 def remat_is_on(config):
-  value = config.model.get("remat", False)
-  return value not in (False, None, "none", "")
+  return config.model.remat != "none"
 
 
 def make_config(args):
@@ -776,10 +746,9 @@ def main():
                       "random frozen CLIP weights as init params, as "
                       "train.py does with a pretrained CLIP")
   parser.add_argument("--remat", default=None, choices=REMAT_CHOICES,
-                      help="config.model.remat (when this checkout has it)")
+                      help="config.model.remat (default: the config's)")
   parser.add_argument("--attention", default=None, choices=ATTENTION_CHOICES,
-                      help="config.model.attention_impl (when this checkout "
-                      "has it); default = the model's own choice")
+                      help="config.model.attention (default: the config's)")
   parser.add_argument("--batch-search", action="store_true",
                       help="after the timed steps, double the JAX batch up "
                       f"to {SEARCH_CAP}, stopping at the first that does not "
@@ -822,7 +791,7 @@ def main():
       make_config({"size": args.size, "dtype": args.dtype,
                    "remat": args.remat, "attention": args.attention})
     parse_torch_modes(args.torch_modes, args.batch)
-  except (ConfigError, ValueError) as e:
+  except ValueError as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     sys.exit(2)
   parts = [f"size {args.size}"]

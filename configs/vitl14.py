@@ -16,7 +16,12 @@ def get_config():
   c.model.clip = "openai/clip-vit-large-patch14"  # HF dir or hub id; "" = random init of `size`
   c.model.mode = "hyp"  # "hyp" (HySAC) or "euc" (CLIP baseline, cosine logits)
   c.model.dtype = "bfloat16"  # tower compute dtype; params, geometry and losses stay float32
-  c.model.remat = False
+  # Rematerialise tower layers in the backward pass: "none", "dots_saveable"
+  # (keep matmul outputs, recompute the rest) or "full" (keep layer inputs).
+  c.model.remat = "none"
+  # Attention: "auto" (cuDNN fused attention on GPUs with bf16/fp16 towers,
+  # XLA elsewhere), "xla" or "cudnn" (jax.nn.dot_product_attention).
+  c.model.attention = "auto"
   c.model.train_base = False  # True: fine-tune the CLIP weights too (random-init towers)
   c.model.curv_init = 1.0
   c.model.lora = ml_collections.ConfigDict()
@@ -60,6 +65,9 @@ def get_config():
   c.train.keep_last = 2
   c.train.checkpoint_every = 1000  # steps between mid-epoch checkpoints; 0 = epoch ends only
   c.train.use_wandb = False
+  # JAX's persistent compilation cache ('' = off); $JAX_COMPILATION_CACHE_DIR,
+  # when set, takes precedence.
+  c.train.compilation_cache_dir = "~/.cache/hysac_jax/xla"
 
   c.eval = ml_collections.ConfigDict()
   # alpha of the traversal threshold b' = b + tanh((b - alpha)/c) + 1 (the

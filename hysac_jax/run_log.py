@@ -14,10 +14,12 @@ events from step N + 1 on.
 import json
 import math
 import os
+import sys
 import time
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 
 def _scalar(value):
@@ -103,3 +105,35 @@ class RunLog:
       self._tb.close()
     if self._wandb is not None:
       self._wandb.finish()
+
+
+class StartupTimes:
+  """Wall-clock seconds of each start-up stage, printed as each one ends.
+
+      startup = StartupTimes({"imports": 3.1})   # stages timed elsewhere
+      ...; startup.mark("data")                   # "startup: data 1.2 s"
+
+  Only process 0 prints (`enabled`). `times` keeps the stages in order.
+  """
+
+  def __init__(self, done=None, enabled=True):
+    self.enabled = enabled
+    self.times = {}
+    for stage, seconds in (done or {}).items():
+      self._record(stage, seconds)
+    self._last = time.perf_counter()
+
+  def mark(self, stage):
+    """Ends `stage`: the time since the previous mark (or the start)."""
+    now = time.perf_counter()
+    self._record(stage, now - self._last)
+    self._last = now
+
+  def total(self):
+    return sum(self.times.values())
+
+  def _record(self, stage, seconds):
+    self.times[stage] = float(seconds)
+    if self.enabled:  # tqdm.write: a line of its own under a progress bar
+      tqdm.write(f"startup: {stage} {seconds:.1f} s", file=sys.stdout)
+      sys.stdout.flush()

@@ -28,7 +28,10 @@ negatives, each micro-batch's negatives are that micro-batch only (B/k rows,
 not B): accumulation saves memory but changes the contrastive problem.
 """
 
+import contextlib
 import functools
+import re
+import zlib
 from typing import Any
 
 import flax
@@ -42,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hysac_jax import losses
 from hysac_jax import lorentz
 from hysac_jax.models import hysac as hysac_lib
+from hysac_jax.models import lora as lora_lib
 
 DATA_AXIS = "data"
 LABELS = ("frozen", "lora", "head", "base")
@@ -122,81 +126,168 @@ def model_from_config(config):
   if m.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of "
                      f"{sorted(DTYPES)}")
+  attention = m.get("attention", "auto")
+  clip_lib.attention_implementation(attention, DTYPES[m.dtype], 64)  # checks
   return hysac_lib.HySAC(clip=clip_config, lora=lora, mode=m.mode,
-                         dtype=DTYPES[m.dtype], remat=m.remat,
-                         curv_init=m.curv_init)
+                         dtype=DTYPES[m.dtype],
+                         remat=clip_lib.remat_policy_name(m.remat),
+                         curv_init=m.curv_init,
+                         attention=None if attention == "auto" else attention)
 
 
 def init_model_params(model, rng):
   """Random HySAC params (LoRA B = 0, head scalars at their inits)."""
-  return _jitted_init(model)(rng)
+  return _jitted_init(model, None)(rng)
+
+
+def _input_structs(model):
+  """Shapes of one dummy image and caption batch, for `model.init`."""
+  vision, text = model.clip.vision, model.clip.text
+  pixels = jax.ShapeDtypeStruct((1, vision.image_size, vision.image_size,
+                                 vision.num_channels), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, text.max_position_embeddings), jnp.int32)
+  return pixels, ids
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_init(model):
-  """model.init on dummy inputs, jitted once per (hashable) module."""
-  vision, text = model.clip.vision, model.clip.text
-  pixels = jnp.zeros((1, vision.image_size, vision.image_size,
-                      vision.num_channels), jnp.float32)
-  ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
+def _jitted_init(model, sharding):
+  """model.init on dummy inputs, jitted once per (hashable) module and
+  placement (None: the default device)."""
+  pixels, ids = (jnp.zeros(s.shape, s.dtype) for s in _input_structs(model))
 
   def init(rng):
     variables = model.init({"params": rng, "dropout": rng}, pixels, ids,
                            deterministic=True)
     return variables["params"]
 
-  return jax.jit(init)
+  return jax.jit(init, out_shardings=sharding)
 
 
-def overlay_params(params, given):
-  """Puts the given (e.g. pretrained) leaves into freshly initialised params.
+@functools.lru_cache(maxsize=8)
+def abstract_params(model):
+  """The model's params tree as `jax.ShapeDtypeStruct` leaves.
+
+  Traces `model.init` without computing anything (`jax.eval_shape`).
+  """
+  def init(pixels, ids):
+    return model.init({"params": jax.random.key(0)}, pixels, ids,
+                      deterministic=True)["params"]
+
+  return jax.eval_shape(init, *_input_structs(model))
+
+
+def _leaf_seed(path):
+  """A stable 31-bit number per param path (keys each fresh leaf)."""
+  return zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF
+
+
+def build_params(model, rng, given=None, *, sharding=None):
+  """The model's params: the given (pretrained) leaves, the rest fresh.
+
+  Nothing that `given` supplies is initialised: shapes come from
+  `abstract_params`, given leaves are placed as they are (a copy, cast to
+  the model's param dtype when it differs), and only the leaves `given`
+  lacks, which must be LoRA matrices or head scalars, are made, on the host
+  (nothing is compiled): LoRA `A` by peft's Kaiming-uniform rule, drawn
+  from (`rng`, param path), `B` zeros (`lora.host_init`), the head scalars
+  at `hysac.head_init`. Without `given`, the whole model is random
+  (`model.init`, jitted; random towers, e.g. the `tiny` demo).
 
   Args:
-    params: the full random-init HySAC tree.
-    given: a full HySAC tree or just its "clip" sub-tree (as converted from
-      Hugging Face, without LoRA leaves or head scalars).
+    model: the HySAC module.
+    rng: PRNG key for the fresh leaves.
+    given: None, a full HySAC tree, or just its "clip" sub-tree (as
+      converted from Hugging Face, without LoRA leaves or head scalars);
+      numpy or jax arrays.
+    sharding: where to place every leaf (e.g. replicated on a mesh); None
+      for the default device.
 
   Returns:
-    `params` with every leaf of `given` in place. LoRA leaves and head scalars
-    that `given` lacks keep their init; any other missing, unknown or
-    mis-shaped leaf is an error naming its path.
+    The full params tree. Its arrays never alias `given`'s, so donating them
+    (the train step does) leaves the caller's arrays intact.
+
+  Raises:
+    KeyError: `given` has a leaf the model lacks, or lacks a frozen leaf.
+    ValueError: a given leaf's shape differs from the model's.
   """
+  if given is None:
+    return _jitted_init(model, sharding)(rng)
   if "clip" not in given:
     given = {"clip": given}
-  flat = traverse_util.flatten_dict(params)
-  new = traverse_util.flatten_dict(given)
-  unknown = [k for k in new if k not in flat]
+  want = traverse_util.flatten_dict(abstract_params(model))
+  have = traverse_util.flatten_dict(given)
+  unknown = [k for k in have if k not in want]
   if unknown:
     raise KeyError("init params hold leaves the model does not have: "
                    + ", ".join("/".join(k) for k in unknown[:8]))
-  missing = [k for k in flat if k not in new and _label(k) == "frozen"]
+  missing = [k for k in want if k not in have and _label(k) == "frozen"]
   if missing:
     raise KeyError("init params lack frozen model leaves: "
                    + ", ".join("/".join(k) for k in missing[:8]))
-  for k, v in new.items():
-    if tuple(np.shape(v)) != tuple(flat[k].shape):
+  for k, v in have.items():
+    if tuple(np.shape(v)) != tuple(want[k].shape):
       raise ValueError(f"init param {'/'.join(k)} has shape {np.shape(v)}, "
-                       f"the model expects {flat[k].shape}")
-    flat[k] = jnp.asarray(v, flat[k].dtype)
-  return traverse_util.unflatten_dict(flat)
+                       f"the model expects {want[k].shape}")
+  head = hysac_lib.head_init(model.clip.projection_dim, model.curv_init)
+  words = [int(w) for w in np.ravel(jax.device_get(_key_data(rng)))]
+  values = []
+  for k, spec in want.items():
+    if k in have:
+      v = _as_array(have[k])
+      values.append(v if v.dtype == spec.dtype else v.astype(spec.dtype))
+    elif k[-1] in head:
+      values.append(np.asarray(head[k[-1]], spec.dtype))
+    else:
+      values.append(lora_lib.host_init(k[-1], spec.shape, spec.dtype,
+                                       words + [_leaf_seed(k)]))
+  if sharding is not None and not sharding.is_fully_addressable:
+    # Several processes: each places its own (identical) copy on its
+    # devices; device_put would first compare every leaf across hosts.
+    placed = [_from_host(v, sharding) if isinstance(v, np.ndarray)
+              else jax.device_put(v, sharding, may_alias=False)
+              for v in values]
+  else:
+    placed = jax.device_put(values, sharding, may_alias=False)
+  return traverse_util.unflatten_dict(dict(zip(want, placed)))
 
 
-def _is_complete(model, given):
-  """Whether `given` is a full HySAC tree with the model's shapes."""
-  vision, text = model.clip.vision, model.clip.text
-  pixels = jax.ShapeDtypeStruct((1, vision.image_size, vision.image_size,
-                                 vision.num_channels), jnp.float32)
-  ids = jax.ShapeDtypeStruct((1, text.max_position_embeddings), jnp.int32)
-  abstract = jax.eval_shape(
-      functools.partial(model.init, deterministic=True),
-      {"params": jax.random.key(0)}, pixels, ids)["params"]
-  want = {k: v.shape for k, v in traverse_util.flatten_dict(abstract).items()}
-  try:
-    have = {k: tuple(np.shape(v))
-            for k, v in traverse_util.flatten_dict(given).items()}
-  except (TypeError, ValueError):
-    return False
-  return want == have
+def _from_host(value, sharding):
+  """A global array of `sharding` from the same numpy value on every host."""
+  return jax.make_array_from_callback(value.shape, sharding,
+                                      lambda index: np.array(value[index]))
+
+
+def _key_data(rng):
+  """The raw uint32 words of a (typed or legacy) PRNG key."""
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(rng)
+  return rng
+
+
+def _as_array(x):
+  return x if isinstance(x, (jax.Array, np.ndarray)) else np.asarray(x)
+
+
+def random_clip_params(model, seed=0):
+  """Random float32 numpy CLIP weights of the model's shapes, without LoRA.
+
+  A cheap stand-in for a converted CLIP (benchmarks, start-up timing):
+  LayerNorm scales 1, biases 0, every other weight N(0, 0.02²). Pass it as
+  `init_params` to skip the random init's compile.
+  """
+  rng = np.random.default_rng(seed)
+  out = {}
+  for k, v in traverse_util.flatten_dict(abstract_params(model)["clip"]
+                                         ).items():
+    if k[-1] in LORA_NAMES:
+      continue
+    if k[-1] == "scale":
+      out[k] = np.ones(v.shape, np.float32)
+    elif k[-1] == "bias":
+      out[k] = np.zeros(v.shape, np.float32)
+    else:
+      out[k] = rng.standard_normal(v.shape, np.float32) * np.float32(0.02)
+  return traverse_util.unflatten_dict(out)
 
 
 # -------------------------------------------------------------- optimizer ---
@@ -321,7 +412,7 @@ def create_train_state(config, rng, init_params=None, *, mesh=None,
     config: the run config (`config.model`, `config.optim`).
     rng: PRNG key for the random init (LoRA A, and every leaf not given).
     init_params: optional pretrained params: a full HySAC tree or its "clip"
-      sub-tree (see `overlay_params`).
+      sub-tree (see `build_params`).
     mesh: optional device mesh; the state's arrays are replicated on it.
     total_steps: optimizer updates in the run (needed by "warmup_cosine").
     model: optional HySAC module overriding `model_from_config(config)`.
@@ -332,26 +423,26 @@ def create_train_state(config, rng, init_params=None, *, mesh=None,
     do not rebuild it, or the step recompiles.
   """
   model = model or model_from_config(config)
-  if init_params is not None and _is_complete(model, init_params):
-    # No random init needed. Copy: the train step donates the state's
-    # buffers, which must not invalidate the caller's arrays.
-    params = jax.tree.map(lambda x: jnp.array(x, copy=True), init_params)
-  else:
-    params = init_model_params(model, rng)
-    if init_params is not None:
-      params = overlay_params(params, init_params)
-  params = hysac_lib.project_head(params, model.curv_init)
+  replicated = NamedSharding(mesh, P()) if mesh is not None else None
+  params = build_params(model, rng, init_params, sharding=replicated)
   train_base = bool(config.model.get("train_base", False))
   tx = make_optimizer(config.optim,
                       learning_rate_schedule(config.optim, total_steps),
                       train_base)
-  opt_state = tx.init(trainable_params(params, train_base))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=opt_state, model=model, tx=tx,
-                     train_base=train_base)
-  if mesh is not None:
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-  return state
+
+  # Given head scalars may lie outside their range: project them. Eager
+  # ops: one small program per leaf shape, where a jitted init would
+  # compile a kernel per output buffer.
+  trainable = hysac_lib.project_head(trainable_params(params, train_base),
+                                     model.curv_init)
+  opt_state = tx.init(trainable)
+  step = jnp.zeros((), jnp.int32)
+  if replicated is not None:
+    step, trainable, opt_state = jax.device_put((step, trainable, opt_state),
+                                                replicated)
+  return TrainState(step=step, params=merge_params(params, trainable),
+                    opt_state=opt_state, model=model, tx=tx,
+                    train_base=train_base)
 
 
 # ------------------------------------------------------------------- mesh ---
@@ -578,3 +669,97 @@ def make_eval_step(config, mesh, compiler_options=None):
   return jax.jit(fn, in_shardings=(replicated, data),
                  out_shardings=(data, replicated),
                  compiler_options=compiler_options)
+
+
+# ---------------------------------------------------------- out of memory ---
+
+
+class OutOfMemoryError(RuntimeError):
+  """A step (or its compile) does not fit in accelerator memory."""
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KiB": 2**10,
+          "M": 2**20, "MB": 2**20, "MiB": 2**20, "G": 2**30, "GB": 2**30,
+          "GiB": 2**30, "T": 2**40, "TB": 2**40, "TiB": 2**40}
+_SIZE = r"([0-9.]+)\s*(bytes|[KMGT]i?B?|B)?"
+
+
+def _bytes(number, unit):
+  return float(number) * _UNITS.get("" if unit in (None, "bytes") else unit,
+                                    1)
+
+
+def _gib(n):
+  return f"{n / 2**30:.2f} GiB"
+
+
+def out_of_memory_message(text, *, batch_per_device, global_batch,
+                          stage="in the train step", available=None):
+  """One line explaining an XLA RESOURCE_EXHAUSTED error, or None.
+
+  Args:
+    text: the error's message.
+    batch_per_device: `config.data.batch_size_per_device`.
+    global_batch: the global batch (per device x devices).
+    stage: where it happened, e.g. "compiling the train step".
+    available: the device's memory in bytes (`device_memory_limit()`), used
+      when the message does not say.
+
+  Returns:
+    "out of accelerator memory ... at batch B per device (G global): asked
+    for X, Y available; ..." with what can be parsed from `text` (GPU/CPU
+    "Out of memory while trying to allocate N bytes" and the buffer
+    assignment's "total allocation", TPU "Used X of Y hbm"), or None when
+    `text` is not an out-of-memory error.
+  """
+  if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+    return None
+  asked = None
+  m = re.search(r"[Uu]sed " + _SIZE + r" of " + _SIZE + r" (\w+)", text)
+  if m:  # TPU: "Used 20.5G of 15.48G hbm."
+    asked = _bytes(m.group(1), m.group(2))
+    available = _bytes(m.group(3), m.group(4))
+  m_total = re.search(r"total allocation:\s*" + _SIZE, text)
+  m_alloc = re.search(r"allocate " + _SIZE, text)
+  parts = []
+  if asked is not None:
+    parts.append(f"asked for {_gib(asked)}")
+  else:
+    if m_alloc:
+      parts.append(f"asked for {_gib(_bytes(*m_alloc.groups()))} more")
+    if m_total:
+      parts.append(f"the step needs {_gib(_bytes(*m_total.groups()))}")
+  if available:
+    parts.append(f"{_gib(available)} available")
+  detail = ": " + ", ".join(parts) if parts else ""
+  return (f"out of accelerator memory {stage} at batch {batch_per_device} "
+          f"per device ({global_batch} global){detail}; lower "
+          "config.data.batch_size_per_device, rematerialise with "
+          "config.model.remat=dots_saveable or full, or split the batch "
+          "with config.optim.accum_steps=2 or more")
+
+
+def device_memory_limit(device=None):
+  """Bytes of memory of a (the first local) device, or None if unknown."""
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  # backend without stats
+    return None
+  return (stats or {}).get("bytes_limit")
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(stage, batch_per_device, global_batch):
+  """Turns XLA's RESOURCE_EXHAUSTED into an `OutOfMemoryError` naming the
+  batch, the memory asked for and available (see `out_of_memory_message`)."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    message = out_of_memory_message(
+        str(e), batch_per_device=batch_per_device,
+        global_batch=global_batch, stage=stage,
+        available=device_memory_limit())
+    if message is None:
+      raise
+    raise OutOfMemoryError(message) from None

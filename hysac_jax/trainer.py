@@ -12,6 +12,7 @@ checkpoint continues with exactly the batches and keys it would have used.
 """
 
 import dataclasses
+import functools
 import json
 import logging as py_logging
 import math
@@ -62,6 +63,12 @@ def check_config(config):
       sizes.get_clip_config(m.size)
     except (KeyError, ValueError):
       bad("model.size", m.size, "a named size of hysac_jax.models.sizes")
+  from hysac_jax.models import clip as clip_lib
+  if not isinstance(m.remat, bool) and m.remat not in clip_lib.REMAT_POLICIES:
+    bad("model.remat", m.remat, f"one of {clip_lib.REMAT_POLICIES}")
+  if m.get("attention", "auto") not in clip_lib.ATTENTION_IMPLEMENTATIONS:
+    bad("model.attention", m.attention,
+        f"one of {clip_lib.ATTENTION_IMPLEMENTATIONS}")
   if m.lora.rank < 0:
     bad("model.lora.rank", m.lora.rank, "rank >= 0")
   if not 0.0 <= m.lora.dropout < 1.0:
@@ -476,7 +483,8 @@ def _restore_latest(checkpoints, abstract_tree, fallback):
 
 
 def train_and_evaluate(config, workdir, *, init_from=None, resume=None,
-                       overwrite=False, fallback_checkpoint=False):
+                       overwrite=False, fallback_checkpoint=False,
+                       startup=None):
   """Trains HySAC as `config` says; returns a summary dict.
 
   Args:
@@ -489,6 +497,9 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None,
     overwrite: move an existing run aside (WORKDIR.old-<time>/) first.
     fallback_checkpoint: resume from the previous checkpoint when the latest
       cannot be read (the unreadable one is moved to WORKDIR/unreadable/).
+    startup: seconds of start-up stages timed before the call (train.py:
+      imports, distributed init); the rest are timed here. All are printed
+      as they end and logged as one "startup" record of metrics.jsonl.
 
   Returns:
     dict with "steps", "epochs", "stopped_early", "best" metrics, "bounds",
@@ -500,19 +511,21 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None,
   try:
     return _train_and_evaluate(config, workdir, init_from=init_from,
                                resume=None if overwrite else resume,
-                               fallback_checkpoint=fallback_checkpoint)
+                               fallback_checkpoint=fallback_checkpoint,
+                               startup=startup)
   finally:
     if lock is not None:
       lock.release()
 
 
 def _train_and_evaluate(config, workdir, *, init_from, resume,
-                        fallback_checkpoint):
+                        fallback_checkpoint, startup):
   from hysac_jax.data import pipeline
 
   _quiet_tfds()
   save_config(config, workdir)
   is_main = jax.process_index() == 0
+  startup = run_log.StartupTimes(startup, enabled=is_main)
 
   mesh = train_lib.make_mesh()
   model = train_lib.model_from_config(config)
@@ -523,12 +536,18 @@ def _train_and_evaluate(config, workdir, *, init_from, resume,
                                         num_epochs=config.train.epochs)
   steps_per_epoch = train_batches.steps_per_epoch
   total_steps = steps_per_epoch * config.train.epochs
+  startup.mark("data")
 
   key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(key)
+  params = initial_params(config, init_from)
+  startup.mark("params")
   state = train_lib.create_train_state(
-      config, init_key, initial_params(config, init_from), mesh=mesh,
-      total_steps=total_steps, model=model)
+      config, init_key, params, mesh=mesh, total_steps=total_steps,
+      model=model)
+  del params
+  jax.block_until_ready(state)
+  startup.mark("state")
   train_step = train_lib.make_train_step(config, mesh)
   eval_step = train_lib.make_eval_step(config, mesh)
 
@@ -547,6 +566,7 @@ def _train_and_evaluate(config, workdir, *, init_from, resume,
     start_step = int(meta["step"])
     if is_main:
       print(f"resumed from step {start_step} in {workdir}")
+    startup.mark("restore")
 
   log = run_log.RunLog(workdir, use_wandb=config.train.use_wandb,
                        config=config, start_step=start_step)
@@ -562,31 +582,63 @@ def _train_and_evaluate(config, workdir, *, init_from, resume,
     finally:
       preemption.saving = False
 
-  bar = tqdm(total=total_steps, initial=start_step, disable=not is_main,
-             desc="train", dynamic_ncols=True)
   pending = None  # (step, metrics) of the last dispatched step, unchecked.
   step = start_step
-  t0, examples = time.time(), 0
   global_batch = (config.data.batch_size_per_device * jax.device_count())
+  out_of_memory = functools.partial(train_lib.explain_out_of_memory,
+                                    batch_per_device=(
+                                        config.data.batch_size_per_device),
+                                    global_batch=global_batch)
+  sharded = compiled_step = None
   with _Preemption() as preemption:
+    if step < total_steps:
+      # Compile once, ahead of the loop, on the first batch's shapes.
+      sharded = train_lib.shard_batch(next(train_batches), mesh)
+      startup.mark("first_batch")
+      with out_of_memory("compiling the train step"):
+        compiled_step = train_step.lower(state, sharded, step_key).compile()
+      startup.mark("compile")
+    bar = tqdm(total=total_steps, initial=start_step, disable=not is_main,
+               desc="train", dynamic_ncols=True)
+    t0, examples, waited = time.perf_counter(), 0, 0.0
     while step < total_steps:
-      batch = next(train_batches)
-      state, metrics = train_step(state, train_lib.shard_batch(batch, mesh),
-                                  step_key)
+      if sharded is None:
+        t_wait = time.perf_counter()
+        batch = next(train_batches)
+        waited += time.perf_counter() - t_wait
+        sharded = train_lib.shard_batch(batch, mesh)
+      with out_of_memory("in the train step"):
+        state, metrics = compiled_step(state, sharded, step_key)
+        sharded = None
+        if step == start_step:
+          jax.block_until_ready(metrics)
+          startup.mark("first_step")
+          log.write(step, dict(startup.times, total=startup.total()),
+                    kind="startup")
+          t0 = time.perf_counter()
       # Check the previous step while this one runs (keeps dispatch async).
       if pending is not None:
         _finite_or_raise(pending[1], pending[0], checkpoints)
       pending = (step, metrics)
       step += 1
-      examples += global_batch
+      if step > start_step + 1:  # the rate leaves out the timed first step
+        examples += global_batch
       if step % config.train.log_every == 0 or step == total_steps:
-        host = jax.device_get(metrics)
+        with out_of_memory("in the train step"):
+          host = jax.device_get(metrics)
         _finite_or_raise(host, step - 1, checkpoints)
-        rate = examples / max(time.time() - t0, 1e-9)
-        t0, examples = time.time(), 0
-        log.write(step, dict(host, examples_per_s=rate), kind="train")
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        rate = examples / elapsed
+        # Time blocked on the input pipeline: a starved accelerator shows
+        # as a large share.
+        wait_share = waited / elapsed
+        wait_per_step = waited / max(examples // global_batch, 1)
+        t0, examples, waited = time.perf_counter(), 0, 0.0
+        log.write(step, dict(host, examples_per_s=rate,
+                             input_wait_s=wait_per_step,
+                             input_wait_share=wait_share), kind="train")
         bar.set_postfix(loss=f"{float(host['loss']):.4f}",
-                        ex_s=f"{rate:.1f}")
+                        ex_s=f"{rate:.1f}", wait=f"{100 * wait_share:.0f}%")
       bar.update(1)
       epoch_end = step % steps_per_epoch == 0
       every = config.train.checkpoint_every

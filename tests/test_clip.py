@@ -6,6 +6,7 @@ tower (ViT-L widths) uses the error-model bound of `tests/numerics.py`.
 
 import copy
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -238,26 +239,113 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny):
   assert {x.dtype for x in jax.tree.leaves(init)} == {jnp.dtype("float32")}
 
 
-def test_remat_gives_same_features_and_gradients_with_lora_dropout(tiny):
+def reference_attention(x, p, num_heads, causal):
+  """The einsum attention the towers used before jax.nn.dot_product_attention
+  (HF's formula), in float64 NumPy: (B, L, D) -> (B, L, D), before out_proj.
+
+  Returns (output, logits) so that callers can bound rounding errors.
+  """
+  b, l, d = x.shape
+  hd = d // num_heads
+
+  def heads(name):
+    y = x @ p[name]["kernel"] + p[name]["bias"]
+    return y.reshape(b, l, num_heads, hd).transpose(0, 2, 1, 3)
+
+  q, k, v = heads("q_proj") * hd**-0.5, heads("k_proj"), heads("v_proj")
+  logits = np.einsum("bhqd,bhkd->bhqk", q, k)
+  if causal:  # the old additive bias: float32's lowest value above i
+    logits = logits + np.where(np.tril(np.ones((l, l), bool)), 0.0,
+                               np.finfo(np.float32).min)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  out = np.einsum("bhqk,bhkd->bhqd", probs, v)
+  return out.transpose(0, 2, 1, 3).reshape(b, l, d), logits, v
+
+
+@pytest.mark.parametrize("causal,length", [(True, 77), (False, 50)])
+def test_fused_attention_matches_the_einsum_formula_in_float64(causal,
+                                                               length):
+  from hysac_jax.models.clip import Attention
+  d, h = 32, 4
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(2, length, d))
+  with jax.enable_x64(True):
+    module = Attention(d, h, dtype=jnp.float64, causal=causal,
+                       implementation="xla")
+    p = {name: {"kernel": rng.normal(size=(d, d)) / math.sqrt(d) * 2,
+                "bias": 0.1 * rng.normal(size=(d,))}
+         for name in ("q_proj", "k_proj", "v_proj")}
+    # out_proj = identity: the module's output is the attention itself.
+    p["out_proj"] = {"kernel": np.eye(d), "bias": np.zeros(d)}
+    got = np.asarray(module.apply({"params": p}, jnp.asarray(x)))
+    assert got.dtype == np.float64
+  want, logits, v = reference_attention(x, p, h, causal)
+  # jax's XLA path rounds the logits to float32 and takes the softmax in
+  # float32 (also for float64 inputs): each probability then carries a
+  # relative error below (2 max|logit| + L) * 2^-24, and the output an
+  # absolute error below that times max|v|. A wrong mask or head layout
+  # errs by O(1).
+  finite = logits[logits > -1e30]
+  bound = (2 * np.abs(finite).max() + length) * 2.0**-24 * np.abs(v).max()
+  err = np.abs(got - want).max()
+  assert err <= bound, (err, bound)
+  assert err < 1e-4 * np.abs(want).max()
+  if causal:  # the first token sees only itself: its value row, exactly
+    np.testing.assert_allclose(got[:, 0], (x @ p["v_proj"]["kernel"]
+                                           + p["v_proj"]["bias"])[:, 0],
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_attention_implementation_is_cudnn_only_on_gpu_with_half_precision():
+  from hysac_jax.models.clip import attention_implementation as impl
+  assert impl("auto", jnp.bfloat16, 64, backend="gpu") == "cudnn"
+  assert impl(None, jnp.float16, 64, backend="cuda") == "cudnn"
+  assert impl("auto", jnp.float32, 64, backend="gpu") == "xla"
+  assert impl("auto", jnp.bfloat16, 256, backend="gpu") == "xla"
+  assert impl("auto", jnp.bfloat16, 64, backend="cpu") == "xla"
+  assert impl("auto", jnp.bfloat16, 64, backend="tpu") == "xla"
+  assert impl("cudnn", jnp.float32, 64, backend="cpu") == "cudnn"
+  with pytest.raises(ValueError, match="config.model.attention"):
+    impl("flash", jnp.bfloat16, 64)
+
+
+def test_remat_policies_give_identical_features_and_gradients(tiny):
+  """float64, LoRA dropout on, both towers (the text one causal)."""
   _, config, params = tiny
-  pixels = jnp.asarray(np.random.default_rng(4).normal(size=(2, 32, 32, 3)),
-                       jnp.float32)
+  rng = np.random.default_rng(4)
+  pixels = rng.normal(size=(2, 32, 32, 3))
+  ids = caption_ids()
   lora = LoRAConfig(rank=2, dropout=0.1)
   full = with_random_lora(params, config, lora, seed=5)
-  variables = {"params": {k: full[k]  # the image tower only
-                          for k in ("vision_model", "visual_projection")}}
   rngs = {"dropout": jax.random.key(7)}
+  results = {}
+  with jax.enable_x64(True):
+    variables = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64),
+                             {"params": full})
 
-  def loss(p, remat):
-    out = CLIPModel(config, lora, remat=remat).apply(
-        p, pixels, deterministic=False, method="encode_image", rngs=rngs)
-    return jnp.sum(out**2)
+    def loss(p, remat):
+      text, image = CLIPModel(config, lora, dtype=jnp.float64,
+                              remat=remat).apply(
+          p, jnp.asarray(ids), jnp.asarray(pixels), deterministic=False,
+          rngs=rngs)
+      return jnp.sum(image**2) + jnp.sum(jnp.sin(text))
 
-  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-  (v0, g0), (v1, g1) = grad(variables, False), grad(variables, True)
-  np.testing.assert_allclose(v0, v1, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    for policy in ("none", "dots_saveable", "full"):
+      value, g = grad(variables, policy)
+      results[policy] = (float(value), jax.tree.map(np.asarray, g))
+  v0, g0 = results["none"]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(g0))
+  for policy in ("dots_saveable", "full"):
+    v1, g1 = results[policy]
+    np.testing.assert_allclose(v1, v0, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+      assert a.dtype == np.float64
+      np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+  with pytest.raises(ValueError, match="config.model.remat"):
+    CLIPModel(config, lora, remat="some").apply(
+        {"params": full}, jnp.asarray(ids), method="encode_text")
 
 
 def test_wrong_image_size_is_refused(tiny):

@@ -212,9 +212,10 @@ def test_pod_metrics_are_global_and_logged_once_by_process_zero(
     pod_and_reference):
   r = pod_and_reference
   pod, ref = metrics_lines(r["pod"]), metrics_lines(r["ref"])
-  # One line per logged step (2, 4) and one validation: not one per process.
+  # One start-up record, one line per logged step (2, 4) and one
+  # validation: not one per process.
   assert [(l["step"], l["kind"]) for l in pod] == [
-      (2, "train"), (4, "train"), (4, "val")]
+      (0, "startup"), (2, "train"), (4, "train"), (4, "val")]
   assert [(l["step"], l["kind"]) for l in ref] == [
       (l["step"], l["kind"]) for l in pod]
   for a, b in zip(pod, ref):
@@ -226,7 +227,9 @@ def test_pod_metrics_are_global_and_logged_once_by_process_zero(
   out0, out1 = r["outputs"]
   assert out0.count("epoch 1: val loss") == 1
   assert '"steps": 4' in out0
-  for text in ("epoch 1: val loss", '"steps"', "train:", "validation:"):
+  assert out0.count("startup: compile ") == 1
+  for text in ("epoch 1: val loss", '"steps"', "train:", "validation:",
+               "startup:"):
     assert text not in out1, text
 
 

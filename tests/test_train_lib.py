@@ -322,6 +322,81 @@ def test_batch_errors_name_the_problem(global_runs):
          jax.random.key(0))
 
 
+def clip_without_lora(params):
+  flat_clip = traverse_util.flatten_dict(jax.tree.map(np.asarray,
+                                                      params["clip"]))
+  return traverse_util.unflatten_dict(
+      {k: v for k, v in flat_clip.items() if k[-1] not in ("lora_A",
+                                                           "lora_B")})
+
+
+def test_pretrained_init_takes_given_leaves_and_inits_only_lora_and_head(
+    params, monkeypatch):
+  config = tiny_config()
+  config.model.curv_init = 0.5
+  clip_only = clip_without_lora(params)
+
+  def no_random_init(*args):
+    raise AssertionError("the towers were random-initialised")
+
+  monkeypatch.setattr(train_lib, "_jitted_init", no_random_init)
+  state = train_lib.create_train_state(config, jax.random.key(5),
+                                       init_params=clip_only)
+  got = flat(state.params)
+  # The model's tree, leaf for leaf (checkpoints hold these paths).
+  reference = traverse_util.flatten_dict(
+      train_lib.abstract_params(state.model))
+  assert {k: (v.shape, v.dtype) for k, v in got.items()} == {
+      k: (v.shape, v.dtype) for k, v in reference.items()}
+  for k, v in traverse_util.flatten_dict(clip_only).items():
+    assert got[("clip",) + k].dtype == v.dtype
+    assert np.array_equal(got[("clip",) + k], v), k
+  # Head scalars at SPEC's inits: log c0, log(dim^-1/2), log(1/0.07).
+  np.testing.assert_allclose(got[("log_curv",)], math.log(0.5), rtol=1e-7)
+  for name in ("log_alpha_image", "log_alpha_text"):
+    np.testing.assert_allclose(got[(name,)], math.log(64**-0.5), rtol=1e-7)
+  np.testing.assert_allclose(got[("log_logit_scale",)], math.log(1 / 0.07),
+                             rtol=1e-7)
+  # LoRA: B = 0; A uniform on [-1/sqrt(fan_in), 1/sqrt(fan_in)] (peft's
+  # kaiming_uniform_(a=sqrt(5))), each leaf its own draw.
+  lora_b = {k: v for k, v in got.items() if k[-1] == "lora_B"}
+  lora_a = {k: v for k, v in got.items() if k[-1] == "lora_A"}
+  assert len(lora_b) == len(lora_a) == 2 * 2 * 5 + 1  # 2 towers x 2 layers
+  assert all(not v.any() for v in lora_b.values())
+  unit = []
+  for k, v in lora_a.items():
+    bound = 1 / math.sqrt(np.prod(v.shape[:-1]))
+    assert np.abs(v).max() <= bound, k
+    unit.append(v.ravel() / bound)
+  assert len({v.tobytes() for v in lora_a.values()}) == len(lora_a)
+  unit = np.sort(np.concatenate(unit))
+  # Kolmogorov-Smirnov distance to U(-1, 1); 1.95/sqrt(n) is p = 0.001.
+  cdf = (unit + 1) / 2
+  n = unit.size
+  ks = max(np.max(np.arange(1, n + 1) / n - cdf),
+           np.max(cdf - np.arange(n) / n))
+  assert ks < 1.95 / math.sqrt(n), ks
+  # A fixed key gives fixed values (a rerun starts the same).
+  again = flat(train_lib.create_train_state(
+      config, jax.random.key(5), init_params=clip_only).params)
+  for k in lora_a:
+    assert np.array_equal(again[k], got[k]), k
+
+
+def test_given_arrays_survive_donating_the_state(params):
+  """The state never aliases the caller's arrays: the step donates it."""
+  mesh = train_lib.make_mesh(jax.devices()[:4])
+  given = jax.device_put(params, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+  state = train_lib.create_train_state(tiny_config(), jax.random.key(2),
+                                       init_params=given, mesh=mesh)
+  doubled = jax.jit(lambda p: jax.tree.map(lambda x: 2 * x, p),
+                    donate_argnums=0)(state.params)
+  jax.block_until_ready(doubled)
+  for a, b in zip(jax.tree.leaves(given), jax.tree.leaves(params)):
+    assert np.array_equal(np.asarray(a), b)
+
+
 def test_init_params_from_a_clip_tree_keep_fresh_lora_and_head(params):
   config = tiny_config()
   clip_only = jax.tree.map(np.asarray, params["clip"])
@@ -340,3 +415,56 @@ def test_init_params_from_a_clip_tree_keep_fresh_lora_and_head(params):
   bad = dict(clip_only, text_projection={"kernel": np.zeros((3, 3))})
   with pytest.raises(ValueError, match="text_projection/kernel"):
     train_lib.create_train_state(config, jax.random.key(5), init_params=bad)
+
+
+# ---------------------------------------------------------- out of memory ---
+
+GPU_OOM = """RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4770354232 bytes.
+BufferAssignment OOM Debugging.
+BufferAssignment stats:
+             parameter allocation:  372.76MiB
+              constant allocation:    48.5KiB
+        maybe_live_out allocation:    9.64GiB
+     preallocated temp allocation:    4.44GiB
+                 total allocation:   14.44GiB
+              total fragmentation:  680.30MiB (4.60%)
+Peak buffers:
+\tBuffer 1:
+\t\tSize: 1.50GiB"""
+
+TPU_OOM = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of "
+           "memory in memory space hbm. Used 20.50G of 15.48G hbm. Exceeded "
+           "hbm capacity by 5.02G.")
+
+
+def test_out_of_memory_message_names_batch_memory_and_remedies():
+  msg = train_lib.out_of_memory_message(
+      GPU_OOM, batch_per_device=256, global_batch=2048,
+      stage="in the train step", available=80 * 2**30)
+  assert "\n" not in msg
+  assert "at batch 256 per device (2048 global)" in msg
+  assert "asked for 4.44 GiB more" in msg  # 4770354232 / 2^30
+  assert "the step needs 14.44 GiB" in msg
+  assert "80.00 GiB available" in msg
+  for remedy in ("config.data.batch_size_per_device",
+                 "config.model.remat=dots_saveable or full",
+                 "config.optim.accum_steps"):
+    assert remedy in msg
+  msg = train_lib.out_of_memory_message(
+      TPU_OOM, batch_per_device=64, global_batch=512,
+      stage="compiling the train step")
+  assert ("compiling the train step at batch 64 per device (512 global): "
+          "asked for 20.50 GiB, 15.48 GiB available;") in msg
+  assert train_lib.out_of_memory_message(
+      "INVALID_ARGUMENT: shapes differ", batch_per_device=1,
+      global_batch=1) is None
+
+
+def test_resource_exhausted_becomes_an_out_of_memory_error():
+  with pytest.raises(train_lib.OutOfMemoryError,
+                     match=r"at batch 8 per device \(32 global\)"):
+    with train_lib.explain_out_of_memory("in the train step", 8, 32):
+      raise jax.errors.JaxRuntimeError(GPU_OOM)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    with train_lib.explain_out_of_memory("in the train step", 8, 32):
+      raise jax.errors.JaxRuntimeError("INTERNAL: something else")

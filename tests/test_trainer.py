@@ -79,7 +79,8 @@ def finished_run(data_dir, tmp_path_factory):
     ("optim.schedule", "linear"), ("train.epochs", 0),
     ("data.batch_size_per_device", 0), ("model.lora.dropout", 1.5),
     ("data.synthetic_sizes", (128, 64)), ("data.synthetic_sizes", (128, 0, 64)),
-    ("data.synthetic_sizes", ("(1,2,a)",))])
+    ("data.synthetic_sizes", ("(1,2,a)",)), ("model.remat", "some"),
+    ("model.attention", "flash")])
 def test_bad_config_value_names_the_field(field, value, tmp_path):
   c = micro_config(tmp_path, **{field: value})
   with pytest.raises(ValueError, match=f"config.{field.replace('.', '[.]')}="):
@@ -328,6 +329,9 @@ def test_sigkill_mid_epoch_then_resume_gives_bitwise_equal_params(
                            timeout=600, capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step" in resumed.stdout + resumed.stderr
+  for stage in ("imports", "distributed_init", "data", "params", "state",
+                "restore", "first_batch", "compile", "first_step"):
+    assert f"startup: {stage} " in resumed.stdout, stage
 
   step_a, a = final_state(straight)
   step_b, b = final_state(killed)
@@ -400,8 +404,20 @@ def test_finished_run_writes_logs_checkpoints_and_bounds(finished_run):
     assert (workdir / name).is_file(), name
   assert any((workdir / "tensorboard").iterdir())
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
-  kinds = [__import__("json").loads(l)["kind"] for l in lines]
+  records = [json.loads(l) for l in lines]
+  kinds = [r["kind"] for r in records]
   assert kinds.count("val") == 2 and kinds.count("train") == 4
+  # One start-up record, the stages in order, before any train record.
+  assert kinds.count("startup") == 1 and kinds.index("startup") == 0
+  startup = records[0]
+  stages = ("data", "params", "state", "first_batch", "compile",
+            "first_step")
+  assert [k for k in startup if k in stages] == list(stages)
+  assert all(startup[k] >= 0 for k in stages)
+  assert startup["total"] == pytest.approx(sum(startup[k] for k in stages))
+  for r in records:
+    if r["kind"] == "train":
+      assert 0 <= r["input_wait_share"] <= 1 and r["input_wait_s"] >= 0
   bounds = summary["bounds"]
   assert set(bounds) == {"S", "U", "V", "G"}
   for group in bounds.values():

@@ -103,16 +103,87 @@ def _lora_kwargs(lora, name):
   return dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "dots_saveable", "full")
+
+
+def attention_implementation(requested, dtype, head_dim, backend=None):
+  """The `jax.nn.dot_product_attention` implementation to use.
+
+  Args:
+    requested: "xla", "cudnn", or "auto"/None: cuDNN's fused (flash)
+      attention on GPUs for bfloat16/float16 towers whose head width it
+      takes (a multiple of 8, at most 128), XLA elsewhere.
+    dtype: the towers' compute dtype.
+    head_dim: width of one attention head.
+    backend: `jax.default_backend()` unless given.
+
+  Returns:
+    "xla" or "cudnn".
+  """
+  if requested in (None, "auto"):
+    backend = backend or jax.default_backend()
+    fused = (backend in ("gpu", "cuda")
+             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16),
+                                      jnp.dtype(jnp.float16))
+             and head_dim % 8 == 0 and head_dim <= 128)
+    return "cudnn" if fused else "xla"
+  if requested not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {requested!r} "
+                     "(config.model.attention) is not one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}")
+  return requested
+
+
+def remat_policy_name(remat):
+  """"none", "dots_saveable" or "full" from a policy name or a bool.
+
+  `True` / `False` are the older boolean `config.model.remat` (full / none).
+  """
+  if isinstance(remat, bool) or remat is None:
+    return "full" if remat else "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {remat!r} (config.model.remat) is not "
+                     f"one of {REMAT_POLICIES}")
+  return remat
+
+
+def reference_attention(q, k, v, causal=False):
+  """softmax(q·kᵀ [+ causal mask]) · v in the inputs' own precision.
+
+  Args:
+    q, k, v: (B, L, H, head_dim), q already scaled.
+    causal: token i attends to tokens <= i.
+
+  Returns:
+    (B, L, H, head_dim).
+  """
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+  if causal:
+    l = q.shape[1]
+    scores = jnp.where(jnp.tril(jnp.ones((l, l), bool)), scores, -jnp.inf)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention, computed head-major (B, heads, L, head_dim)."""
+  """Multi-head self-attention through `jax.nn.dot_product_attention`.
+
+  Queries are scaled by `head_dim^-1/2` before the product (as HF does);
+  logits and softmax are float32, probabilities are cast back to the compute
+  dtype. float64 towers use `reference_attention` instead (jax's XLA path
+  rounds the softmax input to float32), so that parity checks in float64
+  are exact.
+  """
   hidden_size: int
   num_heads: int
   lora: LoRAConfig | None = None
   dtype: Any = jnp.float32
+  causal: bool = False
+  implementation: str | None = None
 
   @nn.compact
-  def __call__(self, x, bias, deterministic=True):
-    """x: (B, L, D); bias: None or additive (L, L) float32 -> (B, L, D)."""
+  def __call__(self, x, deterministic=True):
+    """x: (B, L, D) -> (B, L, D); causal: token i sees tokens <= i."""
     b, l, d = x.shape
     h = self.num_heads
     hd = d // h
@@ -121,22 +192,23 @@ class Attention(nn.Module):
       return lora_lib.LoRADense(d, dtype=self.dtype, name=name,
                                 **_lora_kwargs(self.lora, name))
 
-    def heads(t):  # (B, L, D) -> (B, H, L, hd)
-      return t.reshape(b, l, h, hd).transpose(0, 2, 1, 3)
+    def heads(t):  # (B, L, D) -> (B, L, H, hd)
+      return t.reshape(b, l, h, hd)
 
     q = heads(proj("q_proj")(x, deterministic) * jnp.asarray(hd**-0.5,
                                                               self.dtype))
     k = heads(proj("k_proj")(x, deterministic))
     v = heads(proj("v_proj")(x, deterministic))
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k,
-                        preferred_element_type=accumulation_dtype(self.dtype))
-    if bias is not None:
-      scores = scores + bias
-    # Softmax in (at least) float32, as HF does, then back to the compute dtype.
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-    out = out.transpose(0, 2, 1, 3).reshape(b, l, d)
-    return proj("out_proj")(out, deterministic)
+    if jnp.dtype(self.dtype) == jnp.dtype(jnp.float64):
+      # float64 towers verify the math (parity tests): jax's XLA attention
+      # rounds the softmax input to float32, so spell it out exactly here.
+      out = reference_attention(q, k, v, self.causal)
+    else:
+      out = jax.nn.dot_product_attention(
+          q, k, v, scale=1.0, is_causal=self.causal,
+          implementation=attention_implementation(self.implementation,
+                                                  self.dtype, hd))
+    return proj("out_proj")(out.reshape(b, l, d), deterministic)
 
 
 class MLP(nn.Module):
@@ -168,17 +240,20 @@ class EncoderLayer(nn.Module):
   layer_norm_eps: float
   lora: LoRAConfig | None = None
   dtype: Any = jnp.float32
+  causal: bool = False
+  attention: str | None = None
 
   @nn.compact
-  def __call__(self, x, bias, deterministic=True):
-    """x: (B, L, D) -> (B, L, D); `bias` as in `Attention`."""
+  def __call__(self, x, deterministic=True):
+    """x: (B, L, D) -> (B, L, D)."""
     def norm(name):
       return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                           name=name)
 
     y = norm("layer_norm1")(x)
     y = Attention(self.hidden_size, self.num_heads, self.lora, self.dtype,
-                  name="self_attn")(y, bias, deterministic)
+                  self.causal, self.attention, name="self_attn")(
+                      y, deterministic)
     x = x + y
     y = norm("layer_norm2")(x)
     y = MLP(self.hidden_size, self.intermediate_size, self.hidden_act,
@@ -187,7 +262,13 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-  """A stack of `EncoderLayer`s named `layers_0 ... layers_{n-1}`."""
+  """A stack of `EncoderLayer`s named `layers_0 ... layers_{n-1}`.
+
+  `remat` ("none", "dots_saveable" or "full"; see `remat_policy_name`)
+  rematerialises each layer in the backward pass: "full" keeps only the
+  layer inputs, "dots_saveable" keeps the matmul outputs and recomputes the
+  rest (norms, activations, softmax).
+  """
   num_layers: int
   hidden_size: int
   intermediate_size: int
@@ -196,18 +277,26 @@ class Encoder(nn.Module):
   layer_norm_eps: float
   lora: LoRAConfig | None = None
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = "none"
+  causal: bool = False
+  attention: str | None = None
 
   @nn.compact
-  def __call__(self, x, bias, deterministic=True):
+  def __call__(self, x, deterministic=True):
     """x: (B, L, D) -> (B, L, D)."""
-    # static_argnums counts `self`: (self, x, bias, deterministic).
-    layer_cls = (nn.remat(EncoderLayer, static_argnums=(3,))
-                 if self.remat else EncoderLayer)
+    policy = remat_policy_name(self.remat)
+    layer_cls = EncoderLayer
+    if policy != "none":
+      # static_argnums counts `self`: (self, x, deterministic).
+      layer_cls = nn.remat(
+          EncoderLayer, static_argnums=(2,),
+          policy=(jax.checkpoint_policies.dots_saveable
+                  if policy == "dots_saveable" else None))
     for i in range(self.num_layers):
       x = layer_cls(self.hidden_size, self.intermediate_size, self.num_heads,
                     self.hidden_act, self.layer_norm_eps, self.lora,
-                    self.dtype, name=f"layers_{i}")(x, bias, deterministic)
+                    self.dtype, self.causal, self.attention,
+                    name=f"layers_{i}")(x, deterministic)
     return x
 
 
@@ -220,7 +309,8 @@ class TextTransformer(nn.Module):
   config: TextConfig
   lora: LoRAConfig | None = None
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = "none"
+  attention: str | None = None
 
   @nn.compact
   def __call__(self, input_ids, deterministic=True):
@@ -233,13 +323,10 @@ class TextTransformer(nn.Module):
     x = _TextEmbeddings(cfg.vocab_size, cfg.max_position_embeddings,
                         cfg.hidden_size, name="embeddings")(input_ids)
     x = x.astype(self.dtype)
-    causal = jnp.tril(jnp.ones((l, l), bool))
-    bias = jnp.where(causal, 0.0, jnp.finfo(jnp.float32).min).astype(
-        jnp.float32)
     x = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
                 cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps,
-                self.lora, self.dtype, self.remat, name="encoder")(
-                    x, bias, deterministic)
+                self.lora, self.dtype, self.remat, causal=True,
+                attention=self.attention, name="encoder")(x, deterministic)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                      name="final_layer_norm")(x)
     pos = pool_positions(input_ids, cfg.eos_token_id)
@@ -285,7 +372,8 @@ class VisionTransformer(nn.Module):
   config: VisionConfig
   lora: LoRAConfig | None = None
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = "none"
+  attention: str | None = None
 
   @nn.compact
   def __call__(self, pixels, deterministic=True):
@@ -301,8 +389,8 @@ class VisionTransformer(nn.Module):
                      name="pre_layrnorm")(x)
     x = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
                 cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps,
-                self.lora, self.dtype, self.remat, name="encoder")(
-                    x, None, deterministic)
+                self.lora, self.dtype, self.remat,
+                attention=self.attention, name="encoder")(x, deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                         name="post_layernorm")(x[:, 0])
 
@@ -340,7 +428,10 @@ class CLIPModel(nn.Module):
     lora: `LoRAConfig`, or None (or rank 0) for no LoRA.
     dtype: compute dtype (e.g. `jnp.bfloat16`); params stay float32 and the
       outputs are float32.
-    remat: rematerialise each transformer block in the backward pass.
+    remat: rematerialisation of each transformer block in the backward
+      pass: "none", "dots_saveable" or "full" (see `Encoder`).
+    attention: `jax.nn.dot_product_attention` implementation, "xla",
+      "cudnn", or None/"auto" (see `attention_implementation`).
 
   `model.init(rng, input_ids, pixels)` creates both towers' params;
   `model.apply(variables, ids, method="encode_text")` runs one tower.
@@ -349,14 +440,16 @@ class CLIPModel(nn.Module):
   config: CLIPConfig
   lora: LoRAConfig | None = None
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = "none"
+  attention: str | None = None
 
   def setup(self):
     lora = self.lora if (self.lora is not None and self.lora.rank > 0) else None
     self.text_model = TextTransformer(self.config.text, lora, self.dtype,
-                                      self.remat)
+                                      self.remat, self.attention)
     self.vision_model = VisionTransformer(self.config.vision, lora,
-                                          self.dtype, self.remat)
+                                          self.dtype, self.remat,
+                                          self.attention)
     self.text_projection = lora_lib.LoRADense(
         self.config.projection_dim, use_bias=False, dtype=self.dtype)
     self.visual_projection = lora_lib.LoRADense(

@@ -40,6 +40,18 @@ def _at_least_f32(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def head_init(projection_dim, curv_init=1.0):
+  """The initial stored value of each head scalar (floats, see the module).
+
+  Args:
+    projection_dim: width of the CLIP projections (sets alpha's init).
+    curv_init: the initial curvature c0.
+  """
+  alpha = math.log(projection_dim ** -0.5)
+  return {"log_curv": math.log(curv_init), "log_alpha_image": alpha,
+          "log_alpha_text": alpha, "log_logit_scale": math.log(1 / 0.07)}
+
+
 def head_bounds(curv_init=1.0):
   """Inclusive (low, high) bounds of each stored log-scalar."""
   return {
@@ -119,15 +131,19 @@ class HySAC(nn.Module):
     mode: "hyp" (HySAC: points on the hyperboloid) or "euc" (the CLIP
       baseline: L2-normalised features, cosine logits).
     dtype: tower compute dtype; params, head and geometry stay float32.
-    remat: rematerialise tower blocks in the backward pass.
+    remat: rematerialisation of tower blocks in the backward pass: "none",
+      "dots_saveable" or "full" (`clip.Encoder`).
     curv_init: initial curvature c0 (also sets its clamp range).
+    attention: the towers' attention implementation: None/"auto", "xla" or
+      "cudnn" (`clip.attention_implementation`).
   """
   clip: Any
   lora: Any = None
   mode: str = "hyp"
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = "none"
   curv_init: float = 1.0
+  attention: str | None = None
 
   @nn.compact
   def __call__(self, pixels=None, input_ids=None, deterministic=True):
@@ -147,18 +163,11 @@ class HySAC(nn.Module):
       raise ValueError(f"HySAC mode {self.mode!r} (config.model.mode) is not "
                        f"one of {MODES}")
     towers = CLIPModel(self.clip, self.lora, dtype=self.dtype,
-                       remat=self.remat, name="clip")
-    alpha_init = math.log(self.clip.projection_dim ** -0.5)
-
-    def scalar(name, value):
-      return self.param(name, lambda _: jnp.asarray(value, jnp.float32))
-
-    head = {
-        "log_curv": scalar("log_curv", math.log(self.curv_init)),
-        "log_alpha_image": scalar("log_alpha_image", alpha_init),
-        "log_alpha_text": scalar("log_alpha_text", alpha_init),
-        "log_logit_scale": scalar("log_logit_scale", math.log(1 / 0.07)),
-    }
+                       remat=self.remat, attention=self.attention,
+                       name="clip")
+    init = head_init(self.clip.projection_dim, self.curv_init)
+    head = {name: self.param(name, lambda _, v=init[name]: jnp.asarray(
+        v, jnp.float32)) for name in HEAD_NAMES}
     scalars = head_scalars(head, self.curv_init)
 
     def finish(features, alpha):

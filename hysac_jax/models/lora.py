@@ -48,9 +48,44 @@ def kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
   Returns:
     Array of `shape`, uniform in `[-1/sqrt(fan_in), 1/sqrt(fan_in)]`.
   """
-  fan_in = int(np.prod(shape[:-1]))
-  bound = 1.0 / math.sqrt(fan_in)
+  bound = kaiming_uniform_bound(shape)
   return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def kaiming_uniform_bound(shape):
+  """`1 / sqrt(fan_in)`, fan_in = the product of all axes but the last."""
+  return 1.0 / math.sqrt(int(np.prod(shape[:-1])))
+
+
+# The init rule of each LoRA leaf: `A` as peft, `B` zeros (so that a fresh
+# LoRA layer equals its base layer).
+INITIALIZERS = {LORA_A: kaiming_uniform_a_sqrt5,
+                LORA_B: nn.initializers.zeros}
+
+
+def host_init(name, shape, dtype, seed):
+  """A LoRA leaf drawn on the host by its rule in `INITIALIZERS`.
+
+  NumPy, so that initialising the adapters of a pretrained model compiles
+  nothing (XLA:CPU spends seconds per output buffer of an init program).
+
+  Args:
+    name: LORA_A or LORA_B.
+    shape: the leaf's shape.
+    dtype: its dtype.
+    seed: anything `np.random.default_rng` accepts (e.g. a list of ints).
+
+  Returns:
+    numpy array: `A` uniform in `[-1/sqrt(fan_in), 1/sqrt(fan_in)]`, `B`
+    zeros.
+  """
+  if name == LORA_B:
+    return np.zeros(shape, dtype)
+  if name != LORA_A:
+    raise ValueError(f"not a LoRA leaf: {name!r}")
+  bound = kaiming_uniform_bound(shape)
+  return np.random.default_rng(seed).uniform(-bound, bound, shape).astype(
+      dtype)
 
 
 def dropout_keep_mask(rng, shape, rate):
@@ -184,9 +219,9 @@ class LoRADense(nn.Module):
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if self.rank > 0:
-      a = self.param(LORA_A, kaiming_uniform_a_sqrt5, (d_in, self.rank),
+      a = self.param(LORA_A, INITIALIZERS[LORA_A], (d_in, self.rank),
                      self.param_dtype)
-      b = self.param(LORA_B, nn.initializers.zeros, (self.rank, self.features),
+      b = self.param(LORA_B, INITIALIZERS[LORA_B], (self.rank, self.features),
                      self.param_dtype)
       y = _apply_lora(self, x, kernel, a, b, deterministic)
       y = y.reshape(x.shape[:-1] + (self.features,))
@@ -235,9 +270,9 @@ class LoRAPatchConv(nn.Module):
     kernel = kernel.reshape(p * p * c, self.features).astype(self.dtype)
     if self.rank <= 0:
       return x @ kernel
-    a = self.param(LORA_A, kaiming_uniform_a_sqrt5, (p, p, c, self.rank),
+    a = self.param(LORA_A, INITIALIZERS[LORA_A], (p, p, c, self.rank),
                    self.param_dtype)
-    b = self.param(LORA_B, nn.initializers.zeros,
+    b = self.param(LORA_B, INITIALIZERS[LORA_B],
                    (1, 1, self.rank, self.features), self.param_dtype)
     a = a.reshape(p * p * c, self.rank)
     b = b.reshape(self.rank, self.features)
