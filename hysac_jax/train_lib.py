@@ -186,7 +186,7 @@ def build_params(model, rng, given=None, *, sharding=None):
 
   Nothing that `given` supplies is initialised: shapes come from
   `abstract_params`, given leaves are placed as they are (a copy, cast to
-  the model's param dtype when it differs), and only the leaves `given`
+  the model's param dtype when it differs; float64 for float64 towers), and only the leaves `given`
   lacks, which must be LoRA matrices or head scalars, are made, on the host
   (nothing is compiled): LoRA `A` by peft's Kaiming-uniform rule, drawn
   from (`rng`, param path), `B` zeros (`lora.host_init`), the head scalars
@@ -230,15 +230,18 @@ def build_params(model, rng, given=None, *, sharding=None):
                        f"the model expects {want[k].shape}")
   head = hysac_lib.head_init(model.clip.projection_dim, model.curv_init)
   words = [int(w) for w in np.ravel(jax.device_get(_key_data(rng)))]
+  # float64 towers (verification under jax_enable_x64) keep float64 params.
+  float64 = jnp.dtype(model.dtype) == jnp.dtype(jnp.float64)
   values = []
   for k, spec in want.items():
+    dtype = np.dtype(np.float64) if float64 else spec.dtype
     if k in have:
       v = _as_array(have[k])
-      values.append(v if v.dtype == spec.dtype else v.astype(spec.dtype))
+      values.append(v if v.dtype == dtype else v.astype(dtype))
     elif k[-1] in head:
-      values.append(np.asarray(head[k[-1]], spec.dtype))
+      values.append(np.asarray(head[k[-1]], dtype))
     else:
-      values.append(lora_lib.host_init(k[-1], spec.shape, spec.dtype,
+      values.append(lora_lib.host_init(k[-1], spec.shape, dtype,
                                        words + [_leaf_seed(k)]))
   if sharding is not None and not sharding.is_fully_addressable:
     # Several processes: each places its own (identical) copy on its

@@ -334,7 +334,9 @@ def test_pretrained_init_takes_given_leaves_and_inits_only_lora_and_head(
     params, monkeypatch):
   config = tiny_config()
   config.model.curv_init = 0.5
-  clip_only = clip_without_lora(params)
+  # float32 weights, as converted from PyTorch (the fixture is float64).
+  clip_only = jax.tree.map(lambda x: np.asarray(x, np.float32),
+                           clip_without_lora(params))
 
   def no_random_init(*args):
     raise AssertionError("the towers were random-initialised")
