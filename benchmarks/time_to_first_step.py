@@ -1,6 +1,6 @@
 """Times the start-up of a training run, stage by stage, without data files.
 
-    PYTHONPATH=. python tools/time_to_first_step.py --size vitl14 --batch 2
+    PYTHONPATH=. python benchmarks/time_to_first_step.py --size vitl14 --batch 2
 
 Stages: imports; "pretrained" params (random float32 numpy weights of the
 model's shapes, standing in for a converted CLIP, without LoRA or head);
