@@ -14,6 +14,7 @@ leaves a checkpoint that looks finished.
 """
 
 import gc
+import logging
 import math
 import os
 import sys
@@ -64,19 +65,31 @@ def call_quietly(fn):
   _read_array_index_and_device_put>", "Event loop is closed"), often after
   the program's own error. Here the error is reduced to a line, its
   traceback (which holds those coroutines) dropped, and they are freed at
-  once with their reports muted.
+  once with their reports muted; the "Event loop is closed" reports of
+  TensorStore's late completions are filtered from then on
+  (`silence_closed_loop_errors`).
   """
   previous = sys.unraisablehook
   sys.unraisablehook = lambda unraisable: None
+  # Freed tasks that still hold an exception are also logged by asyncio
+  # ("Task exception was never retrieved", with a traceback).
+  asyncio_logger = logging.getLogger("asyncio")
+  was_disabled = asyncio_logger.disabled
+  asyncio_logger.disabled = True
+  failed = False
   try:
     try:
       return fn(), None
     except Exception as e:  # pylint: disable=broad-except
       cause = root_cause(e)
     gc.collect()
+    failed = True
     return None, cause
   finally:
     sys.unraisablehook = previous
+    asyncio_logger.disabled = was_disabled
+    if failed:
+      silence_closed_loop_errors()
 
 
 def _manager(directory, max_to_keep, read_only=False):
@@ -87,6 +100,46 @@ def _manager(directory, max_to_keep, read_only=False):
       enable_async_checkpointing=False,
       cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(directory, options=options)
+
+
+def _is_closed_loop_error(exc_type, exc):
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def silence_closed_loop_errors():
+  """Drops the "Event loop is closed" reports of a failed Orbax restore.
+
+  After the failure Orbax closes its asyncio loop while TensorStore still
+  completes the other reads; each completion calls
+  `loop.call_soon_threadsafe` on the closed loop from a TensorStore thread,
+  which prints a traceback (dozens, interleaved with and after the real
+  error). Installed once a restore has failed, this filters exactly that
+  RuntimeError from the hooks such threads report through; any other error
+  still prints.
+  """
+  import threading  # pylint: disable=g-import-not-at-top
+  if getattr(sys.excepthook, "_hysac_quiet", False):
+    return
+  previous_excepthook = sys.excepthook
+  previous_threading = threading.excepthook
+  previous_unraisable = sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _is_closed_loop_error(exc_type, exc):
+      previous_excepthook(exc_type, exc, tb)
+
+  def threading_hook(args):
+    if not _is_closed_loop_error(args.exc_type, args.exc_value):
+      previous_threading(args)
+
+  def unraisable_hook(args):
+    if not _is_closed_loop_error(args.exc_type, args.exc_value):
+      previous_unraisable(args)
+
+  excepthook._hysac_quiet = True  # pylint: disable=protected-access
+  sys.excepthook = excepthook
+  threading.excepthook = threading_hook
+  sys.unraisablehook = unraisable_hook
 
 
 def root_cause(error):

@@ -14,7 +14,6 @@ checkpoint continues with exactly the batches and keys it would have used.
 import dataclasses
 import functools
 import json
-import logging as py_logging
 import math
 import os
 import signal
@@ -363,20 +362,6 @@ def _finite_or_raise(metrics, step, checkpoints):
                            f"saving it ({where})")
 
 
-class _QuietTFDS(py_logging.Filter):
-  """Drops TFDS's "Using custom data configuration" warning, logged at every
-  dataset open (each validation) over the progress bar."""
-
-  def filter(self, record):
-    return not str(record.msg).startswith("Using custom data configuration")
-
-
-def _quiet_tfds():
-  absl_logger = py_logging.getLogger("absl")
-  if not any(isinstance(f, _QuietTFDS) for f in absl_logger.filters):
-    absl_logger.addFilter(_QuietTFDS())
-
-
 def _note(message):
   """A one-line note on stderr from process 0."""
   if jax.process_index() == 0:
@@ -522,7 +507,6 @@ def _train_and_evaluate(config, workdir, *, init_from, resume,
                         fallback_checkpoint, startup):
   from hysac_jax.data import pipeline
 
-  _quiet_tfds()
   save_config(config, workdir)
   is_main = jax.process_index() == 0
   startup = run_log.StartupTimes(startup, enabled=is_main)

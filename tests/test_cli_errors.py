@@ -329,3 +329,28 @@ def test_predict_on_a_truncated_export_gives_one_line(run_dir, tmp_path,
     assert predict.main(["--model", str(out / fmt), "--text", "a cat"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("python -m hysac_jax.predict: error: " + message)
+
+
+def test_closed_event_loop_noise_is_dropped_and_other_errors_kept(
+    monkeypatch):
+  """After a failed restore, TensorStore threads report "Event loop is
+  closed" once per pending read; only that error is silenced, in each hook
+  such a thread may report through."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  seen = []
+  monkeypatch.setattr(sys, "excepthook",
+                      lambda t, e, tb: seen.append(("sys", str(e))))
+  monkeypatch.setattr(threading, "excepthook",
+                      lambda a: seen.append(("thread", str(a.exc_value))))
+  monkeypatch.setattr(sys, "unraisablehook",
+                      lambda a: seen.append(("unraisable", str(a.exc_value))))
+  ckpt_lib.silence_closed_loop_errors()
+  for message in ("Event loop is closed", "something else"):
+    error = RuntimeError(message)
+    args = types.SimpleNamespace(exc_type=RuntimeError, exc_value=error)
+    sys.excepthook(RuntimeError, error, None)
+    threading.excepthook(args)
+    sys.unraisablehook(args)
+  assert seen == [("sys", "something else"), ("thread", "something else"),
+                  ("unraisable", "something else")]

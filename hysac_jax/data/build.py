@@ -22,6 +22,7 @@ without lock support, build once before starting concurrent jobs.
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import sys
@@ -46,6 +47,21 @@ def _builder_class(name):
   raise ValueError(f"unknown dataset {name!r}; expected one of {BUILDERS}")
 
 
+class _QuietCustomConfig(logging.Filter):
+  """Drops TFDS's "Using custom data configuration ..." warning: logged at
+  every builder made from a config object (each validation of a run, over
+  the progress bar), it says nothing the config does not."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+def _quiet_custom_config():
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _QuietCustomConfig) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietCustomConfig())
+
+
 def get_builder(name, data_dir, **builder_kwargs):
   """Instantiates a builder (array_record files) without building it.
 
@@ -56,6 +72,7 @@ def get_builder(name, data_dir, **builder_kwargs):
       `split_files={...}` (visu), `text_files={...}` (visu_text),
       `config=synthetic.synthetic_config(...)` (synthetic_visu).
   """
+  _quiet_custom_config()
   data_dir = os.path.expanduser(os.fspath(data_dir))
   cls = _builder_class(name)
   config = builder_kwargs.get("config")
