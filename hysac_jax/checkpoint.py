@@ -118,28 +118,25 @@ def silence_closed_loop_errors():
   still prints.
   """
   import threading  # pylint: disable=g-import-not-at-top
-  if getattr(sys.excepthook, "_hysac_quiet", False):
-    return
-  previous_excepthook = sys.excepthook
-  previous_threading = threading.excepthook
-  previous_unraisable = sys.unraisablehook
 
-  def excepthook(exc_type, exc, tb):
-    if not _is_closed_loop_error(exc_type, exc):
-      previous_excepthook(exc_type, exc, tb)
+  def quiet(hook, exc_of):
+    if getattr(hook, "_hysac_quiet", False):
+      return hook
 
-  def threading_hook(args):
-    if not _is_closed_loop_error(args.exc_type, args.exc_value):
-      previous_threading(args)
+    def filtered(*args):
+      if not _is_closed_loop_error(*exc_of(*args)):
+        hook(*args)
 
-  def unraisable_hook(args):
-    if not _is_closed_loop_error(args.exc_type, args.exc_value):
-      previous_unraisable(args)
+    filtered._hysac_quiet = True  # pylint: disable=protected-access
+    return filtered
 
-  excepthook._hysac_quiet = True  # pylint: disable=protected-access
-  sys.excepthook = excepthook
-  threading.excepthook = threading_hook
-  sys.unraisablehook = unraisable_hook
+  # Each hook is wrapped once; a hook replaced since (e.g. by a test) is
+  # wrapped again.
+  sys.excepthook = quiet(sys.excepthook, lambda t, e, tb: (t, e))
+  threading.excepthook = quiet(threading.excepthook,
+                               lambda a: (a.exc_type, a.exc_value))
+  sys.unraisablehook = quiet(sys.unraisablehook,
+                             lambda a: (a.exc_type, a.exc_value))
 
 
 def root_cause(error):
