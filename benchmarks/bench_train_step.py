@@ -64,7 +64,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "v5e": 197.0,
                "v5 lite": 197.0, "v4": 275.0, "v5p": 459.0, "v6e": 918.0}
 SEARCH_CAP = 256  # the largest-batch search stops doubling here
 REMAT_CHOICES = ("none", "dots_saveable", "full")
-ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "einsum")
 # (autocast dtype, GradScaler on CUDA) per torch precision mode.
 TORCH_MODES = {"fp32": (None, True), "fp16": ("float16", True),
                "bf16": ("bfloat16", False)}

@@ -20,7 +20,8 @@ def get_config():
   # (keep matmul outputs, recompute the rest) or "full" (keep layer inputs).
   c.model.remat = "none"
   # Attention: "auto" (cuDNN fused attention on GPUs with bf16/fp16 towers,
-  # XLA elsewhere), "xla" or "cudnn" (jax.nn.dot_product_attention).
+  # einsums on CPUs, XLA elsewhere), "xla" or "cudnn"
+  # (jax.nn.dot_product_attention), or "einsum".
   c.model.attention = "auto"
   c.model.train_base = False  # True: fine-tune the CLIP weights too (random-init towers)
   c.model.curv_init = 1.0

@@ -303,7 +303,8 @@ def test_attention_implementation_is_cudnn_only_on_gpu_with_half_precision():
   assert impl(None, jnp.float16, 64, backend="cuda") == "cudnn"
   assert impl("auto", jnp.float32, 64, backend="gpu") == "xla"
   assert impl("auto", jnp.bfloat16, 256, backend="gpu") == "xla"
-  assert impl("auto", jnp.bfloat16, 64, backend="cpu") == "xla"
+  assert impl("auto", jnp.bfloat16, 64, backend="cpu") == "einsum"
+  assert impl("auto", jnp.float32, 64, backend="cpu") == "einsum"
   assert impl("auto", jnp.bfloat16, 64, backend="tpu") == "xla"
   assert impl("cudnn", jnp.float32, 64, backend="cpu") == "cudnn"
   with pytest.raises(ValueError, match="config.model.attention"):
