@@ -17,6 +17,7 @@ import gc
 import logging
 import math
 import os
+import re
 import sys
 import time
 
@@ -137,6 +138,31 @@ def silence_closed_loop_errors():
                                lambda a: (a.exc_type, a.exc_value))
   sys.unraisablehook = quiet(sys.unraisablehook,
                              lambda a: (a.exc_type, a.exc_value))
+  # The other reads' futures are freed later still, some at interpreter
+  # exit, and asyncio logs each ("Future exception was never retrieved",
+  # with TensorStore's error) after the one-line error was printed.
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedReadFilter)
+             for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_AbandonedReadFilter())
+
+
+# TensorStore errors read "CODE: message", CODE an absl status name.
+_TENSORSTORE_STATUS = re.compile(r"^[A-Z][A-Z_]+: ")
+
+
+class _AbandonedReadFilter(logging.Filter):
+  """Drops asyncio's "... exception was never retrieved" records that hold
+  a TensorStore error: those of a restore that already failed and was
+  reported. Other asyncio records pass."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    abandoned = (isinstance(record.msg, str)
+                 and "exception was never retrieved" in record.msg
+                 and exc is not None
+                 and bool(_TENSORSTORE_STATUS.match(str(exc))))
+    return not abandoned
 
 
 def root_cause(error):

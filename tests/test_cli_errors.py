@@ -5,7 +5,9 @@ The run is made without training (a random tiny model saved as the trainer
 saves it), so that the checks are about the command-line tools.
 """
 
+import gc
 import json
+import logging
 import math
 import os
 import subprocess
@@ -354,3 +356,33 @@ def test_closed_event_loop_noise_is_dropped_and_other_errors_kept(
     sys.unraisablehook(args)
   assert seen == [("sys", "something else"), ("thread", "something else"),
                   ("unraisable", "something else")]
+
+
+def test_abandoned_read_futures_are_not_logged_but_other_asyncio_errors_are(
+    caplog):
+  """Futures of a failed restore, freed late (some at exit), make asyncio log
+  "Future exception was never retrieved" after the one-line error; those
+  holding a TensorStore error are dropped once a restore has failed."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+
+  def free_failed_future(error):
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    future.set_exception(error)
+    del future  # never retrieved: asyncio logs it when freed
+    gc.collect()
+    loop.close()
+
+  ckpt_lib.silence_closed_loop_errors()
+  ckpt_lib.silence_closed_loop_errors()  # installed once, however called
+  asyncio_logger = logging.getLogger("asyncio")
+  assert sum(type(f).__name__ == "_AbandonedReadFilter"
+             for f in asyncio_logger.filters) == 1
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    free_failed_future(ValueError(
+        'OUT_OF_RANGE: Error reading "params.kernel/0" in OCDBT database'))
+    free_failed_future(ValueError("a bug of ours"))
+  records = [r for r in caplog.records if r.name == "asyncio"]
+  assert len(records) == 1
+  assert "never retrieved" in records[0].getMessage()
+  assert str(records[0].exc_info[1]) == "a bug of ours"
