@@ -66,9 +66,9 @@ def call_quietly(fn):
   _read_array_index_and_device_put>", "Event loop is closed"), often after
   the program's own error. Here the error is reduced to a line, its
   traceback (which holds those coroutines) dropped, and they are freed at
-  once with their reports muted; the "Event loop is closed" reports of
-  TensorStore's late completions are filtered from then on
-  (`silence_closed_loop_errors`).
+  once with their reports muted; the reports of those freed later still,
+  and of TensorStore's late completions, are filtered from then on
+  (`silence_failed_restore_reports`).
   """
   previous = sys.unraisablehook
   sys.unraisablehook = lambda unraisable: None
@@ -90,7 +90,7 @@ def call_quietly(fn):
     sys.unraisablehook = previous
     asyncio_logger.disabled = was_disabled
     if failed:
-      silence_closed_loop_errors()
+      silence_failed_restore_reports()
 
 
 def _manager(directory, max_to_keep, read_only=False):
@@ -103,20 +103,56 @@ def _manager(directory, max_to_keep, read_only=False):
   return ocp.CheckpointManager(directory, options=options)
 
 
-def _is_closed_loop_error(exc_type, exc):
-  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+# TensorStore errors read "CODE: message", CODE an absl status name.
+_TENSORSTORE_STATUS = re.compile(r"^[A-Z][A-Z_]+: ")
+# How Orbax wraps any error of one array read (orbax-checkpoint 0.12).
+_ORBAX_READ_ERROR = "Encountered error while reading array index"
 
 
-def silence_closed_loop_errors():
-  """Drops the "Event loop is closed" reports of a failed Orbax restore.
+def _is_abandoned_read_error(exc):
+  """Whether `exc` is a report of a restore that already failed.
 
-  After the failure Orbax closes its asyncio loop while TensorStore still
-  completes the other reads; each completion calls
-  `loop.call_soon_threadsafe` on the closed loop from a TensorStore thread,
-  which prints a traceback (dozens, interleaved with and after the real
-  error). Installed once a restore has failed, this filters exactly that
-  RuntimeError from the hooks such threads report through; any other error
-  still prints.
+  That is "Event loop is closed" (a TensorStore thread completing a read
+  after Orbax closed its loop), Orbax's wrapper of a read that failed or
+  was closed while pending ("Encountered error while reading array index"),
+  or an error whose chain holds a TensorStore status error
+  ("OUT_OF_RANGE: ...").
+  """
+  if type(exc) is RuntimeError and str(exc) == "Event loop is closed":  # pylint: disable=unidiomatic-typecheck
+    return True
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    text = str(exc)
+    if (_TENSORSTORE_STATUS.match(text)
+        or text.startswith(_ORBAX_READ_ERROR)):
+      return True
+    exc = exc.__cause__ or exc.__context__
+  return False
+
+
+class _AbandonedReadFilter(logging.Filter):
+  """Drops asyncio's "... exception was never retrieved" records of a
+  failed restore's other reads; other asyncio records pass."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and _is_abandoned_read_error(exc))
+
+
+def silence_failed_restore_reports():
+  """Drops the late reports of a failed Orbax restore's other reads.
+
+  When one array read fails, Orbax's `asyncio.gather` raises and abandons
+  the other reads. They report long after the program's one-line error,
+  some at interpreter exit, through four channels:
+  - "Exception ignored in: <coroutine _read_array_index_and_device_put>"
+    (sys.unraisablehook), when a coroutine holding the error is freed;
+  - "Event loop is closed" (threading.excepthook, sys.excepthook), when a
+    TensorStore thread completes a read on Orbax's closed loop;
+  - "Future/Task exception was never retrieved" (the asyncio logger).
+  Installed once a restore has failed, this filters exactly those errors
+  (`_is_abandoned_read_error`); any other error still prints.
   """
   import threading  # pylint: disable=g-import-not-at-top
 
@@ -125,7 +161,7 @@ def silence_closed_loop_errors():
       return hook
 
     def filtered(*args):
-      if not _is_closed_loop_error(*exc_of(*args)):
+      if not _is_abandoned_read_error(exc_of(*args)):
         hook(*args)
 
     filtered._hysac_quiet = True  # pylint: disable=protected-access
@@ -133,36 +169,13 @@ def silence_closed_loop_errors():
 
   # Each hook is wrapped once; a hook replaced since (e.g. by a test) is
   # wrapped again.
-  sys.excepthook = quiet(sys.excepthook, lambda t, e, tb: (t, e))
-  threading.excepthook = quiet(threading.excepthook,
-                               lambda a: (a.exc_type, a.exc_value))
-  sys.unraisablehook = quiet(sys.unraisablehook,
-                             lambda a: (a.exc_type, a.exc_value))
-  # The other reads' futures are freed later still, some at interpreter
-  # exit, and asyncio logs each ("Future exception was never retrieved",
-  # with TensorStore's error) after the one-line error was printed.
+  sys.excepthook = quiet(sys.excepthook, lambda t, e, tb: e)
+  threading.excepthook = quiet(threading.excepthook, lambda a: a.exc_value)
+  sys.unraisablehook = quiet(sys.unraisablehook, lambda a: a.exc_value)
   asyncio_logger = logging.getLogger("asyncio")
   if not any(isinstance(f, _AbandonedReadFilter)
              for f in asyncio_logger.filters):
     asyncio_logger.addFilter(_AbandonedReadFilter())
-
-
-# TensorStore errors read "CODE: message", CODE an absl status name.
-_TENSORSTORE_STATUS = re.compile(r"^[A-Z][A-Z_]+: ")
-
-
-class _AbandonedReadFilter(logging.Filter):
-  """Drops asyncio's "... exception was never retrieved" records that hold
-  a TensorStore error: those of a restore that already failed and was
-  reported. Other asyncio records pass."""
-
-  def filter(self, record):
-    exc = record.exc_info[1] if record.exc_info else None
-    abandoned = (isinstance(record.msg, str)
-                 and "exception was never retrieved" in record.msg
-                 and exc is not None
-                 and bool(_TENSORSTORE_STATUS.match(str(exc))))
-    return not abandoned
 
 
 def root_cause(error):

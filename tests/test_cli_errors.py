@@ -347,15 +347,25 @@ def test_closed_event_loop_noise_is_dropped_and_other_errors_kept(
                       lambda a: seen.append(("thread", str(a.exc_value))))
   monkeypatch.setattr(sys, "unraisablehook",
                       lambda a: seen.append(("unraisable", str(a.exc_value))))
-  ckpt_lib.silence_closed_loop_errors()
-  for message in ("Event loop is closed", "something else"):
-    error = RuntimeError(message)
-    args = types.SimpleNamespace(exc_type=RuntimeError, exc_value=error)
-    sys.excepthook(RuntimeError, error, None)
+  ckpt_lib.silence_failed_restore_reports()
+  # Orbax wraps the failed read's TensorStore error; a coroutine freed at
+  # exit reports the wrapper.
+  wrapped = Exception("Encountered error while reading array index: (0,)")
+  wrapped.__cause__ = ValueError('OUT_OF_RANGE: Error reading "k/0.0"')
+  # A read still pending when its coroutine is freed: Orbax wraps the
+  # GeneratorExit that closing it throws in.
+  closed = Exception("Encountered error while reading array index: (1,)")
+  closed.__cause__ = GeneratorExit()
+  for error in (RuntimeError("Event loop is closed"), wrapped, closed,
+                RuntimeError("something else"),
+                ValueError("bad value: OUT_OF_RANGE: not at the start")):
+    args = types.SimpleNamespace(exc_type=type(error), exc_value=error)
+    sys.excepthook(type(error), error, None)
     threading.excepthook(args)
     sys.unraisablehook(args)
-  assert seen == [("sys", "something else"), ("thread", "something else"),
-                  ("unraisable", "something else")]
+  kept = ("something else", "bad value: OUT_OF_RANGE: not at the start")
+  assert seen == [(hook, message) for message in kept
+                  for hook in ("sys", "thread", "unraisable")]
 
 
 def test_abandoned_read_futures_are_not_logged_but_other_asyncio_errors_are(
@@ -373,8 +383,8 @@ def test_abandoned_read_futures_are_not_logged_but_other_asyncio_errors_are(
     gc.collect()
     loop.close()
 
-  ckpt_lib.silence_closed_loop_errors()
-  ckpt_lib.silence_closed_loop_errors()  # installed once, however called
+  ckpt_lib.silence_failed_restore_reports()
+  ckpt_lib.silence_failed_restore_reports()  # installed once, however called
   asyncio_logger = logging.getLogger("asyncio")
   assert sum(type(f).__name__ == "_AbandonedReadFilter"
              for f in asyncio_logger.filters) == 1
