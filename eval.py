@@ -22,21 +22,23 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
+from hysac_jax import evaluate_run
 
 PROG = "eval.py"
-SPLITS = ("train", "validation", "test")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file; default: the run's saved config.json.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run directory.")
 _MODEL = flags.DEFINE_string(
-    "model", None, "A converted HySAC directory (python -m hysac_jax.convert)"
-    " instead of a training run; needs --config for the data.")
-_SPLIT = flags.DEFINE_enum("split", "test", SPLITS, "Split to evaluate.")
+    "model", None, "Any other model directory: converted or exported"
+    " (see hysac_jax.serving); needs --config for the data.")
+_SPLIT = flags.DEFINE_enum("split", "test", evaluate_run.SPLITS,
+                           "Split to evaluate.")
 _CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint", "best_recall", ["best_recall", "best_loss", "checkpoints"],
+    "checkpoint", ckpt_lib.BEST_RECALL, ckpt_lib.KINDS,
     "Which checkpoint of a run: best by recall sum, best by validation loss,"
     " or the latest.")
 _ALPHA = flags.DEFINE_float(
@@ -56,13 +58,13 @@ def main(argv):
                     cli.EXIT_USAGE)
   from hysac_jax import compilation_cache
   from hysac_jax import distributed
-  from hysac_jax import evaluate_run
-  from hysac_jax import trainer
+  from hysac_jax import config as config_lib
   try:
     config = _CONFIG.value
     if config is None and _WORKDIR.value:
-      config = trainer.load_run_config(_WORKDIR.value)
-    compilation_cache.enable(compilation_cache.configured_dir(config))
+      config = config_lib.load_run_config(_WORKDIR.value)
+    compilation_cache.enable(compilation_cache.DEFAULT_DIR if config is None
+                             else config.train.compilation_cache_dir)
     distributed.initialize()  # Multi-host under Slurm, Open MPI, TPU pods.
     report, out_dir = evaluate_run.run(
         config=_CONFIG.value, workdir=_WORKDIR.value, model_dir=_MODEL.value,

@@ -70,15 +70,15 @@ def train(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   from hysac_jax import compilation_cache
   from hysac_jax import distributed
-  from hysac_jax import trainer
+  from hysac_jax.training import loop as loop_lib
   startup = {"imports": time.perf_counter() - _START}
-  compilation_cache.enable(compilation_cache.configured_dir(_CONFIG.value))
+  compilation_cache.enable(_CONFIG.value.train.compilation_cache_dir)
   t = time.perf_counter()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, timeout_s=_DIST_TIMEOUT.value)
   startup["distributed_init"] = time.perf_counter() - t
   try:
-    summary = trainer.train_and_evaluate(
+    summary = loop_lib.train_and_evaluate(
         _CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value,
         resume=_RESUME.value, overwrite=_OVERWRITE.value,
         fallback_checkpoint=_FALLBACK.value, startup=startup)
@@ -98,13 +98,13 @@ def train(argv):
 
 def main(argv):
   # A locked run or an unreadable checkpoint raise cli.CLIError; a NaN loss
-  # raises trainer.TrainingDiverged, a FloatingPointError; a batch that does
-  # not fit, train_lib.OutOfMemoryError.
-  from hysac_jax import train_lib
+  # raises loop_lib.TrainingDiverged, a FloatingPointError; a batch that does
+  # not fit, step_lib.OutOfMemoryError.
+  from hysac_jax.training import step as step_lib
   return cli.run_guarded(
       "train.py", train, argv,
       expected=(ValueError, OSError, FloatingPointError,
-                train_lib.OutOfMemoryError))
+                step_lib.OutOfMemoryError))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def synthetic_pretrained(model, seed=0):
   `create_train_state` when `config.model.clip` is set."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from hysac_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from hysac_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   vision, text = model.clip.vision, model.clip.text
   pixels = jax.ShapeDtypeStruct((1, vision.image_size, vision.image_size,
                                  vision.num_channels), np.float32)
@@ -142,7 +142,7 @@ def synthetic_pretrained(model, seed=0):
       lambda r, p, i: model.init({"params": r, "dropout": r}, p, i,
                                  deterministic=True)["params"],
       jax.random.key(0), pixels, ids)
-  labels = traverse_util.flatten_dict(train_lib.label_params(abstract))
+  labels = traverse_util.flatten_dict(step_lib.label_params(abstract))
   rng = np.random.default_rng(seed)
   flat = {}
   for k, v in traverse_util.flatten_dict(abstract).items():
@@ -158,8 +158,8 @@ class JaxStep:
   def __init__(self, args, seed=0):
     t = time.perf_counter()
     import jax  # pylint: disable=g-import-not-at-top
-    from hysac_jax import train_lib  # pylint: disable=g-import-not-at-top
-    self.jax, self.train_lib = jax, train_lib
+    from hysac_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+    self.jax, self.step_lib = jax, step_lib
     self.device = jax.devices()[0]
     self.stages = {"imports": time.perf_counter() - t}
     progress(f"jax: imports {self.stages['imports']:.1f} s "
@@ -168,8 +168,8 @@ class JaxStep:
 
     t = time.perf_counter()
     self.config = make_config(args)
-    self.model = train_lib.model_from_config(self.config)
-    self.mesh = train_lib.make_mesh()
+    self.model = step_lib.model_from_config(self.config)
+    self.mesh = step_lib.make_mesh()
     self._stage("model build", t)
 
     given = None
@@ -180,17 +180,17 @@ class JaxStep:
       self._stage(f"synthetic pretrained CLIP weights ({n / 1e6:.0f}M "
                   "frozen params, host)", t, key="pretrained weights (host)")
     t = time.perf_counter()
-    self.state = train_lib.create_train_state(
+    self.state = step_lib.create_train_state(
         self.config, jax.random.key(seed), given, mesh=self.mesh,
         model=self.model)
     jax.block_until_ready(self.state)
     self._stage(f"create_train_state (init={args['init']})", t,
                 key="create_train_state")
     del given
-    self.step_fn = train_lib.make_train_step(self.config, self.mesh)
+    self.step_fn = step_lib.make_train_step(self.config, self.mesh)
     self.rng = jax.random.key(seed + 1)
     self.trainable = sum(
-        x.size for x in jax.tree.leaves(train_lib.trainable_params(
+        x.size for x in jax.tree.leaves(step_lib.trainable_params(
             self.state.params)))
     self.batch_size = None
     self.prepare(args["batch"])
@@ -209,7 +209,7 @@ class JaxStep:
     self.batch_size = batch_size
     t = time.perf_counter()
     image_size = self.model.clip.vision.image_size
-    self.batch = self.train_lib.shard_batch(
+    self.batch = self.step_lib.shard_batch(
         random_batch(batch_size, image_size), self.mesh)
     jax.block_until_ready(self.batch)
     self._stage(f"batch {batch_size}: host batch + placement", t,
@@ -225,7 +225,7 @@ class JaxStep:
     self.model_flops, self.flops_source = self.flops, "compiled step"
     if remat_is_on(self.config):
       # Model FLOPs exclude the recomputation: count the step without remat.
-      plain = self.train_lib.model_from_config(remat_off(self.config))
+      plain = self.step_lib.model_from_config(remat_off(self.config))
       self.model_flops = _flops(self.step_fn.lower(
           self.state.replace(model=plain), self.batch,
           self.rng).cost_analysis())
@@ -654,7 +654,7 @@ def report(args, sides, info, times, losses, search, errors):
         "min-max | quadruples/s | peak memory GiB | first step s | MFU | "
         f"vs {base_name or 'PyTorch'} |")
   print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-  names = {"jax": "JAX `train_lib` step (compiled once)",
+  names = {"jax": "JAX `training.step` step (compiled once)",
            "torch fp32": "PyTorch fp32 (HF CLIP + peft LoRA)",
            "torch fp16": "PyTorch fp16 autocast + GradScaler",
            "torch bf16": "PyTorch bf16 autocast"}

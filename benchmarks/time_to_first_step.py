@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from configs import vitl14  # noqa: E402
-from hysac_jax import train_lib  # noqa: E402
+from hysac_jax.training import step as step_lib  # noqa: E402
 
 
 def pretrained_clip(model, seed=0):
@@ -63,11 +63,11 @@ def main():
   config.model.clip, config.model.size = "", args.size
   config.model.dtype = "float32"
   config.data.batch_size_per_device = args.batch
-  mesh = train_lib.make_mesh(jax.devices()[:1])
-  model = train_lib.model_from_config(config)
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  model = step_lib.model_from_config(config)
   params = pretrained_clip(model)
   t = mark("params", t)
-  state = train_lib.create_train_state(config, jax.random.key(0), params,
+  state = step_lib.create_train_state(config, jax.random.key(0), params,
                                        mesh=mesh, model=model)
   jax.block_until_ready(state)
   t = mark("create_train_state", t)
@@ -76,12 +76,12 @@ def main():
                       "seconds": {k: round(v, 2) for k, v in times.items()}}),
           flush=True)
     return
-  step = train_lib.make_train_step(config, mesh)
+  step = step_lib.make_train_step(config, mesh)
   rng = np.random.default_rng(0)
   size = model.clip.vision.image_size
   ids = rng.integers(1, 49000, size=(2, args.batch, 77)).astype(np.int32)
   ids[:, :, -1] = 49407
-  batch = train_lib.shard_batch({
+  batch = step_lib.shard_batch({
       "safe_image": rng.normal(size=(args.batch, size, size, 3)).astype(
           np.float32),
       "unsafe_image": rng.normal(size=(args.batch, size, size, 3)).astype(

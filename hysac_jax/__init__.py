@@ -3,10 +3,17 @@
 __version__ = "0.1.0"
 
 
-def load_pretrained(path, **kwargs):
-  """Loads a converted HySAC directory (see `hysac_jax.convert`).
+def load_pretrained(path, dtype=None, merge=False):
+  """Deprecated: use `hysac_jax.serving.load_model(path)`.
 
-  Keyword arguments (`dtype`, `merge`) go to `hysac_jax.convert.load_pretrained`.
+  Reads any model directory `serving.load_model` reads (a converted
+  directory, a run, an export); `merge` folds LoRA into the base weights.
   """
-  from hysac_jax.convert import load_pretrained as _load
-  return _load(path, **kwargs)
+  import warnings  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
+  warnings.warn("hysac_jax.load_pretrained is deprecated; use "
+                "hysac_jax.serving.load_model", DeprecationWarning,
+                stacklevel=2)
+  return serving.load_model(path, dtype=dtype or jnp.float32,
+                            merge_lora=merge)

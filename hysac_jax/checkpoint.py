@@ -28,6 +28,8 @@ import orbax.checkpoint as ocp
 from hysac_jax import cli
 
 LAST, BEST_LOSS, BEST_RECALL = "checkpoints", "best_loss", "best_recall"
+# The checkpoint kinds a run holds, as CLIs offer them (best first).
+KINDS = (BEST_RECALL, BEST_LOSS, LAST)
 SET_ASIDE = "unreadable"  # WORKDIR/unreadable/<kind>-<step>-<time>/
 
 
@@ -294,6 +296,63 @@ class RunCheckpoints:
   def close(self):
     for manager in self.managers.values():
       manager.close()
+
+
+# ---------------------------------------------------- a run's state ---
+
+
+def state_tree(state, rng):
+  """What a checkpoint stores of a TrainState: the trainable part (frozen
+  weights are rebuilt from the config), optimizer state, step and RNG key."""
+  # The key is placed like the (replicated) step: on several processes
+  # Orbax writes only global arrays, not a host-local one.
+  rng_data = jax.device_put(jax.random.key_data(rng), state.step.sharding)
+  return {"trainable": state.trainable(),
+          "opt_state": state.opt_state, "step": state.step,
+          "rng": rng_data}
+
+
+def apply_state_tree(state, tree):
+  """`state` with the trainable params, optimizer state and step of `tree`."""
+  from hysac_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  params = step_lib.merge_params(state.params, tree["trainable"])
+  return state.replace(params=params, opt_state=tree["opt_state"],
+                       step=tree["step"])
+
+
+def restore_run(workdir, kind=BEST_RECALL, config=None):
+  """(config, state) of a training run's `kind` checkpoint, read-only.
+
+  Falls back to the latest checkpoint when the run has no `kind` one. The
+  frozen weights are rebuilt as the run built them (`initial_params`), the
+  trainable ones restored.
+
+  Args:
+    workdir: the run directory.
+    kind: BEST_RECALL, BEST_LOSS or LAST.
+    config: the run's config; default its saved config.json.
+  """
+  from hysac_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from hysac_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if config is None:
+    config = config_lib.load_run_config(workdir)
+  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  state = step_lib.create_train_state(config, init_key,
+                                      step_lib.initial_params(config))
+  # Read-only: evaluating or exporting a run creates nothing in it.
+  checkpoints = RunCheckpoints(workdir, config.train.keep_last,
+                               read_only=True)
+  try:
+    if checkpoints.latest_step(kind) is None:
+      kind = LAST
+    restored = checkpoints.restore(state_tree(state, step_key), kind=kind)
+  finally:
+    checkpoints.close()
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir} (looked in "
+                            f"{BEST_RECALL}/ and {LAST}/)")
+  return config, apply_state_tree(state, restored[0])
 
 
 def _json_safe(tree):

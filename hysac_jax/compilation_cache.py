@@ -19,15 +19,6 @@ DEFAULT_DIR = "~/.cache/hysac_jax/xla"
 ENV_VAR = "JAX_COMPILATION_CACHE_DIR"
 
 
-def configured_dir(config):
-  """`config.train.compilation_cache_dir`, or the default when the config
-  (e.g. an older run's config.json) has no such field."""
-  train = config.get("train", None) if config is not None else None
-  if train is None:
-    return DEFAULT_DIR
-  return train.get("compilation_cache_dir", DEFAULT_DIR)
-
-
 def cache_dir(configured=DEFAULT_DIR):
   """The directory to use: the environment's, else `configured` expanded;
   None when both are empty (cache off)."""

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ from flax import traverse_util
 
 from hysac_jax import cli
 from hysac_jax.models.clip import (CLIPConfig, CLIPModel, LoRAConfig,
-                                   TextConfig, VisionConfig, dummy_inputs)
+                                   dummy_inputs)
 from hysac_jax.models.lora import LORA_A, LORA_B
 from hysac_jax.models.sizes import clip_config_from_hf
 
@@ -410,16 +411,6 @@ def _resolve_hf_config(path_or_id):
 # The converted directory.
 
 
-def _config_to_dict(config):
-  return dataclasses.asdict(config)
-
-
-def _config_from_dict(d):
-  return CLIPConfig(text=TextConfig(**d["text"]),
-                    vision=VisionConfig(**d["vision"]),
-                    projection_dim=d["projection_dim"])
-
-
 def initial_head(config, curv_init=1.0):
   """The HySAC head scalars at their initial values (SPEC.md §2).
 
@@ -453,8 +444,8 @@ def save_pretrained(out_dir, config, params, lora=None, mode="hyp",
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   meta = {"format": FORMAT, "version": FORMAT_VERSION,
-          "clip": _config_to_dict(config),
-          "lora": None if lora is None else _config_to_dict(lora),
+          "clip": config.to_dict(),
+          "lora": None if lora is None else dataclasses.asdict(lora),
           "mode": mode, "curv_init": curv_init, "source": source or {}}
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)
@@ -469,71 +460,21 @@ def save_pretrained(out_dir, config, params, lora=None, mode="hyp",
     json.dump(head, f, indent=2)
 
 
-class PretrainedHySAC:
-  """A converted HySAC model, ready to embed (see `load_pretrained`).
-
-  Attributes:
-    config: `CLIPConfig`.
-    lora: `LoRAConfig` or None.
-    mode: "hyp" or "euc".
-    curv_init: c0.
-    module: the `hysac_jax.models.hysac.HySAC` linen module.
-    params: the HySAC params tree (jax arrays).
-  """
-
-  def __init__(self, config, params, lora=None, mode="hyp", curv_init=1.0,
-               dtype=jnp.float32):
-    from hysac_jax.models.hysac import HySAC  # pylint: disable=g-import-not-at-top
-    self.config, self.lora, self.mode = config, lora, mode
-    self.curv_init = curv_init
-    self.module = HySAC(config, lora, mode=mode, dtype=dtype,
-                        curv_init=curv_init)
-    self.params = jax.tree.map(jnp.asarray, params)
-    module = self.module
-    self._image = jax.jit(lambda p, x: module.apply(
-        {"params": p}, x, method="encode_image"))
-    self._text = jax.jit(lambda p, t: module.apply(
-        {"params": p}, t, method="encode_text"))
-
-  @property
-  def head(self):
-    """dict(curv, alpha_image, alpha_text, logit_scale): clamped floats."""
-    from hysac_jax.models.hysac import head_scalars  # pylint: disable=g-import-not-at-top
-    return {k: float(v) for k, v in
-            head_scalars(self.params, self.curv_init).items()}
-
-  @property
-  def curv(self):
-    """The curvature magnitude c (clamped), a float."""
-    return self.head["curv"]
-
-  def encode_image(self, pixels):
-    """(B, H, W, 3) float32 NHWC normalised pixels -> (B, D) float32 points
-    (space components on the hyperboloid; unit vectors in "euc" mode)."""
-    return self._image(self.params, jnp.asarray(pixels, jnp.float32))
-
-  def encode_text(self, token_ids):
-    """(B, L) int32 token ids, or a string / list of strings (tokenised with
-    the CLIP tokenizer) -> (B, D) float32 points."""
-    if isinstance(token_ids, str) or (
-        isinstance(token_ids, (list, tuple)) and token_ids
-        and isinstance(token_ids[0], str)):
-      from hysac_jax.data.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
-      token_ids = tokenize(token_ids,
-                           max_len=self.config.text.max_position_embeddings)
-    return self._text(self.params, jnp.asarray(token_ids, jnp.int32))
+@dataclasses.dataclass(frozen=True)
+class Converted:
+  """The contents of a converted directory (see `read_converted`)."""
+  config: CLIPConfig
+  params: dict  # the HySAC params tree, float32 NumPy
+  lora: LoRAConfig | None
+  mode: str
+  curv_init: float
+  source: dict
 
 
-def load_pretrained(path, dtype=jnp.float32, merge=False):
+def read_converted(path):
   """Reads a directory written by `save_pretrained` (or the CLI).
 
-  Args:
-    path: the directory.
-    dtype: tower compute dtype (e.g. `jnp.bfloat16` on accelerators).
-    merge: fold LoRA into the base weights (same outputs, faster).
-
-  Returns:
-    `PretrainedHySAC` with `encode_image`, `encode_text`, `curv`, `params`.
+  Serve it with `hysac_jax.serving.load_model(path)`; this only reads.
   """
   path = os.fspath(path)
   cfg_file = os.path.join(path, CONFIG_FILE)
@@ -549,17 +490,21 @@ def load_pretrained(path, dtype=jnp.float32, merge=False):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   params = traverse_util.unflatten_dict(
       load_file(os.path.join(path, PARAMS_FILE)), sep="/")
-  config = _config_from_dict(meta["clip"])
   lora = None
-  if meta.get("lora"):
+  if meta["lora"]:
     lora = LoRAConfig(**{**meta["lora"],
                          "targets": tuple(meta["lora"]["targets"])})
-  if merge and lora is not None:
-    from hysac_jax.models.lora import merge_lora  # pylint: disable=g-import-not-at-top
-    params = merge_lora(params, lora)
-    lora = None
-  return PretrainedHySAC(config, params, lora, mode=meta.get("mode", "hyp"),
-                         curv_init=meta.get("curv_init", 1.0), dtype=dtype)
+  return Converted(CLIPConfig.from_dict(meta["clip"]), params, lora,
+                   meta["mode"], float(meta["curv_init"]), meta["source"])
+
+
+def load_pretrained(path, dtype=jnp.float32, merge=False):
+  """Deprecated: use `hysac_jax.serving.load_model(path)`."""
+  warnings.warn("hysac_jax.convert.load_pretrained is deprecated; use "
+                "hysac_jax.serving.load_model", DeprecationWarning,
+                stacklevel=2)
+  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
+  return serving.load_model(path, dtype=dtype, merge_lora=merge)
 
 
 def convert(clip, out, hysac_checkpoint=None, merge=False, curv_init=1.0,

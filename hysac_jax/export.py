@@ -12,15 +12,15 @@ adapters or optimizer state.
 
 | format | files | read back with |
 | --- | --- | --- |
-| `hf` | `config.json`, `model.safetensors` (HF `CLIPModel` layout) | `transformers.CLIPModel.from_pretrained`, or `load_hf` |
-| `orbax` | `params/` (the merged HySAC param tree, float32) | `load_orbax` |
-| `stablehlo` | `encode_image`, `encode_text`, `classify_unsafe`, `traverse_to_safe` (`.jax_exported`), `params.safetensors` | `load_stablehlo` |
+| `hf` | `config.json`, `model.safetensors` (HF `CLIPModel` layout) | `transformers.CLIPModel.from_pretrained`, or `serving.load_model` |
+| `orbax` | `params/` (the merged HySAC param tree, float32) | `serving.load_model` |
+| `stablehlo` | `encode_image`, `encode_text`, `classify_unsafe`, `traverse_to_safe` (`.jax_exported`), `params.safetensors` | `serving.load_model` |
 
-`load_exported(dir)` reads any of the three; `load_model(dir)` also takes a
-training run or a converted directory. All return an object with
+`hysac_jax.serving.load_model(dir)` reads any of the three (and a training
+run or a converted directory) as a `serving.Model` with
 `encode_image(pixels)`, `encode_text(ids or strings)`,
-`classify_unsafe(emb, modality)`, `traverse_to_safe(emb, modality)`, `curv`,
-`head`, `bounds`.
+`classify_unsafe(points, modality)`, `traverse_to_safe(points, modality)`,
+`curv`, `head`, `bounds`.
 
 The HF features are the projected, *unnormalised* CLIP features; the HySAC
 head turns them into points (space components on the hyperboloid):
@@ -35,7 +35,7 @@ tower (1.2 GB) would approach the 2 GB limit of the serialised format and be
 copied into every compiled executable. `classify_unsafe(emb, curv, bound,
 alpha)` and `traverse_to_safe(emb, curv, bound, alpha)` take the curvature,
 the safe group's 95th-percentile distance `b` (`bounds["S" or "V"]["up_95"]`)
-and the traversal alpha as float32 scalars; `load_stablehlo` binds all of
+and the traversal alpha as float32 scalars; `serving.load_model` binds all of
 these for you.
 
 **One alpha per model.** The threshold b' = b + tanh((b - alpha)/c) + 1
@@ -48,67 +48,38 @@ it.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
 from hysac_jax import convert
 from hysac_jax import safety
+from hysac_jax import serving
 from hysac_jax.models import hysac as hysac_lib
-from hysac_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
-from hysac_jax.models.lora import LORA_A, LORA_B, merge_lora
+from hysac_jax.models.lora import LORA_A, LORA_B
 
-FORMATS = ("hf", "orbax", "stablehlo")
-EXPORT_FORMAT = "hysac_jax.export"
+FORMATS = serving.EXPORT_FORMATS
+EXPORT_FORMAT = serving.EXPORT_FORMAT
 EXPORT_VERSION = 2  # 2: the StableHLO safety functions take alpha
-HEAD_FILE = "hysac_head.json"
+HEAD_FILE = serving.HEAD_FILE
 HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"
-ORBAX_PARAMS_DIR = "params"
-STABLEHLO_PARAMS_FILE = "params.safetensors"
-STABLEHLO_FUNCTIONS = ("encode_image", "encode_text", "classify_unsafe",
-                       "traverse_to_safe")
-STABLEHLO_SUFFIX = ".jax_exported"
+ORBAX_PARAMS_DIR = serving.ORBAX_PARAMS_DIR
+STABLEHLO_PARAMS_FILE = serving.STABLEHLO_PARAMS_FILE
+STABLEHLO_SUFFIX = serving.STABLEHLO_SUFFIX
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
-BOUNDS_FILES = ("bounds.json", "hysac_bounds.json")
 # OpenAI CLIP configs say eos_token_id=2, which Hugging Face reads as "pool at
 # the highest token id" (our `eos_token_id=None`).
 _HF_ARGMAX_EOS = 2
-
-
-class ModelDirError(ValueError):
-  """A --model directory of the wrong kind, or an incomplete one."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportSource:
-  """A model ready to export: LoRA merged, head and bounds attached.
-
-  Attributes:
-    config: `CLIPConfig` of the towers.
-    params: HySAC params tree `{"clip": …, "log_curv", …}` without LoRA
-      leaves (float32 NumPy).
-    mode: "hyp" or "euc".
-    curv_init: c0, which sets the curvature's clamp range.
-    bounds: release-shaped bounds dict (SPEC §4), or None.
-    source: JSON-able description of where it came from.
-    traversal_alpha: alpha of the traversal threshold b' (the run's
-      `config.eval.traversal_alpha`; 0.8, the release's, otherwise).
-  """
-  config: object
-  params: dict
-  mode: str = "hyp"
-  curv_init: float = 1.0
-  bounds: dict | None = None
-  source: dict = dataclasses.field(default_factory=dict)
-  traversal_alpha: float = safety.DEFAULT_ALPHA
+ModelDirError = serving.ModelDirError
 
 
 # --------------------------------------------------------------------------
@@ -133,8 +104,7 @@ def apply_head(features, head, modality):
     raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
   features = jnp.asarray(features, jnp.float32)
   if head["mode"] == "euc":
-    norm_sq = jnp.sum(features * features, axis=-1, keepdims=True)
-    return features * jax.lax.rsqrt(jnp.maximum(norm_sq, 1e-12))
+    return hysac_lib.l2_normalize(features)
   return hysac_lib.lift(features, head[f"alpha_{modality}"], head["curv"])
 
 
@@ -174,30 +144,29 @@ def hf_config(config, logit_scale):
   """A Hugging Face `CLIPModel` `config.json` dict for a `CLIPConfig`."""
   t, v = config.text, config.vision
   eos = _HF_ARGMAX_EOS if t.eos_token_id is None else t.eos_token_id
+
+  def tower(c):
+    return {"hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "hidden_act": c.hidden_act, "layer_norm_eps": c.layer_norm_eps,
+            "projection_dim": config.projection_dim}
+
   return {
       "architectures": ["CLIPModel"],
       "model_type": "clip",
       "projection_dim": config.projection_dim,
       "logit_scale_init_value": float(np.log(logit_scale)),
       "text_config": {
-          "model_type": "clip_text_model",
-          "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
-          "intermediate_size": t.intermediate_size,
-          "num_hidden_layers": t.num_hidden_layers,
-          "num_attention_heads": t.num_attention_heads,
+          "model_type": "clip_text_model", **tower(t),
+          "vocab_size": t.vocab_size,
           "max_position_embeddings": t.max_position_embeddings,
-          "hidden_act": t.hidden_act, "layer_norm_eps": t.layer_norm_eps,
-          "projection_dim": config.projection_dim, "eos_token_id": eos},
+          "eos_token_id": eos},
       "vision_config": {
-          "model_type": "clip_vision_model",
+          "model_type": "clip_vision_model", **tower(v),
           "image_size": v.image_size, "patch_size": v.patch_size,
-          "hidden_size": v.hidden_size,
-          "intermediate_size": v.intermediate_size,
-          "num_hidden_layers": v.num_hidden_layers,
-          "num_attention_heads": v.num_attention_heads,
-          "num_channels": v.num_channels, "hidden_act": v.hidden_act,
-          "layer_norm_eps": v.layer_norm_eps,
-          "projection_dim": config.projection_dim},
+          "num_channels": v.num_channels},
   }
 
 
@@ -225,136 +194,32 @@ def head_json(src, kind):
                                src.traversal_alpha),
       "traversal_alpha": float(src.traversal_alpha),
       "apply": how,
-      "clip": dataclasses.asdict(src.config),
+      "clip": src.config.to_dict(),
       "source": src.source,
   }
 
 
 # --------------------------------------------------------------------------
-# Sources: a training run or a converted directory.
+# The source: a training run or a converted directory.
 
 
-def _read_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ModelDirError(f"{path} is not valid JSON: {e}") from None
-
-
-def detect_kind(path):
-  """What a model directory holds.
-
-  Returns:
-    "run" (a training run: config.json + Orbax checkpoints), "converted"
-    (`python -m hysac_jax.convert`), or an export kind ("hf", "orbax",
-    "stablehlo").
-
-  Raises:
-    ModelDirError: naming the directory and what was expected.
-  """
-  path = os.fspath(path)
-  expected = ("expected a training run (config.json + checkpoints/), a "
-              "converted model (python -m hysac_jax.convert) or an export "
-              "(hysac_head.json, python -m hysac_jax.export)")
-  if not os.path.isdir(path):
-    what = "a file" if os.path.exists(path) else "missing"
-    raise ModelDirError(f"model directory {path} is {what}: {expected}")
-  head_file = os.path.join(path, HEAD_FILE)
-  if os.path.isfile(head_file):
-    head = _read_json(head_file)
-    if head.get("format") == EXPORT_FORMAT and head.get("kind") in FORMATS:
-      return head["kind"]
-    raise ModelDirError(f"{head_file} is not a {EXPORT_FORMAT} head file "
-                        f"(format {head.get('format')!r}, kind "
-                        f"{head.get('kind')!r})")
-  cfg_file = os.path.join(path, convert.CONFIG_FILE)
-  if os.path.isfile(cfg_file):
-    meta = _read_json(cfg_file)
-    if meta.get("format") == convert.FORMAT:
-      return "converted"
-    checkpoints = [d for d in ("checkpoints", "best_recall", "best_loss")
-                   if os.path.isdir(os.path.join(path, d))]
-    if "model" in meta and "train" in meta:
-      if not checkpoints:
-        raise ModelDirError(f"{path} has a training config but no "
-                            "checkpoints (checkpoints/, best_recall/): did "
-                            "the run save any?")
-      return "run"
-    if meta.get("model_type") == "clip":
-      raise ModelDirError(f"{path} is a plain Hugging Face CLIP directory "
-                          f"without {HEAD_FILE}: convert it first "
-                          "(python -m hysac_jax.convert --clip DIR --out ..)")
-    raise ModelDirError(f"{cfg_file} is neither a run config nor a "
-                        f"{convert.FORMAT} config: {expected}")
-  raise ModelDirError(f"{path} has neither {HEAD_FILE} nor config.json: "
-                      f"{expected}")
-
-
-def _find_bounds(directories, bounds_path):
-  """Bounds from an explicit file, else the first bounds file found."""
-  if bounds_path:
-    return safety.load_bounds(bounds_path)
-  for d in directories:
-    for name in BOUNDS_FILES:
-      path = os.path.join(d, name)
-      if os.path.isfile(path):
-        return safety.load_bounds(path)
-  return None
-
-
-def run_traversal_alpha(config):
-  """A run's `config.eval.traversal_alpha` (0.8 when the config has none)."""
-  return float(config.get("eval", {}).get("traversal_alpha",
-                                          safety.DEFAULT_ALPHA))
-
-
-def load_source(model_dir, bounds_path=None, checkpoint="best_recall",
+def load_source(model_dir, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
                 traversal_alpha=None):
-  """Reads a training run or a converted directory for export.
-
-  Args:
-    model_dir: a run directory (`train.py --workdir`; its `config.json`
-      rebuilds the frozen weights, the checkpoint holds the trainable ones)
-      or a converted directory.
-    bounds_path: optional bounds JSON; default `bounds.json` (or
-      `hysac_bounds.json`) in the directory, else none.
-    checkpoint: which checkpoint of a run: "best_recall", "best_loss" or
-      "checkpoints" (the latest).
-    traversal_alpha: alpha of the threshold b'; default the run's
-      `config.eval.traversal_alpha` (0.8 for a converted model).
+  """A training run or a converted directory, LoRA merged, ready to export.
 
   Returns:
-    `ExportSource` with LoRA merged.
+    `serving.Model` (float32 NumPy params); see `serving.load_model` for the
+    arguments.
   """
-  model_dir = os.path.abspath(os.path.expanduser(os.fspath(model_dir)))
-  kind = detect_kind(model_dir)
-  if kind == "run":
-    from hysac_jax import trainer  # pylint: disable=g-import-not-at-top
-    config = trainer.load_run_config(model_dir)
-    state, _, _ = trainer.restore_for_eval(config, model_dir, checkpoint)
-    params = jax.tree.map(lambda x: np.asarray(x, np.float32),
-                          jax.device_get(state.params))
-    if state.model.lora is not None:
-      params = merge_lora(params, state.model.lora)
-    bounds = _find_bounds([model_dir, os.path.join(model_dir, checkpoint)],
-                          bounds_path)
-    if traversal_alpha is None:
-      traversal_alpha = run_traversal_alpha(config)
-    return ExportSource(state.model.clip, _numpy(params), config.model.mode,
-                        float(config.model.curv_init), bounds,
-                        {"run": model_dir, "checkpoint": checkpoint},
-                        float(traversal_alpha))
-  if kind == "converted":
-    model = convert.load_pretrained(model_dir, merge=True)
-    return ExportSource(model.config, _numpy(model.params), model.mode,
-                        float(model.curv_init),
-                        _find_bounds([model_dir], bounds_path),
-                        {"converted": model_dir},
-                        float(safety.DEFAULT_ALPHA if traversal_alpha is None
-                              else traversal_alpha))
-  raise ModelDirError(f"{model_dir} is already an export ({kind}); export "
-                      "from the training run or converted directory")
+  kind = serving.detect_kind(os.path.expanduser(os.fspath(model_dir)))
+  if kind in FORMATS:
+    raise ModelDirError(f"{model_dir} is already an export ({kind}); export "
+                        "from the training run or converted directory")
+  model = serving.load_model(model_dir, bounds_path=bounds_path,
+                             checkpoint=checkpoint,
+                             traversal_alpha=traversal_alpha)
+  model.params = _numpy(model.params)
+  return model
 
 
 def _numpy(params):
@@ -404,7 +269,7 @@ def _geometry_functions():
 
   def classify_unsafe(emb, curv, bound, alpha):
     """(b, D), (), (), () -> ((b,) bool unsafe, (b,) float32 distance)."""
-    distance = safety.unsafe_score(emb, curv)
+    distance = safety.origin_distance(emb, curv)
     return distance > safety.safety_threshold(bound, curv, alpha), distance
 
   def traverse_to_safe(emb, curv, bound, alpha):
@@ -484,244 +349,15 @@ def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS):
   return {f: writers[f](src, os.path.join(out, f)) for f in formats}
 
 
-# --------------------------------------------------------------------------
-# Loaders.
-
-
-class ServingModel:
-  """An exported (or source) model: embed, classify, redirect.
-
-  Attributes:
-    kind: "hf", "orbax", "stablehlo", "run" or "converted".
-    head: dict(curv, alpha_image, alpha_text, logit_scale, mode, ...).
-    mode: "hyp" or "euc".
-    curv: the curvature magnitude (float).
-    bounds: release-shaped bounds, or None.
-    traversal_alpha: alpha of the threshold b' (the head's
-      `traversal_alpha`, unless overridden).
-    image_size, context_length: the input sizes the towers expect.
-  """
-
-  def __init__(self, kind, head, bounds, image_size, context_length,
-               encode_image, encode_text):
-    self.kind, self.head, self.bounds = kind, head, bounds
-    self.mode, self.curv = head["mode"], float(head["curv"])
-    self.traversal_alpha = float(head.get("traversal_alpha",
-                                          safety.DEFAULT_ALPHA))
-    self.image_size, self.context_length = image_size, context_length
-    self._encode_image, self._encode_text = encode_image, encode_text
-
-  def encode_image(self, pixels):
-    """(B, H, W, 3) float32 NHWC CLIP-normalised -> (B, D) float32 points."""
-    return np.asarray(self._encode_image(
-        np.asarray(pixels, np.float32)))
-
-  def encode_text(self, ids):
-    """(B, L) int32 token ids, or strings (tokenised) -> (B, D) points."""
-    if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids
-                                and isinstance(ids[0], str)):
-      from hysac_jax.data.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
-      ids = tokenize(ids, max_len=self.context_length)
-    return np.asarray(self._encode_text(np.asarray(ids, np.int32)))
-
-  def safe_bound(self, modality):
-    """b: the 95th-percentile distance of the modality's safe group."""
-    if self.bounds is None:
-      raise ValueError(f"{self.kind} model has no bounds: pass a bounds file "
-                       "(bounds.json of the training run)")
-    return float(self.bounds[safety.SAFE_GROUP[modality]]["up_95"])
-
-  def threshold(self, modality):
-    """b' of the modality, with this model's `traversal_alpha`."""
-    self.safe_bound(modality)  # a clear error without bounds
-    return safety.modality_threshold(self.curv, self.bounds, modality,
-                                     self.traversal_alpha)
-
-  def classify_unsafe(self, emb, modality):
-    """(B, D) points -> ((B,) bool unsafe, (B,) distance from the origin)."""
-    self.safe_bound(modality)  # a clear error without bounds
-    emb = jnp.asarray(emb, jnp.float32)
-    return (np.asarray(safety.classify_unsafe(emb, self.curv, self.bounds,
-                                              modality,
-                                              self.traversal_alpha)),
-            np.asarray(safety.unsafe_score(emb, self.curv)))
-
-  def traverse_to_safe(self, emb, modality):
-    """(B, D) points moved toward the origin to distance <= b' (geodesic)."""
-    return np.asarray(safety.traverse_to_safe(
-        emb, self.curv, self.safe_bound(modality), self.traversal_alpha))
-
-
-class StableHLOModel(ServingModel):
-  """A `ServingModel` whose four functions are deserialised `jax.export`s."""
-
-  def __init__(self, head, bounds, image_size, context_length, functions,
-               params):
-    self.functions = functions
-    self.params = params
-    image = jax.jit(functions["encode_image"].call)
-    text = jax.jit(functions["encode_text"].call)
-    super().__init__("stablehlo", head, bounds, image_size, context_length,
-                     lambda x: image(params, x), lambda t: text(params, t))
-    self._classify = jax.jit(functions["classify_unsafe"].call)
-    self._traverse = jax.jit(functions["traverse_to_safe"].call)
-
-  def classify_unsafe(self, emb, modality):
-    unsafe, dist = self._classify(np.asarray(emb, np.float32),
-                                  np.float32(self.curv),
-                                  np.float32(self.safe_bound(modality)),
-                                  np.float32(self.traversal_alpha))
-    return np.asarray(unsafe), np.asarray(dist)
-
-  def traverse_to_safe(self, emb, modality):
-    return np.asarray(self._traverse(np.asarray(emb, np.float32),
-                                     np.float32(self.curv),
-                                     np.float32(self.safe_bound(modality)),
-                                     np.float32(self.traversal_alpha)))
-
-
-def _flax_model(kind, config, params, head, bounds):
-  """A ServingModel running the Flax HySAC module on merged params."""
-  model = convert.PretrainedHySAC(config, params, None, mode=head["mode"],
-                                  curv_init=head["curv_init"])
-  return ServingModel(kind, head, bounds, config.vision.image_size,
-                      config.text.max_position_embeddings,
-                      model.encode_image, model.encode_text)
-
-
-def _read_head(directory, kind):
-  path = os.path.join(directory, HEAD_FILE)
-  if not os.path.isfile(path):
-    raise ModelDirError(f"{directory} is not a {kind} export: {HEAD_FILE} "
-                        "is missing")
-  head = _read_json(path)
-  if head.get("format") != EXPORT_FORMAT or head.get("kind") != kind:
-    raise ModelDirError(f"{path} describes a {head.get('kind')!r} export "
-                        f"(format {head.get('format')!r}), not {kind!r}")
-  return head
-
-
-def _clip_config(d):
-  """`CLIPConfig` from the "clip" entry of hysac_head.json."""
-  return CLIPConfig(text=TextConfig(**d["text"]),
-                    vision=VisionConfig(**d["vision"]),
-                    projection_dim=d["projection_dim"])
-
-
-def _head_params(head):
-  return {k: np.asarray(v, np.float32)
-          for k, v in head["stored_logs"].items()}
-
-
-def load_hf(directory):
-  """Reads an `hf` export back with `convert.clip_params_from_hf` + the head.
-
-  Returns:
-    `ServingModel` (kind "hf").
-  """
-  directory = os.fspath(directory)
-  head = _read_head(directory, "hf")
-  config, clip_params = convert.clip_params_from_hf(directory)
-  params = {"clip": clip_params, **_head_params(head)}
-  return _flax_model("hf", config, params, head, head.get("bounds"))
-
-
-def load_orbax(directory):
-  """Reads an `orbax` export. Returns a `ServingModel` (kind "orbax")."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(os.fspath(directory))
-  head = _read_head(directory, "orbax")
-  params_dir = os.path.join(directory, ORBAX_PARAMS_DIR)
-  from hysac_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
-  def restore():
-    with ocp.StandardCheckpointer() as ckpt:
-      return ckpt.restore(params_dir)
-
-  # Orbax raises plain Exceptions for missing or damaged files.
-  params, cause = ckpt_lib.call_quietly(restore)
-  if cause is not None:
-    raise ModelDirError(f"orbax export {params_dir} cannot be restored: "
-                        f"{cause}")
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-  config = _clip_config(head["clip"])
-  return _flax_model("orbax", config, params, head, head.get("bounds"))
-
-
-def load_stablehlo(directory):
-  """Deserialises a `stablehlo` export; binds params, curvature and bounds.
-
-  Returns:
-    `StableHLOModel`; its `functions` are the raw `jax.export.Exported`.
-  """
-  from jax import export as jax_export  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  directory = os.fspath(directory)
-  head = _read_head(directory, "stablehlo")
-  if head.get("version", 1) < 2:
-    raise ModelDirError(f"{directory} is a version-{head.get('version', 1)} "
-                        "stablehlo export, whose safety functions take no "
-                        "alpha: export the model again")
-  functions = {}
-  for name in STABLEHLO_FUNCTIONS:
-    path = os.path.join(directory, name + STABLEHLO_SUFFIX)
-    if not os.path.isfile(path):
-      raise ModelDirError(f"stablehlo export incomplete: {path} is missing")
-    with open(path, "rb") as f:
-      functions[name] = jax_export.deserialize(bytearray(f.read()))
-  params_file = os.path.join(directory, STABLEHLO_PARAMS_FILE)
-  try:
-    params = traverse_util.unflatten_dict(load_file(params_file), sep="/")
-  except FileNotFoundError:
-    raise ModelDirError(f"stablehlo export incomplete: {params_file} is "
-                        "missing") from None
-  except Exception as e:  # pylint: disable=broad-except
-    # SafetensorError (a truncated file) is no OSError or ValueError.
-    raise ModelDirError(f"{params_file} is not a readable safetensors file: "
-                        f"{e}") from e
-  clip = head["clip"]
-  return StableHLOModel(head, head.get("bounds"),
-                        clip["vision"]["image_size"],
-                        clip["text"]["max_position_embeddings"], functions,
-                        params)
-
-
-_LOADERS = {"hf": load_hf, "orbax": load_orbax, "stablehlo": load_stablehlo}
-
-
-def load_exported(directory):
-  """Reads any export directory (`OUT/hf`, `OUT/orbax`, `OUT/stablehlo`)."""
-  kind = detect_kind(directory)
-  if kind not in _LOADERS:
-    raise ModelDirError(f"{directory} is a {kind} directory, not an export "
-                        "(use load_model, or export it first)")
-  return _LOADERS[kind](directory)
-
-
-def load_model(directory, bounds_path=None, checkpoint="best_recall",
+def load_model(directory, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
                traversal_alpha=None):
-  """Any model directory as a `ServingModel`: export, run or converted.
-
-  Args:
-    directory: an export, a training run or a converted directory.
-    bounds_path: optional bounds JSON overriding the directory's own.
-    checkpoint: for a run: "best_recall", "best_loss" or "checkpoints".
-    traversal_alpha: alpha of the threshold b'; default the model's own
-      (an export's `hysac_head.json`, a run's `config.eval.traversal_alpha`,
-      0.8 for a converted model).
-  """
-  kind = detect_kind(directory)
-  if kind in _LOADERS:
-    bounds = safety.load_bounds(bounds_path) if bounds_path else None
-    model = _LOADERS[kind](directory)
-    if bounds is not None:
-      model.bounds = bounds
-    if traversal_alpha is not None:
-      model.traversal_alpha = float(traversal_alpha)
-    return model
-  src = load_source(directory, bounds_path, checkpoint, traversal_alpha)
-  head = head_json(src, kind)
-  return _flax_model(kind, src.config, src.params, head, src.bounds)
+  """Deprecated: use `hysac_jax.serving.load_model`."""
+  warnings.warn("hysac_jax.export.load_model is deprecated; use "
+                "hysac_jax.serving.load_model", DeprecationWarning,
+                stacklevel=2)
+  return serving.load_model(directory, bounds_path=bounds_path,
+                            checkpoint=checkpoint,
+                            traversal_alpha=traversal_alpha)
 
 
 # --------------------------------------------------------------------------
@@ -740,8 +376,8 @@ def main(argv=None):
                       help="one or more of: %(choices)s")
   parser.add_argument("--bounds", default=None,
                       help="bounds JSON (default: bounds.json in --model)")
-  parser.add_argument("--checkpoint", default="best_recall",
-                      choices=("best_recall", "best_loss", "checkpoints"),
+  parser.add_argument("--checkpoint", default=ckpt_lib.BEST_RECALL,
+                      choices=ckpt_lib.KINDS,
                       help="which checkpoint of a training run")
   parser.add_argument("--platforms", nargs="+", default=list(DEFAULT_PLATFORMS),
                       help="stablehlo lowering platforms (default: "

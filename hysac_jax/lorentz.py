@@ -41,6 +41,15 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Dtype and numerics helpers.
 
 
+def at_least_float32(x):
+  """x as float32, or float64 when it is (float64 checks); never bf16/fp16.
+
+  Geometry and losses run at this precision whatever the towers' dtype.
+  """
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _dtypes(*arrays):
   """Returns (compute dtype, output dtype) for the given array inputs."""
   out = jnp.result_type(*arrays)

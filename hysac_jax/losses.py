@@ -24,12 +24,13 @@ equal size (one per device: the rows each device holds) and each group is its
 own contrastive problem, which reproduces the PyTorch release.
 """
 
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from hysac_jax import lorentz
+from hysac_jax.models import hysac as hysac_lib
 
 TERM_NAMES = (
     "contrastive_safe",
@@ -44,11 +45,6 @@ TERM_NAMES = (
 # A logit for a masked-out (padding) column: finite, so gradients stay finite,
 # and far below any real logit (|logit| <= 100 * max distance).
 _MASKED_LOGIT = -1e9
-
-
-def _at_least_f32(x):
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _valid_mask(mask, n):
@@ -126,8 +122,8 @@ def contrastive_loss(text, image, curv, logit_scale, mask=None, num_groups=1):
   Returns:
     Scalar float32 loss.
   """
-  text, image = _at_least_f32(text), _at_least_f32(image)
-  curv, logit_scale = _at_least_f32(curv), _at_least_f32(logit_scale)
+  text, image = lorentz.at_least_float32(text), lorentz.at_least_float32(image)
+  curv, logit_scale = lorentz.at_least_float32(curv), lorentz.at_least_float32(logit_scale)
 
   def logits_fn(t, v):
     return -logit_scale * lorentz.pairwise_dist(t, v, curv)
@@ -147,21 +143,15 @@ def cosine_contrastive_loss(text, image, logit_scale, mask=None, num_groups=1):
   Returns:
     Scalar float32 loss.
   """
-  text, image = _at_least_f32(text), _at_least_f32(image)
-  logit_scale = _at_least_f32(logit_scale)
-  text = l2_normalize(text)
-  image = l2_normalize(image)
+  text, image = lorentz.at_least_float32(text), lorentz.at_least_float32(image)
+  logit_scale = lorentz.at_least_float32(logit_scale)
+  text = hysac_lib.l2_normalize(text)
+  image = hysac_lib.l2_normalize(image)
 
   def logits_fn(t, v):
     return logit_scale * jnp.einsum("gid,gjd->gij", t, v)
 
   return info_nce_from_logits(logits_fn, text, image, mask, num_groups)
-
-
-def l2_normalize(x, eps=1e-12):
-  """x / ||x|| over the last axis, with a gradient-safe zero vector."""
-  sq = jnp.sum(x * x, axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps))
 
 
 def entailment_loss(x, y, curv, aperture_scale=1.0, mask=None):
@@ -177,7 +167,7 @@ def entailment_loss(x, y, curv, aperture_scale=1.0, mask=None):
   Returns:
     Scalar float32 mean over valid rows of `max(0, angle - s * aperture)`.
   """
-  x, y, curv = _at_least_f32(x), _at_least_f32(y), _at_least_f32(curv)
+  x, y, curv = lorentz.at_least_float32(x), lorentz.at_least_float32(y), lorentz.at_least_float32(curv)
   energy = lorentz.entailment_energy(x, y, curv, aperture_scale=aperture_scale)
   valid = _valid_mask(mask, x.shape[0])
   return jnp.sum(jnp.where(valid, energy, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
@@ -187,13 +177,6 @@ def term_weights(entail_weight):
   """The release's weights `[1, 1, 1, 1, lam, lam, lam]`, normalised by sum."""
   w = jnp.array([1.0, 1.0, 1.0, 1.0] + [entail_weight] * 3, jnp.float32)
   return w / jnp.sum(w)
-
-
-def _field(config, name, default):
-  """A loss-config field from a ConfigDict, a dict or a plain object."""
-  if isinstance(config, Mapping) or hasattr(config, "get"):
-    return config.get(name, default)
-  return getattr(config, name, default)
 
 
 def hysac_loss(S, U, V, G, curv, logit_scale, config: Any, *, mask=None,
@@ -207,8 +190,8 @@ def hysac_loss(S, U, V, G, curv, logit_scale, config: Any, *, mask=None,
       features (normalised here) in "euc" mode.
     curv: scalar curvature magnitude (ignored in "euc" mode).
     logit_scale: scalar temperature.
-    config: `config.loss`: `entail_weight`, `aperture_scale`,
-      `local_negatives` (a ConfigDict or any mapping / object with them).
+    config: `config.loss` (fields `entail_weight`, `aperture_scale`,
+      `local_negatives`; any object with those attributes).
     mask: optional (B,) validity of the quadruples.
     num_groups: the number of equal groups (devices) used when
       `config.local_negatives` is set; ignored otherwise.
@@ -219,19 +202,17 @@ def hysac_loss(S, U, V, G, curv, logit_scale, config: Any, *, mask=None,
   Returns:
     (total, terms): the scalar total and a dict of the seven named terms.
   """
-  entail_weight = float(_field(config, "entail_weight", 1.0))
-  aperture_scale = float(_field(config, "aperture_scale", 1.0))
-  groups = num_groups if _field(config, "local_negatives", False) else 1
+  hysac_lib.check_mode(mode)
+  entail_weight = float(config.entail_weight)
+  aperture_scale = float(config.aperture_scale)
+  groups = num_groups if config.local_negatives else 1
 
   if mode == "hyp":
     def con(t, v):
       return contrastive_loss(t, v, curv, logit_scale, mask, groups)
-  elif mode == "euc":
+  else:
     def con(t, v):
       return cosine_contrastive_loss(t, v, logit_scale, mask, groups)
-  else:
-    raise ValueError(f"unknown model mode {mode!r} (config.model.mode): "
-                     "expected 'hyp' or 'euc'")
 
   terms = {
       "contrastive_safe": con(S, V),

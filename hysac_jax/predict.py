@@ -4,7 +4,7 @@
         --text "a dog on a beach" [--pool captions.txt] [--top-k 5] \
         [--redirect] [--embedding] [--bounds bounds.json]
 
-`--model` is any directory `hysac_jax.export.load_model` reads: an export
+`--model` is any directory `hysac_jax.serving.load_model` reads: an export
 (`OUT/hf`, `OUT/orbax`, `OUT/stablehlo`), a training run or a converted
 model. One JSON line is printed per input, in the order the `--image` and
 `--text` values appear on the command line (`--image a.jpg --text "a dog"
@@ -61,9 +61,9 @@ from tqdm import tqdm
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
 from hysac_jax import convert
-from hysac_jax import export
 from hysac_jax import lorentz
 from hysac_jax import safety
+from hysac_jax import serving
 from hysac_jax.data import preprocess
 
 BATCH = 32
@@ -262,7 +262,7 @@ def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
   """The JSON records of a batch of embeddings of one modality.
 
   Args:
-    model: `export.ServingModel`.
+    model: `serving.Model`.
     emb: (N, D) points of the inputs.
     modality: "image" or "text".
     pool: optional `Pool` for retrieval.
@@ -277,7 +277,7 @@ def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
   has_bounds = model.bounds is not None
   hyp = model.mode == "hyp"
   if hyp:
-    dist = np.asarray(safety.unsafe_score(emb, model.curv))
+    dist = np.asarray(safety.origin_distance(emb, model.curv))
     for rec, d in zip(records, dist):
       rec["distance_from_origin"] = float(d)
     if has_bounds:
@@ -301,7 +301,7 @@ def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
     if can_traverse:
       shown = traversed
       moved = np.any(traversed != np.asarray(emb), axis=-1)
-      new_dist = np.asarray(safety.unsafe_score(traversed, model.curv))
+      new_dist = np.asarray(safety.origin_distance(traversed, model.curv))
       for rec, m, d in zip(records, moved, new_dist):
         rec["redirected"] = {"moved": bool(m), "bound_of": target,
                              "distance_from_origin": float(d)}
@@ -330,7 +330,7 @@ def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
   """Answers every input; bad ones get an "error" record.
 
   Args:
-    model: `export.ServingModel`.
+    model: `serving.Model`.
     images: image file paths.
     texts: captions.
     pool, top_k, redirect, embedding: as in `answer`.
@@ -393,7 +393,7 @@ class _InOrder(argparse.Action):
         (self.dest, v) for v in values]
 
 
-def main(argv=None):
+def _parser():
   parser = argparse.ArgumentParser(
       prog=PROG,
       description="Embed images and captions with a HySAC model; print one "
@@ -410,8 +410,8 @@ def main(argv=None):
                            "model's own, see above)")
   parser.add_argument("--bounds", default=None,
                       help="bounds JSON (default: the model's own)")
-  parser.add_argument("--checkpoint", default="best_recall",
-                      choices=("best_recall", "best_loss", "checkpoints"),
+  parser.add_argument("--checkpoint", default=ckpt_lib.BEST_RECALL,
+                      choices=ckpt_lib.KINDS,
                       help="which checkpoint of a training run")
   parser.add_argument("--redirect", action="store_true",
                       help="apply safety traversal to the query")
@@ -423,6 +423,11 @@ def main(argv=None):
   parser.add_argument("--embedding", action="store_true",
                       help="print the embeddings")
   parser.set_defaults(inputs=[])
+  return parser
+
+
+def main(argv=None):
+  parser = _parser()
   args = parser.parse_args(argv)
   if args.top_k < 1:
     parser.error("--top-k must be at least 1")
@@ -431,9 +436,10 @@ def main(argv=None):
   if args.save_pool and not args.pool:
     parser.error("--save-pool needs --pool CAPTIONS.txt")
   try:
-    model = export.load_model(args.model, args.bounds, args.checkpoint,
-                              args.traversal_alpha)
-  except (export.ModelDirError, convert.CheckpointError,
+    model = serving.load_model(args.model, bounds_path=args.bounds,
+                               checkpoint=args.checkpoint,
+                               traversal_alpha=args.traversal_alpha)
+  except (serving.ModelDirError, convert.CheckpointError,
           ckpt_lib.CheckpointError, OSError, ValueError,
           KeyError) as e:
     # OSError: a missing --bounds file, unreadable weights.

@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 
 import jax
@@ -37,7 +38,8 @@ from hysac_jax import lorentz
 
 GROUPS = ("S", "U", "V", "G")
 STATS = ("avg", "low_05", "up_95")
-TRAVERSAL_MODES = ("geodesic", "release")
+# How a point is moved to distance b' (`traverse_to_safe(method=)`).
+TRAVERSAL_METHODS = ("geodesic", "release")
 DEFAULT_ALPHA = 0.8
 # Which safe group's bound each modality's queries are traversed to.
 SAFE_GROUP = {"text": "S", "image": "V"}
@@ -47,17 +49,30 @@ SAFE_GROUP = {"text": "S", "image": "V"}
 # Bounds
 
 
-def unsafe_score(emb, curv):
-  """Distance from the origin (higher = more unsafe).
+def origin_distance(emb, curv, mode="hyp"):
+  """Distance from the origin (SPEC §4: farther = less safe).
 
   Args:
-    emb: (..., d) space components on the hyperboloid.
+    emb: (..., d) space components on the hyperboloid (float32 or float64;
+      bf16/fp16 compute in float32).
     curv: curvature magnitude c > 0.
+    mode: "hyp", or "euc" for the Euclidean norm of CLIP features.
 
   Returns:
-    (...,) float32 distances.
+    (...,) distances in the caller's float dtype, at least float32.
   """
-  return lorentz.dist0(jnp.asarray(emb, jnp.float32), curv)
+  emb = lorentz.at_least_float32(emb)
+  if mode == "euc":
+    return jnp.linalg.norm(emb, axis=-1)
+  return lorentz.dist0(emb, curv)
+
+
+def unsafe_score(emb, curv):
+  """Deprecated name of `origin_distance` (not predict's `unsafe_score`,
+  which is the distance minus the threshold b')."""
+  warnings.warn("safety.unsafe_score is deprecated; use "
+                "safety.origin_distance", DeprecationWarning, stacklevel=2)
+  return origin_distance(emb, curv)
 
 
 def _group_stats(dist: np.ndarray) -> dict[str, float]:
@@ -90,7 +105,7 @@ def compute_bounds(S, U, V, G, curv) -> dict[str, dict[str, float]]:
     if emb.ndim != 2 or emb.shape[0] == 0:
       raise ValueError(f"group {name}: expected a non-empty (n, d) array, got "
                        f"shape {emb.shape}")
-    bounds[name] = _group_stats(np.asarray(unsafe_score(emb, curv)))
+    bounds[name] = _group_stats(np.asarray(origin_distance(emb, curv)))
   return bounds
 
 
@@ -169,11 +184,11 @@ def safety_threshold(bound, curv, alpha: float = DEFAULT_ALPHA):
   return bound + jnp.tanh((bound - alpha) / curv) + 1.0
 
 
-@functools.partial(jax.jit, static_argnames=("mode",))
-def _traverse(emb, curv, threshold, mode):
+@functools.partial(jax.jit, static_argnames=("method",))
+def _traverse(emb, curv, threshold, method):
   dist = lorentz.dist0(emb, curv)
   outside = dist > threshold
-  if mode == "release":
+  if method == "release":
     # The release treats the distance b' as a Euclidean norm of the space
     # components: x -> b' x / ||x||.
     norm = jnp.linalg.norm(emb, axis=-1, keepdims=True)
@@ -185,7 +200,7 @@ def _traverse(emb, curv, threshold, mode):
 
 
 def traverse_to_safe(emb, curv, bound, alpha: float = DEFAULT_ALPHA,
-                     mode: str = "geodesic"):
+                     method: str = "geodesic"):
   """Moves points farther than `b'` from the origin toward it (batched).
 
   Args:
@@ -193,34 +208,36 @@ def traverse_to_safe(emb, curv, bound, alpha: float = DEFAULT_ALPHA,
     curv: curvature magnitude c.
     bound: b, the safe group's 95th-percentile distance.
     alpha: α in the threshold.
-    mode: "geodesic" (default): slide along the geodesic to the origin until
-      the distance is exactly b'. "release": rescale the space components to
-      Euclidean norm b' (the release's rule; the distance then becomes
-      asinh(sqrt(c)·b')/sqrt(c), not b').
+    method: "geodesic" (default): slide along the geodesic to the origin
+      until the distance is exactly b'. "release": rescale the space
+      components to Euclidean norm b' (the release's rule; the distance then
+      becomes asinh(sqrt(c)·b')/sqrt(c), not b').
 
   Returns:
-    (..., d) float32; points with distance <= b' are returned unchanged.
+    (..., d) in the caller's float dtype (at least float32); points with
+    distance <= b' are returned unchanged.
   """
-  if mode not in TRAVERSAL_MODES:
-    raise ValueError(f"traversal mode must be one of {TRAVERSAL_MODES}, got "
-                     f"{mode!r}")
-  curv = jnp.asarray(curv, jnp.float32)
-  threshold = safety_threshold(jnp.asarray(bound, jnp.float32), curv, alpha)
-  return _traverse(jnp.asarray(emb, jnp.float32), curv, threshold, mode)
+  if method not in TRAVERSAL_METHODS:
+    raise ValueError(f"traversal method must be one of {TRAVERSAL_METHODS}, "
+                     f"got {method!r}")
+  emb = lorentz.at_least_float32(emb)
+  curv = jnp.asarray(curv, emb.dtype)
+  threshold = safety_threshold(jnp.asarray(bound, emb.dtype), curv, alpha)
+  return _traverse(emb, curv, threshold, method)
 
 
 def traverse_to_safe_image(emb, curv, bounds: Mapping,
                            alpha: float = DEFAULT_ALPHA,
-                           mode: str = "geodesic"):
+                           method: str = "geodesic"):
   """`traverse_to_safe` with b = bounds["V"]["up_95"] (safe images)."""
-  return traverse_to_safe(emb, curv, bounds["V"]["up_95"], alpha, mode)
+  return traverse_to_safe(emb, curv, bounds["V"]["up_95"], alpha, method)
 
 
 def traverse_to_safe_text(emb, curv, bounds: Mapping,
                           alpha: float = DEFAULT_ALPHA,
-                          mode: str = "geodesic"):
+                          method: str = "geodesic"):
   """`traverse_to_safe` with b = bounds["S"]["up_95"] (safe text)."""
-  return traverse_to_safe(emb, curv, bounds["S"]["up_95"], alpha, mode)
+  return traverse_to_safe(emb, curv, bounds["S"]["up_95"], alpha, method)
 
 
 # --------------------------------------------------------------------------
@@ -253,7 +270,7 @@ def classify_unsafe(emb, curv, bounds: Mapping, modality: str,
     (...,) bool, True = unsafe.
   """
   threshold = modality_threshold(curv, bounds, modality, alpha)
-  return unsafe_score(emb, curv) > threshold
+  return origin_distance(emb, curv) > threshold
 
 
 # --------------------------------------------------------------------------
@@ -272,11 +289,11 @@ def traverse_to_root(emb, curv, steps: int = 50):
     steps: number of points (>= 2).
 
   Returns:
-    (steps, ..., d) float32.
+    (steps, ..., d) in the caller's float dtype (at least float32).
   """
   if steps < 2:
     raise ValueError(f"steps must be at least 2, got {steps}")
-  emb = jnp.asarray(emb, jnp.float32)
+  emb = lorentz.at_least_float32(emb)
   tangent = lorentz.log_map0(emb, curv)
   weights = jnp.linspace(1.0, 0.0, steps).reshape((steps,) + (1,) * emb.ndim)
   return lorentz.exp_map0(weights * tangent[None], curv)
@@ -326,16 +343,17 @@ def retrieve_along_traversal(image_emb, caption_embs, captions, curv,
      "captions": list of `steps` strings, "unique": the distinct captions in
      the order first met (image first, root last)}.
   """
-  caption_embs = jnp.asarray(caption_embs, jnp.float32)
+  caption_embs = lorentz.at_least_float32(caption_embs)
+  dtype = caption_embs.dtype
   if caption_embs.ndim != 2 or caption_embs.shape[0] != len(captions):
     raise ValueError(f"caption_embs must be (len(captions)={len(captions)}, "
                      f"d), got {caption_embs.shape}")
-  points = traverse_to_root(jnp.asarray(image_emb, jnp.float32).reshape(-1),
+  points = traverse_to_root(jnp.asarray(image_emb, dtype).reshape(-1),
                             curv, steps)
   with_root = jnp.concatenate(
-      [caption_embs, jnp.zeros((1, caption_embs.shape[1]), jnp.float32)])
+      [caption_embs, jnp.zeros((1, caption_embs.shape[1]), dtype)])
   indices = np.asarray(_nearest_entailing(points, with_root,
-                                          jnp.asarray(curv, jnp.float32)))
+                                          jnp.asarray(curv, dtype)))
   names = list(captions) + [root_caption]
   step_captions = [names[i] for i in indices]
   unique = list(dict.fromkeys(step_captions))

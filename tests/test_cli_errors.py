@@ -19,12 +19,13 @@ import pytest
 
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
+from hysac_jax import config as config_lib
 from hysac_jax import evaluate_run
 from hysac_jax import export
 from hysac_jax import predict
 from hysac_jax import safety
-from hysac_jax import train_lib
-from hysac_jax import trainer
+from hysac_jax import serving
+from hysac_jax.training import step as step_lib
 from hysac_jax.data import pipeline
 from hysac_jax.data import schema
 
@@ -46,10 +47,10 @@ def make_run(workdir, data_dir):
   """config.json and a best_recall checkpoint, as train.py leaves them."""
   config = small_config(data_dir)
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
-  state = train_lib.create_train_state(config, init_key)
-  trainer.save_config(config, workdir)
+  state = step_lib.create_train_state(config, init_key)
+  config_lib.save_config(config, workdir)
   checkpoints = ckpt_lib.RunCheckpoints(workdir)
-  checkpoints.save(4, trainer.checkpoint_tree(state, step_key), {},
+  checkpoints.save(4, ckpt_lib.state_tree(state, step_key), {},
                    {"step": 4}, kind=ckpt_lib.BEST_RECALL)
   checkpoints.close()
   return config
@@ -125,9 +126,9 @@ def test_eval_predict_and_export_flag_the_same_items_with_the_runs_alpha(
     items["U"].append(r["unsafe_caption"].decode())
 
   # Bounds whose b' at the run's alpha splits the items.
-  model = export.load_model(run_dir)
+  model = serving.load_model(run_dir)
   assert model.traversal_alpha == RUN_ALPHA
-  dist = {g: np.asarray(safety.unsafe_score(emb, model.curv)) for g, emb in (
+  dist = {g: np.asarray(safety.origin_distance(emb, model.curv)) for g, emb in (
       ("V", model.encode_image(np.stack([predict.read_image(p, 32)
                                          for p in items["V"] + items["G"]]))),
       ("S", model.encode_text(items["S"] + items["U"])))}
@@ -229,10 +230,10 @@ def test_eval_of_a_corrupt_run_config_names_it(tmp_path):
 @pytest.mark.slow
 def test_eval_of_a_run_without_checkpoints_creates_nothing(tmp_path):
   run = tmp_path / "run"
-  trainer.save_config(small_config(tmp_path / "tfds"), run)
+  config_lib.save_config(small_config(tmp_path / "tfds"), run)
   out = cli_run(ROOT / "eval.py", "--workdir", run)
   assert out.returncode == 1
-  assert "no checkpoint in" in one_error_line(out, "eval.py")
+  assert "but no checkpoints" in one_error_line(out, "eval.py")
   assert sorted(os.listdir(run)) == ["config.json"]
 
 
@@ -278,7 +279,7 @@ def test_eval_with_a_missing_visu_manual_dir_names_it_first(run_dir, tmp_path,
   def restore(*args, **kwargs):
     raise AssertionError("restored before checking the data")
 
-  monkeypatch.setattr(trainer, "restore_for_eval", restore)
+  monkeypatch.setattr(serving, "load_model", restore)
   config = small_config(tmp_path / "tfds")
   config.data.name = "visu"
   config.data.manual_dir = str(tmp_path / "no_visu_here")

@@ -1,12 +1,13 @@
 """hysac_jax/compilation_cache.py: where the persistent XLA cache goes."""
 
+import json
 import os
 
 import jax
-import ml_collections
 
 from configs import vitl14
 from hysac_jax import compilation_cache
+from hysac_jax import config as config_lib
 
 
 def test_environment_variable_wins_then_config_then_off(monkeypatch,
@@ -22,16 +23,15 @@ def test_environment_variable_wins_then_config_then_off(monkeypatch,
   assert compilation_cache.enable("") is None
 
 
-def test_configured_dir_reads_the_config_or_defaults():
+def test_the_config_field_defaults_also_for_runs_saved_before_it(tmp_path):
   config = vitl14.get_config()
-  assert (compilation_cache.configured_dir(config)
+  assert (config.train.compilation_cache_dir
           == compilation_cache.DEFAULT_DIR == "~/.cache/hysac_jax/xla")
-  config.train.compilation_cache_dir = ""
-  assert compilation_cache.configured_dir(config) == ""
-  # A run's config.json from before the field existed.
-  old = ml_collections.ConfigDict({"train": {"epochs": 1}})
-  assert compilation_cache.configured_dir(old) == compilation_cache.DEFAULT_DIR
-  assert compilation_cache.configured_dir(None) == compilation_cache.DEFAULT_DIR
+  # A run's config.json from before the field existed reads back with it.
+  (tmp_path / "config.json").write_text(json.dumps({"train": {"epochs": 1}}))
+  old = config_lib.load_run_config(tmp_path)
+  assert old.train.epochs == 1
+  assert old.train.compilation_cache_dir == compilation_cache.DEFAULT_DIR
 
 
 def test_enable_points_jax_at_the_directory(monkeypatch, tmp_path):

@@ -1,4 +1,5 @@
-"""Conversion of HF CLIP and HySAC release checkpoints, the CLI and load_pretrained."""
+"""Conversion of HF CLIP and HySAC release checkpoints, the CLI, and loading
+the converted directory with serving.load_model."""
 
 import copy
 import math
@@ -14,6 +15,8 @@ import transformers
 
 import hysac_jax
 from hysac_jax import convert
+from hysac_jax import export
+from hysac_jax import serving
 from hysac_jax.models import sizes
 from hysac_jax.models.clip import CLIPModel
 from numerics import (assert_float32_parity, assert_float64_parity,
@@ -153,7 +156,8 @@ def test_release_checkpoint_round_trip_matches_pytorch_spec(
   assert convert.main(["--clip", str(st), "--hysac-checkpoint", str(path),
                        "--out", str(out)]) == 0
   assert "wrote" in capsys.readouterr().out
-  model = hysac_jax.load_pretrained(out)
+  model = serving.load_model(out, merge_lora=False)
+  assert model.kind == "converted"
   assert model.lora.rank == 4 and model.lora.targets == tuple(TARGETS)
   assert model.curv == pytest.approx(0.7, rel=1e-6)
   assert float(model.params["log_alpha_image"]) == pytest.approx(
@@ -162,9 +166,10 @@ def test_release_checkpoint_round_trip_matches_pytorch_spec(
   want_t, want_v = spec_points(text, vision, ids, pixels)
   # The math, in float64: the converted params on the hyperboloid.
   with jax.enable_x64(True):
-    model64 = convert.PretrainedHySAC(
-        model.config, to_float64(model.params), model.lora,
-        curv_init=model.curv_init, dtype=jnp.float64)
+    model64 = serving.Model.from_params(
+        "converted", model.config, to_float64(model.params),
+        lora=model.lora, mode=model.mode, curv_init=model.curv_init,
+        dtype=jnp.float64)
     assert_float64_parity(np.asarray(model64.encode_image(pixels)), want_v)
     assert_float64_parity(np.asarray(model64.encode_text(ids)), want_t)
   # What users get: float32 points, within the error model.
@@ -175,7 +180,7 @@ def test_release_checkpoint_round_trip_matches_pytorch_spec(
   assert_float32_parity(got_v, want_v, *vision_terms)
   assert_float32_parity(got_t, want_t,
                         *tower_error_terms(model.config, "text"))
-  merged = convert.load_pretrained(out, merge=True)
+  merged = serving.load_model(out)  # LoRA merged: the default
   assert merged.lora is None
   assert_float32_parity(merged.encode_image(pixels), want_v, *vision_terms)
 
@@ -209,7 +214,7 @@ def test_peft_key_layouts_convert_identically(hf_dirs, release, rename):
 def test_clip_only_conversion_starts_from_the_initial_head(hf_dirs, tmp_path):
   model, st, _ = hf_dirs
   out = convert.convert(str(st), str(tmp_path / "clip_only"))
-  loaded = hysac_jax.load_pretrained(out)
+  loaded = serving.load_model(out)
   assert loaded.lora is None and loaded.curv == pytest.approx(1.0)
   ids, _ = inputs()
   with torch.no_grad():
@@ -294,5 +299,19 @@ def test_unreachable_hub_id_and_bad_directories_fail_clearly(tmp_path,
   assert convert.main(["--clip", str(tmp_path / "absent"), "--out",
                        str(tmp_path / "out")]) == 1
   assert "error:" in capsys.readouterr().err
-  with pytest.raises(FileNotFoundError, match="config.json is missing"):
-    hysac_jax.load_pretrained(tmp_path)
+  with pytest.raises(serving.ModelDirError,
+                     match="neither hysac_head.json nor config.json"):
+    serving.load_model(tmp_path)
+
+
+def test_deprecated_loaders_warn_and_still_load(hf_dirs, tmp_path):
+  _, st, _ = hf_dirs
+  out = convert.convert(str(st), str(tmp_path / "clip_only"))
+  want = serving.load_model(out).encode_text(["a photo of a cat"])
+  for load in (hysac_jax.load_pretrained, convert.load_pretrained,
+               export.load_model):
+    with pytest.warns(DeprecationWarning, match="serving.load_model"):
+      model = load(out)
+    np.testing.assert_array_equal(
+        np.asarray(model.encode_text(["a photo of a cat"])),
+        np.asarray(want))

@@ -4,11 +4,11 @@ padding, resumable state, workers, text-only batches."""
 import io
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from hysac_jax import config as config_lib
 from hysac_jax.data import build
 from hysac_jax.data import pipeline
 from hysac_jax.data import preprocess
@@ -22,16 +22,13 @@ IMAGE_SIZE = 16
 
 @pytest.fixture(scope="module")
 def data_config(tmp_path_factory):
-  c = ml_collections.ConfigDict()
+  c = config_lib.base_config().data
   c.name = "synthetic_visu"
   c.data_dir = str(tmp_path_factory.mktemp("tfds"))
-  c.manual_dir = ""
   c.batch_size_per_device = 2
   c.eval_batch_size_per_device = 2
   c.num_workers = 0
-  c.augment = False
   c.synthetic_sizes = SIZES
-  c.synthetic_seed = 0
   return c
 
 

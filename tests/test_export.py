@@ -14,11 +14,12 @@ from flax import traverse_util
 
 from configs import tiny
 from hysac_jax import checkpoint as ckpt_lib
+from hysac_jax import config as config_lib
 from hysac_jax import convert
 from hysac_jax import export
 from hysac_jax import safety
-from hysac_jax import train_lib
-from hysac_jax import trainer
+from hysac_jax import serving
+from hysac_jax.training import step as step_lib
 from hysac_jax.models.clip import CLIPModel
 from hysac_jax.models.lora import merge_lora
 from numerics import assert_float32_parity, tower_error_terms
@@ -30,7 +31,7 @@ def assert_close(got, want, modality):
   """Two float32 computations of one tower's outputs (an export against the
   live model, merged against unmerged LoRA): the error-model bound of
   tests/numerics.py for the tiny config's towers."""
-  cfg = train_lib.model_from_config(tiny_config()).clip
+  cfg = step_lib.model_from_config(tiny_config()).clip
   assert_float32_parity(got, want, *tower_error_terms(cfg, TOWER[modality]))
 # Head scalars (stored logs) away from their initial values.
 HEAD = {"log_curv": math.log(0.7), "log_alpha_image": math.log(0.2),
@@ -90,8 +91,8 @@ def live_points(model, params, ids, pixels):
 def live():
   """The tiny HySAC module and its 'trained' params (LoRA not merged)."""
   config = tiny_config()
-  model = train_lib.model_from_config(config)
-  params = trained(train_lib.init_model_params(model, jax.random.key(0)))
+  model = step_lib.model_from_config(config)
+  params = trained(step_lib.init_model_params(model, jax.random.key(0)))
   return model, jax.device_get(params)
 
 
@@ -105,7 +106,7 @@ def exported(live, tmp_path_factory):
                           curv_init=model.curv_init)
   ids, pixels = inputs()
   image, text = live_points(model, params, ids, pixels)
-  dist = np.asarray(safety.unsafe_score(np.concatenate([image, text]), 0.7))
+  dist = np.asarray(safety.origin_distance(np.concatenate([image, text]), 0.7))
   bounds = bounds_with_threshold(0.7, float(np.median(dist)))
   safety.save_bounds(bounds, src / "bounds.json")
   out = tmp_path_factory.mktemp("export")
@@ -183,7 +184,7 @@ def test_hf_export_round_trips_through_convert(live, exported):
   for path in merged:  # transposes only: bit for bit
     np.testing.assert_array_equal(back[path], merged[path],
                                   err_msg="/".join(path))
-  loaded = export.load_hf(dirs["hf"])
+  loaded = serving.load_model(dirs["hf"])
   ids, pixels = inputs()
   image, text = live_points(model, params, ids, pixels)
   assert_close(loaded.encode_text(ids), text, "text")
@@ -208,7 +209,7 @@ def test_orbax_export_holds_merged_params_and_gives_the_same_points(
     live, exported):
   model, params = live
   _, dirs, bounds = exported
-  loaded = export.load_orbax(dirs["orbax"])
+  loaded = serving.load_model(dirs["orbax"])
   ids, pixels = inputs()
   image, text = live_points(model, params, ids, pixels)
   assert_close(loaded.encode_image(pixels), image, "image")
@@ -230,7 +231,7 @@ def test_stablehlo_functions_match_the_live_model_at_batch_1_and_7(
     live, exported):
   model, params = live
   _, dirs, bounds = exported
-  loaded = export.load_stablehlo(dirs["stablehlo"])
+  loaded = serving.load_model(dirs["stablehlo"])
   fns = loaded.functions
   assert str(fns["encode_image"].in_avals[-1].shape[0]) == "b"
   assert str(fns["encode_text"].in_avals[-1].shape[0]) == "b"
@@ -242,7 +243,7 @@ def test_stablehlo_functions_match_the_live_model_at_batch_1_and_7(
     assert_close(loaded.encode_text(ids[:n]), text[:n], "text")
     for emb, modality in ((image[:n], "image"), (text[:n], "text")):
       unsafe, dist = loaded.classify_unsafe(emb, modality)
-      np.testing.assert_allclose(dist, safety.unsafe_score(emb, 0.7),
+      np.testing.assert_allclose(dist, safety.origin_distance(emb, 0.7),
                                  rtol=1e-6)
       np.testing.assert_array_equal(
           unsafe, safety.classify_unsafe(emb, 0.7, bounds, modality))
@@ -257,9 +258,9 @@ def test_stablehlo_functions_match_the_live_model_at_batch_1_and_7(
 
 
 @pytest.mark.slow
-def test_load_exported_reads_every_format(exported):
+def test_load_model_reads_every_format(exported):
   _, dirs, _ = exported
-  kinds = {f: export.load_exported(dirs[f]).kind for f in export.FORMATS}
+  kinds = {f: serving.load_model(dirs[f]).kind for f in export.FORMATS}
   assert kinds == {f: f for f in export.FORMATS}
 
 
@@ -272,22 +273,22 @@ def test_export_of_a_training_run_uses_its_checkpoint_and_bounds(tmp_path):
   checkpoint of the trainable params only, and bounds.json."""
   config = tiny_config()
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
-  state = train_lib.create_train_state(config, init_key)
+  state = step_lib.create_train_state(config, init_key)
   state = state.replace(params=trained(state.params))
   run = tmp_path / "run"
-  trainer.save_config(config, run)
+  config_lib.save_config(config, run)
   checkpoints = ckpt_lib.RunCheckpoints(run)
-  checkpoints.save(3, trainer.checkpoint_tree(state, step_key), {},
+  checkpoints.save(3, ckpt_lib.state_tree(state, step_key), {},
                    {"step": 3}, kind=ckpt_lib.BEST_RECALL)
   checkpoints.close()
   bounds = bounds_with_threshold(0.7, 1.0)
   safety.save_bounds(bounds, run / "bounds.json")
-  assert export.detect_kind(run) == "run"
+  assert serving.detect_kind(run) == "run"
 
   out = tmp_path / "out"
   assert export.main(["--model", str(run), "--out", str(out), "--format",
                       "orbax"]) == 0
-  loaded = export.load_orbax(out / "orbax")
+  loaded = serving.load_model(out / "orbax")
   ids, pixels = inputs(3)
   image, text = live_points(state.model, state.params, ids, pixels)
   assert_close(loaded.encode_image(pixels), image, "image")

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hysac_jax import config as config_lib
 from hysac_jax import losses
-from hysac_jax import train_lib
+from hysac_jax.training import step as step_lib
 from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models import sizes
@@ -24,7 +25,7 @@ def make_model(**kwargs):
 @pytest.fixture(scope="module")
 def params():
   # train_lib caches the jitted init per model: shared with test_train_lib.
-  return jax.device_get(train_lib.init_model_params(make_model(),
+  return jax.device_get(step_lib.init_model_params(make_model(),
                                                     jax.random.key(0)))
 
 
@@ -163,8 +164,7 @@ def test_loss_gradient_wrt_the_four_log_scalars_matches_finite_differences():
   """Float64: features -> lift with the head -> HySAC loss -> total."""
   rng = np.random.default_rng(3)
   feats = [rng.normal(size=(5, 6)) for _ in range(4)]  # S, U, V, G features
-  config = {"entail_weight": 1.0, "aperture_scale": 1.0,
-            "local_negatives": False}
+  config = config_lib.base_config().loss  # weights 1, global negatives
   with jax.enable_x64(True):
     def total(head):
       s = hysac_lib.head_scalars(head)

@@ -5,11 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hysac_jax import config as config_lib
 from hysac_jax import losses
 
 CURV, SCALE = 1.3, 12.0
-LOSS_CONFIG = {"entail_weight": 1.0, "aperture_scale": 1.0,
-               "local_negatives": False}
+
+
+def loss_config(**overrides):
+  """`config.loss` of the base schema (weights 1, global negatives)."""
+  c = config_lib.base_config().loss
+  c.update(overrides)
+  return c
+
 
 # ----------------------------------------------------------- references ---
 
@@ -96,7 +103,7 @@ def test_hysac_loss_terms_and_release_weighting_match_numpy():
   lam = 0.5
   total, terms = losses.hysac_loss(
       *map(jnp.float32, (S, U, V, G)), CURV, SCALE,
-      dict(LOSS_CONFIG, entail_weight=lam))
+      loss_config(entail_weight=lam))
   expected = {
       "contrastive_safe": np_contrastive(S, V, CURV, SCALE),
       "contrastive_unsafe": np_contrastive(U, G, CURV, SCALE),
@@ -117,7 +124,7 @@ def test_hysac_loss_terms_and_release_weighting_match_numpy():
 
 def test_local_negatives_average_per_group_losses():
   S, U, V, G = random_points(3, n=8)
-  config = dict(LOSS_CONFIG, local_negatives=True)
+  config = loss_config(local_negatives=True)
   _, terms = losses.hysac_loss(*map(jnp.float32, (S, U, V, G)), CURV, SCALE,
                                config, num_groups=2)
   groups = [slice(0, 4), slice(4, 8)]
@@ -129,7 +136,7 @@ def test_local_negatives_average_per_group_losses():
                              rtol=1e-4, atol=1e-5)
   # Without local_negatives, num_groups is ignored (global negatives).
   _, global_terms = losses.hysac_loss(*map(jnp.float32, (S, U, V, G)), CURV,
-                                      SCALE, LOSS_CONFIG, num_groups=2)
+                                      SCALE, loss_config(), num_groups=2)
   np.testing.assert_allclose(global_terms["contrastive_safe"],
                              np_contrastive(S, V, CURV, SCALE), rtol=2e-5)
 
@@ -139,9 +146,9 @@ def test_masked_rows_are_neither_queries_nor_negatives():
   mask = np.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
   garbage = [np.where(mask[:, None], x, 50.0) for x in (S, U, V, G)]
   total, terms = losses.hysac_loss(*map(jnp.float32, garbage), CURV, SCALE,
-                                   LOSS_CONFIG, mask=jnp.asarray(mask))
+                                   loss_config(), mask=jnp.asarray(mask))
   ref_total, ref_terms = losses.hysac_loss(
-      *(jnp.float32(x[mask]) for x in (S, U, V, G)), CURV, SCALE, LOSS_CONFIG)
+      *(jnp.float32(x[mask]) for x in (S, U, V, G)), CURV, SCALE, loss_config())
   for name in losses.TERM_NAMES:
     np.testing.assert_allclose(terms[name], ref_terms[name], rtol=1e-5,
                                atol=1e-6, err_msg=name)
@@ -151,7 +158,7 @@ def test_masked_rows_are_neither_queries_nor_negatives():
 def test_euc_mode_is_the_clip_loss():
   S, U, V, G = random_points(5)
   total, terms = losses.hysac_loss(*map(jnp.float32, (S, U, V, G)), None,
-                                   SCALE, LOSS_CONFIG, mode="euc")
+                                   SCALE, loss_config(), mode="euc")
   pairs = {"contrastive_safe": (S, V), "contrastive_unsafe": (U, G),
            "contrastive_cross_a": (S, G), "contrastive_cross_b": (U, V)}
   expected = {k: np_clip_loss(t, v, SCALE) for k, (t, v) in pairs.items()}
@@ -166,25 +173,25 @@ def test_euc_mode_is_the_clip_loss():
 def test_unknown_mode_is_rejected_with_the_config_field_named():
   S, U, V, G = map(jnp.float32, random_points(6))
   with pytest.raises(ValueError, match="config.model.mode"):
-    losses.hysac_loss(S, U, V, G, CURV, SCALE, LOSS_CONFIG, mode="sph")
+    losses.hysac_loss(S, U, V, G, CURV, SCALE, loss_config(), mode="sph")
 
 
 def test_local_negatives_need_equal_groups():
   S, U, V, G = map(jnp.float32, random_points(7, n=6))
   with pytest.raises(ValueError, match="local_negatives"):
     losses.hysac_loss(S, U, V, G, CURV, SCALE,
-                      dict(LOSS_CONFIG, local_negatives=True), num_groups=4)
+                      loss_config(local_negatives=True), num_groups=4)
 
 
 def test_bfloat16_embeddings_give_a_float32_loss():
   S, U, V, G = random_points(8)
   total, _ = losses.hysac_loss(*(jnp.asarray(x, jnp.bfloat16)
                                  for x in (S, U, V, G)), CURV, SCALE,
-                               LOSS_CONFIG)
+                               loss_config())
   ref, _ = losses.hysac_loss(*(jnp.asarray(jnp.asarray(x, jnp.bfloat16),
                                            jnp.float32)
                                for x in (S, U, V, G)), CURV, SCALE,
-                             LOSS_CONFIG)
+                             loss_config())
   assert total.dtype == jnp.float32
   np.testing.assert_allclose(total, ref, rtol=1e-6)
 
@@ -198,7 +205,7 @@ def test_total_gradient_matches_finite_differences_in_float64():
 
     @jax.jit
     def total(*a):
-      return losses.hysac_loss(*a, config=dict(LOSS_CONFIG, entail_weight=0.8,
+      return losses.hysac_loss(*a, config=loss_config(entail_weight=0.8,
                                                 aperture_scale=0.9))[0]
 
     grads = jax.jit(jax.grad(total, argnums=tuple(range(6))))(*args)

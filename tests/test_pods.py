@@ -23,8 +23,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hysac_jax import distributed
-from hysac_jax import train_lib
-from hysac_jax import trainer
+from hysac_jax.training import step as step_lib
+from hysac_jax.training import loop as loop_lib
 from hysac_jax.data import pipeline
 
 import tiny_runs
@@ -159,7 +159,7 @@ def pod_and_reference(data_dir, tmp_path_factory):
   logs = tmp_path_factory.mktemp("logs")
   # Build the dataset first: the reference and the pod share data_dir.
   config = pod_config(data_dir)
-  image_size = train_lib.model_from_config(config).clip.vision.image_size
+  image_size = step_lib.model_from_config(config).clip.vision.image_size
   pipeline.open_builder(config.data, image_size)
   address = f"127.0.0.1:{free_port()}"
   cmd = ([sys.executable, str(ROOT / "train.py"), f"--workdir={pod}",
@@ -171,7 +171,7 @@ def pod_and_reference(data_dir, tmp_path_factory):
                   env_with_devices(POD_LOCAL_DEVICES))
     # Each process takes a contiguous block of every global batch, so one
     # process on 4 devices sees the same global batches as the pod.
-    ref_summary = trainer.train_and_evaluate(config, ref)
+    ref_summary = loop_lib.train_and_evaluate(config, ref)
     try:
       codes = procs.wait_all(TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -268,7 +268,7 @@ def test_pod_checkpoint_resumes_on_one_process_with_four_devices(
     pod_and_reference, tmp_path):
   r = pod_and_reference
   workdir = _mid_run_copy(r["pod"], tmp_path / "resumed")
-  summary = trainer.train_and_evaluate(r["config"], workdir, resume=True)
+  summary = loop_lib.train_and_evaluate(r["config"], workdir, resume=True)
   assert summary["steps"] == 4
   _, pod_final = checkpoint_state(r["pod"], 4)
   _, resumed_final = checkpoint_state(workdir, 4)

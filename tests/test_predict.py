@@ -17,7 +17,8 @@ from hysac_jax import convert
 from hysac_jax import export
 from hysac_jax import predict
 from hysac_jax import safety
-from hysac_jax import train_lib
+from hysac_jax import serving
+from hysac_jax.training import step as step_lib
 from hysac_jax.data import preprocess
 
 CURV = 0.7
@@ -30,9 +31,9 @@ def model_dir(tmp_path_factory):
   """A converted tiny HySAC (LoRA with non-zero B, curv 0.7), no bounds."""
   c = tiny.get_config()
   c.model.lora.rank = 4
-  module = train_lib.model_from_config(c)
+  module = step_lib.model_from_config(c)
   flat = traverse_util.flatten_dict(jax.device_get(
-      train_lib.init_model_params(module, jax.random.key(0))))
+      step_lib.init_model_params(module, jax.random.key(0))))
   rng = np.random.default_rng(1)
   for path, value in flat.items():
     if path[-1] == "lora_B":
@@ -48,8 +49,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(model_dir):
-  """The LoRA (unmerged) model of `model_dir`, loaded by convert."""
-  return convert.load_pretrained(model_dir)
+  """The LoRA (unmerged) model of `model_dir`."""
+  return serving.load_model(model_dir, merge_lora=False)
 
 
 def png_header_only(path, width, height):

@@ -3,6 +3,8 @@
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -115,7 +117,7 @@ def test_release_traversal_hand_computed_examples():
   emb = np.array([[3.0, 4.0], [0.3, 0.4], [0.0, -2.0]], np.float32)
   # dist0: asinh(5) = 2.31 > b' (moved); asinh(0.5) = 0.48 (kept);
   # asinh(2) = 1.44 > b' (moved).
-  got = np.asarray(safety.traverse_to_safe(emb, 1.0, 0.5, mode="release"))
+  got = np.asarray(safety.traverse_to_safe(emb, 1.0, 0.5, method="release"))
   want = np.array([[0.6 * b_prime, 0.8 * b_prime], [0.3, 0.4],
                    [0.0, -b_prime]])
   np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -126,7 +128,7 @@ def test_release_traversal_matches_the_release_loop():
   rng = np.random.default_rng(2)
   emb = random_points(rng, 64, 8, 0.1, 4.0)
   c, bound = 1.7, 0.9
-  got = np.asarray(safety.traverse_to_safe(emb, c, bound, mode="release"))
+  got = np.asarray(safety.traverse_to_safe(emb, c, bound, method="release"))
   np.testing.assert_allclose(got, release_traversal(emb, c, bound),
                              rtol=1e-5, atol=1e-6)
 
@@ -159,26 +161,26 @@ def test_traverse_to_safe_image_and_text_pick_v_and_s_bounds():
                     (safety.traverse_to_safe_text, 0.4)):
     for mode in ("geodesic", "release"):
       np.testing.assert_array_equal(
-          np.asarray(fn(emb, 1.0, bounds, mode=mode)),
-          np.asarray(safety.traverse_to_safe(emb, 1.0, bound, mode=mode)))
+          np.asarray(fn(emb, 1.0, bounds, method=mode)),
+          np.asarray(safety.traverse_to_safe(emb, 1.0, bound, method=mode)))
 
 
-def test_traverse_rejects_unknown_mode():
-  with pytest.raises(ValueError, match="traversal mode"):
-    safety.traverse_to_safe(np.ones((2, 3)), 1.0, 0.5, mode="radial")
+def test_traverse_rejects_unknown_method():
+  with pytest.raises(ValueError, match="traversal method"):
+    safety.traverse_to_safe(np.ones((2, 3)), 1.0, 0.5, method="radial")
 
 
 # ----------------------------------------------------------------------------
 # Classification
 
 
-def test_unsafe_score_and_classify_match_numpy():
+def test_origin_distance_and_classify_match_numpy():
   rng = np.random.default_rng(5)
   emb = random_points(rng, 50, 6, 0.1, 5.0)
   c = 1.3
   bounds = {g: {"avg": 0.0, "low_05": 0.0, "up_95": b}
             for g, b in zip("SUVG", (0.7, 2.0, 1.1, 2.5))}
-  np.testing.assert_allclose(np.asarray(safety.unsafe_score(emb, c)),
+  np.testing.assert_allclose(np.asarray(safety.origin_distance(emb, c)),
                              np_dist0(emb, c), rtol=1e-5)
   for modality, b in (("text", 0.7), ("image", 1.1)):
     threshold = b + math.tanh((b - 0.8) / c) + 1
@@ -260,3 +262,27 @@ def test_retrieval_along_traversal_matches_numpy_brute_force():
     assert out["indices"][s] == want, f"step {s}"
   assert out["captions"][-1] == "[ROOT]"
   assert any(i < 40 for i in out["indices"])  # not only the root
+
+
+def test_safety_keeps_the_callers_float_dtype_at_least_float32():
+  """As `lorentz` does: float64 stays float64 (float64 checks), bf16 is
+  computed in float32."""
+  emb = np.array([[0.3, -1.2, 0.5], [0.1, 0.2, 0.0]])
+  bounds = {g: {"avg": 0.5, "low_05": 0.1, "up_95": 0.4} for g in "SUVG"}
+  with jax.enable_x64(True):
+    e64 = jnp.asarray(emb, jnp.float64)
+    outs = {"origin_distance": safety.origin_distance(e64, 1.3),
+            "traverse_to_safe": safety.traverse_to_safe(e64, 1.3, 0.4),
+            "traverse_to_root": safety.traverse_to_root(e64, 1.3, steps=3)}
+    for name, out in outs.items():
+      assert out.dtype == jnp.float64, name
+    # float64 all the way: the distance matches a float64 NumPy formula to
+    # float64 rounding, far below float32's 1e-7.
+    sqrt_c = np.sqrt(1.3)
+    want = np.arccosh(np.sqrt(1 + 1.3 * (emb ** 2).sum(-1))) / sqrt_c
+    np.testing.assert_allclose(np.asarray(outs["origin_distance"]), want,
+                               rtol=1e-12)
+    assert safety.classify_unsafe(e64, 1.3, bounds, "text").dtype == bool
+  bf16 = jnp.asarray(emb, jnp.bfloat16)
+  assert safety.origin_distance(bf16, 1.3).dtype == jnp.float32
+  assert safety.traverse_to_safe(bf16, 1.3, 0.4).dtype == jnp.float32

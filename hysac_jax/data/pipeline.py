@@ -313,12 +313,12 @@ def _builder_kwargs(data_config, image_size):
   kwargs = {}
   if name == "synthetic_visu":
     from hysac_jax.data import synthetic
-    sizes = data_config.get("synthetic_sizes", (4096, 512, 1024))
+    sizes = data_config.synthetic_sizes
     kwargs["config"] = synthetic.synthetic_config(
         image_size=image_size or 32, num_train=sizes[0],
         num_validation=sizes[1], num_test=sizes[2],
-        seed=data_config.get("synthetic_seed", 0))
-  elif data_config.get("skip_invalid", False):
+        seed=data_config.synthetic_seed)
+  elif data_config.skip_invalid:
     kwargs["skip_invalid"] = True
   return kwargs
 
@@ -327,8 +327,22 @@ def open_builder(data_config, image_size=None):
   """Builds (if needed) and returns the TFDS builder `config.data` names."""
   return build.build_dataset(
       data_config.name, os.path.expanduser(data_config.data_dir),
-      manual_dir=data_config.get("manual_dir") or None,
+      manual_dir=data_config.manual_dir or None,
       **_builder_kwargs(data_config, image_size))
+
+
+def prepare(data_config, image_size):
+  """Builds the dataset on process 0 while the others wait, once per run.
+
+  Every process opens the TFDS files afterwards; letting them all build at
+  once would race on the same directory.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    open_builder(data_config, image_size)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("hysac_jax: dataset built")
 
 
 def check_data(data_config, image_size=None):
@@ -336,7 +350,7 @@ def check_data(data_config, image_size=None):
   not built and cannot be: its manual_dir is missing. Creates nothing."""
   build.check_buildable(
       data_config.name, os.path.expanduser(data_config.data_dir),
-      manual_dir=data_config.get("manual_dir") or None,
+      manual_dir=data_config.manual_dir or None,
       **_builder_kwargs(data_config, image_size))
 
 
@@ -374,8 +388,8 @@ def make_dataset(data_config, split, image_size, *, seed=0, num_epochs=None,
   return make_iterator(
       source, batch_size=per_device * local_device_count,
       image_size=image_size, train=train, seed=seed, num_epochs=num_epochs,
-      augment=data_config.get("augment", False),
-      jpeg_draft=data_config.get("jpeg_draft", False),
+      augment=data_config.augment,
+      jpeg_draft=data_config.jpeg_draft,
       process_index=process_index, process_count=process_count,
       num_workers=(data_config.num_workers if num_workers is None
                    else num_workers))

@@ -1,7 +1,7 @@
 """Binary-classification metrics for unsafe detection from a scalar score.
 
 The score is "higher = more unsafe" (the distance from the origin, see
-`hysac_jax.safety.unsafe_score`); label 1 = unsafe, 0 = safe. Everything is
+`hysac_jax.safety.origin_distance`); label 1 = unsafe, 0 = safe. Everything is
 O(n log n) NumPy over the whole split (one sort), no per-threshold loops.
 """
 

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hysac_jax import lorentz  # noqa: E402
+from hysac_jax import safety  # noqa: E402
 from hysac_jax.evaluation import classification  # noqa: E402
 
 FIGSIZE = (8.0, 6.0)
@@ -36,12 +37,6 @@ COLORS = {"S": "tab:blue", "U": "tab:red", "V": "tab:green",
           "G": "tab:orange"}
 LABELS = {"S": "S safe text", "U": "U unsafe text", "V": "V safe image",
           "G": "G unsafe image"}
-
-
-def _origin_distance(emb, curv, mode):
-  if mode == "hyp":
-    return np.asarray(lorentz.dist0(np.asarray(emb, np.float32), curv))
-  return np.linalg.norm(np.asarray(emb, np.float64), axis=-1)
 
 
 def _save(fig, path):
@@ -57,7 +52,8 @@ def plot_distance_histograms(groups: Mapping, curv, path, mode: str = "hyp"):
     groups: {"S", "U", "V", "G": (n, d)}.
     curv: curvature magnitude; path: PNG file.
   """
-  dists = {g: _origin_distance(e, curv, mode) for g, e in groups.items()}
+  dists = {g: np.asarray(safety.origin_distance(e, curv, mode))
+           for g, e in groups.items()}
   lo = min(d.min() for d in dists.values())
   hi = max(d.max() for d in dists.values())
   bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 60)
@@ -132,8 +128,9 @@ def plot_roc_curves(groups: Mapping, curv, path, mode: str = "hyp"):
   """ROC of "unsafe iff distance >= t": text S vs U and images V vs G."""
   fig, ax = plt.subplots(figsize=FIGSIZE)
   for modality, safe, unsafe in (("text", "S", "U"), ("image", "V", "G")):
-    scores = np.concatenate([_origin_distance(groups[safe], curv, mode),
-                             _origin_distance(groups[unsafe], curv, mode)])
+    scores = np.concatenate(
+        [np.asarray(safety.origin_distance(groups[g], curv, mode))
+         for g in (safe, unsafe)])
     labels = np.r_[np.zeros(len(groups[safe]), bool),
                    np.ones(len(groups[unsafe]), bool)]
     fpr, tpr, _ = classification.roc_curve(scores, labels)

@@ -25,6 +25,7 @@ import numpy as np
 from hysac_jax import safety
 from hysac_jax.evaluation import classification
 from hysac_jax.evaluation import retrieval
+from hysac_jax.models import hysac as hysac_lib
 
 PAIRINGS = (("S", "V"), ("S", "G"), ("U", "V"), ("U", "G"))
 # The release selects checkpoints by t2i + i2t R@1 over these pairings (it
@@ -78,12 +79,6 @@ def _distance_stats(dist: np.ndarray) -> dict[str, float]:
           "min": float(dist.min()), "max": float(dist.max())}
 
 
-def _origin_distance(emb, curv, mode):
-  if mode == "hyp":
-    return np.asarray(safety.unsafe_score(emb, curv))
-  return np.linalg.norm(np.asarray(emb, np.float64), axis=-1)
-
-
 def _traversal_scales(emb, curv, bound, alpha) -> np.ndarray:
   """(n, 3) radial factors s with traverse_to_safe(x) = s·x: none, release,
   geodesic (both traversals keep the direction of x)."""
@@ -112,8 +107,8 @@ def classification_table(S, U, V, G, curv, bounds: Mapping | None,
   """
   out = {}
   for modality, safe, unsafe in (("text", S, U), ("image", V, G)):
-    scores = np.concatenate([_origin_distance(safe, curv, mode),
-                             _origin_distance(unsafe, curv, mode)])
+    scores = np.concatenate([np.asarray(safety.origin_distance(g, curv, mode))
+                             for g in (safe, unsafe)])
     labels = np.r_[np.zeros(len(safe), bool), np.ones(len(unsafe), bool)]
     best_acc, best_t = classification.best_threshold_accuracy(scores, labels)
     row = {"auroc": classification.auroc(scores, labels),
@@ -125,6 +120,43 @@ def classification_table(S, U, V, G, curv, bounds: Mapping | None,
           scores, labels, threshold)
     out[modality] = row
   return out
+
+
+def _retrieval_tables(groups, curv, bounds, mode, k, alpha, chunk_size):
+  """(retrieval, safety_retrieval) tables of the report.
+
+  Four passes, one per query group against the other modality's [safe,
+  unsafe] blocks, give all eight pairing directions and, through the
+  radial-rescaling variants of U and G, the safety tables (see
+  retrieval.block_ranks).
+  """
+  n = len(groups["S"])
+  positives = np.stack([np.arange(n), n + np.arange(n)], axis=1)
+  traversals = TRAVERSALS if mode == "hyp" else ("none",)
+  other = {"S": ("V", "G"), "U": ("V", "G"), "V": ("S", "U"),
+           "G": ("S", "U")}
+  tasks = {query: (name, modality)
+           for name, query, _, _, modality in SAFETY_TASKS}
+  ranks = {}  # (query group, pool group) -> (n,) ranks
+  safety_rows = {}
+  for query, (safe_g, unsafe_g) in other.items():
+    scales = None
+    if query in tasks and mode == "hyp":
+      bound = bounds[safety.SAFE_GROUP[tasks[query][1]]]["up_95"]
+      scales = _traversal_scales(groups[query], curv, bound, alpha)
+    counts, top1 = retrieval.block_ranks(
+        groups[query], [groups[safe_g], groups[unsafe_g]], curv, positives,
+        scales, mode, chunk_size)
+    ranks[query, safe_g] = counts[:, 0, 0, 0]
+    ranks[query, unsafe_g] = counts[:, 0, 1, 1]
+    if query in tasks:
+      safety_rows[tasks[query][0]] = {
+          how: retrieval.safety_metrics(counts[:, t], top1[:, t], n, k)
+          for t, how in enumerate(traversals)}
+  table = {f"{t}-{i}": {"t2i": retrieval.recall_from_ranks(ranks[t, i], k),
+                        "i2t": retrieval.recall_from_ranks(ranks[i, t], k)}
+           for t, i in PAIRINGS}
+  return table, {name: safety_rows[name] for name, *_ in SAFETY_TASKS}
 
 
 def evaluate(S, U, V, G, curv, bounds: Mapping | None = None,
@@ -149,7 +181,7 @@ def evaluate(S, U, V, G, curv, bounds: Mapping | None = None,
   Returns:
     The report dict described in the module docstring.
   """
-  retrieval._check_mode(mode)
+  hysac_lib.check_mode(mode)
   groups = _as_groups(S, U, V, G)
   curv = float(curv) if mode == "hyp" else None
   bounds_source = "given"
@@ -164,42 +196,12 @@ def evaluate(S, U, V, G, curv, bounds: Mapping | None = None,
   report = {"mode": mode, "curv": curv, "n": len(groups["S"]), "k": list(k),
             "alpha": alpha, "bounds": bounds, "bounds_source": bounds_source}
   report["distances"] = {
-      name: _distance_stats(_origin_distance(emb, curv, mode))
+      name: _distance_stats(np.asarray(safety.origin_distance(emb, curv,
+                                                              mode)))
       for name, emb in groups.items()}
 
-  # Four passes, one per query group against the other modality's
-  # [safe, unsafe] blocks, give all eight pairing directions and, through the
-  # radial-rescaling variants of U and G, the safety tables (see
-  # retrieval.block_ranks).
-  n = report["n"]
-  positives = np.stack([np.arange(n), n + np.arange(n)], axis=1)
-  traversals = TRAVERSALS if mode == "hyp" else ("none",)
-  other = {"S": ("V", "G"), "U": ("V", "G"), "V": ("S", "U"),
-           "G": ("S", "U")}
-  tasks = {query: (name, modality)
-           for name, query, _, _, modality in SAFETY_TASKS}
-  ranks = {}  # (query group, pool group) -> (n,) ranks
-  safety_rows = {}
-  for query, (safe_g, unsafe_g) in other.items():
-    scales = None
-    if query in tasks and mode == "hyp":
-      bound = bounds[safety.SAFE_GROUP[tasks[query][1]]]["up_95"]
-      scales = _traversal_scales(groups[query], curv, bound, alpha)
-    counts, top1 = retrieval.block_ranks(
-        groups[query], [groups[safe_g], groups[unsafe_g]], curv, positives,
-        scales, mode, chunk_size)
-    ranks[query, safe_g] = counts[:, 0, 0, 0]
-    ranks[query, unsafe_g] = counts[:, 0, 1, 1]
-    if query in tasks:
-      safety_rows[tasks[query][0]] = {
-          how: retrieval.safety_metrics(counts[:, t], top1[:, t], n, k)
-          for t, how in enumerate(traversals)}
-  report["retrieval"] = {
-      f"{t}-{i}": {"t2i": retrieval.recall_from_ranks(ranks[t, i], k),
-                   "i2t": retrieval.recall_from_ranks(ranks[i, t], k)}
-      for t, i in PAIRINGS}
-  report["safety_retrieval"] = {
-      name: safety_rows[name] for name, *_ in SAFETY_TASKS}
+  report["retrieval"], report["safety_retrieval"] = _retrieval_tables(
+      groups, curv, bounds, mode, k, alpha, chunk_size)
 
   report["classification"] = classification_table(
       groups["S"], groups["U"], groups["V"], groups["G"], curv, bounds, mode,

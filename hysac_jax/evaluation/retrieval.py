@@ -36,17 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hysac_jax.models import hysac as hysac_lib
+
 DEFAULT_K = (1, 10, 20)
 DEFAULT_CHUNK = 256
-
-
-def _check_mode(mode: str) -> None:
-  if mode not in ("hyp", "euc"):
-    raise ValueError(f"mode must be 'hyp' or 'euc', got {mode!r}")
-
-
-def _unit(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @functools.partial(jax.jit,
@@ -71,7 +64,7 @@ def _count_kernel(queries, scales, pool, positives, curv, mode, chunk_size,
   m = pool.shape[0]
   pool_index = jnp.arange(m, dtype=jnp.int32)
   if mode == "euc":
-    pool = _unit(pool)  # once, not once per chunk
+    pool = hysac_lib.l2_normalize(pool)  # once, not once per chunk
   else:
     pool_time = jnp.sqrt(1.0 / curv + jnp.sum(pool * pool, axis=-1))  # (m,)
 
@@ -79,7 +72,7 @@ def _count_kernel(queries, scales, pool, positives, curv, mode, chunk_size,
     q, s, pos = args  # (C, d), (C, T), (C, p)
     if mode == "euc":
       # Cosine similarity ignores a positive rescaling of the query.
-      dots = _unit(q) @ pool.T
+      dots = hysac_lib.l2_normalize(q) @ pool.T
       scores = jnp.broadcast_to(dots[:, None, :], (q.shape[0], t_count, m))
     else:
       dots = q @ pool.T  # (C, m), shared by every variant
@@ -129,7 +122,7 @@ def block_ranks(queries, pool_blocks: Sequence, curv, positives,
     counts: (n, T, p, B) int32 NumPy; top1: (n, T) int32 NumPy, the pool
     index ranked first.
   """
-  _check_mode(mode)
+  hysac_lib.check_mode(mode)
   queries = np.asarray(queries, np.float32)
   blocks = [np.asarray(b, np.float32) for b in pool_blocks]
   pool = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]

@@ -55,6 +55,17 @@ class CLIPConfig:
   vision: VisionConfig
   projection_dim: int
 
+  def to_dict(self):
+    """A JSON-able dict; `from_dict` reads it back."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d):
+    """The config of `to_dict` (a converted model's or an export's)."""
+    return cls(text=TextConfig(**d["text"]),
+               vision=VisionConfig(**d["vision"]),
+               projection_dim=d["projection_dim"])
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:

@@ -34,10 +34,20 @@ HEAD_NAMES = ("log_curv", "log_alpha_image", "log_alpha_text",
 MODES = ("hyp", "euc")
 
 
-def _at_least_f32(x):
-  """float32, or float64 when given (float64 tests); never bfloat16."""
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+def check_mode(mode):
+  """Raises ValueError unless `mode` is one of `MODES` (config.model.mode)."""
+  if mode not in MODES:
+    raise ValueError(f"model mode {mode!r} (config.model.mode) is not one "
+                     f"of {MODES}")
+
+
+def l2_normalize(x, eps=1e-12):
+  """x / ||x|| over the last axis: the points of the "euc" mode (CLIP).
+
+  A zero vector stays zero, with a finite gradient.
+  """
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps))
 
 
 def head_init(projection_dim, curv_init=1.0):
@@ -88,7 +98,7 @@ def head_scalars(params, curv_init=1.0):
                    f"top-level keys are {sorted(params)}")
   out = {}
   for name, (low, high) in head_bounds(curv_init).items():
-    value = _at_least_f32(params[name])
+    value = lorentz.at_least_float32(params[name])
     out[name[len("log_"):]] = jnp.exp(clamp(value, low, high))
   return out
 
@@ -119,7 +129,7 @@ def lift(features, alpha, curv):
   Returns:
     (B, D) float32 space components (float64 for float64 inputs).
   """
-  return lorentz.exp_map0(alpha * _at_least_f32(features), curv)
+  return lorentz.exp_map0(alpha * lorentz.at_least_float32(features), curv)
 
 
 class HySAC(nn.Module):
@@ -159,9 +169,7 @@ class HySAC(nn.Module):
       an input not given. Space components on the hyperboloid in "hyp"
       mode; unit vectors in "euc" mode.
     """
-    if self.mode not in MODES:
-      raise ValueError(f"HySAC mode {self.mode!r} (config.model.mode) is not "
-                       f"one of {MODES}")
+    check_mode(self.mode)
     towers = CLIPModel(self.clip, self.lora, dtype=self.dtype,
                        remat=self.remat, attention=self.attention,
                        name="clip")
@@ -171,10 +179,9 @@ class HySAC(nn.Module):
     scalars = head_scalars(head, self.curv_init)
 
     def finish(features, alpha):
-      features = _at_least_f32(features)  # bf16 -> f32; f64 stays
+      features = lorentz.at_least_float32(features)  # bf16 -> f32; f64 stays
       if self.mode == "euc":
-        norm_sq = jnp.sum(features * features, axis=-1, keepdims=True)
-        return features * jax.lax.rsqrt(jnp.maximum(norm_sq, 1e-12))
+        return l2_normalize(features)
       return lift(features, alpha, scalars["curv"])
 
     image = text = None

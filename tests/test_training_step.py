@@ -1,4 +1,4 @@
-"""Tests of hysac_jax.train_lib with the real HySAC model at the `tiny` size.
+"""Tests of hysac_jax.training.step with the real HySAC model at the `tiny` size.
 
 Compilations are the cost here, so the module compiles four train steps (one
 and four devices, global negatives with dropout; one device accumulating four
@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from configs import vitl14
 from hysac_jax import lorentz
-from hysac_jax import train_lib
+from hysac_jax.training import step as step_lib
 from hysac_jax.models import hysac as hysac_lib
 
 BATCH = 8
@@ -75,8 +75,8 @@ def copy_state(state):
 @pytest.fixture(scope="module")
 def params():
   """Tiny HySAC params; LoRA B is made non-zero so that A gets gradients."""
-  model = train_lib.model_from_config(tiny_config())
-  params = train_lib.init_model_params(model, jax.random.key(0))
+  model = step_lib.model_from_config(tiny_config())
+  params = step_lib.init_model_params(model, jax.random.key(0))
   rng = np.random.default_rng(1)
   flat_params = traverse_util.flatten_dict(jax.device_get(params))
   for k, v in flat_params.items():
@@ -89,13 +89,13 @@ def params():
 def _run(config, mesh, params, batch):
   """(initial state copy, new state, metrics, compiled step) of one step,
   float64 towers."""
-  model = train_lib.model_from_config(config).clone(dtype=jnp.float64)
-  state = train_lib.create_train_state(config, jax.random.key(2),
+  model = step_lib.model_from_config(config).clone(dtype=jnp.float64)
+  state = step_lib.create_train_state(config, jax.random.key(2),
                                        init_params=params, mesh=mesh,
                                        model=model)
   pristine = copy_state(state)
-  step = train_lib.make_train_step(config, mesh, FAST_COMPILE)
-  new_state, metrics = step(state, train_lib.shard_batch(batch, mesh),
+  step = step_lib.make_train_step(config, mesh, FAST_COMPILE)
+  new_state, metrics = step(state, step_lib.shard_batch(batch, mesh),
                             jax.random.key(3))
   return pristine, new_state, jax.device_get(metrics), step
 
@@ -107,7 +107,7 @@ def global_runs(params):
   batch = random_batch(0)
   devices = jax.devices()
   assert len(devices) >= 4, "tests/conftest.py should force 4 CPU devices"
-  return {n: _run(config, train_lib.make_mesh(devices[:n]), params, batch)
+  return {n: _run(config, step_lib.make_mesh(devices[:n]), params, batch)
           for n in (1, 4)}
 
 
@@ -120,7 +120,7 @@ def local_runs(params):
   for n, accum in ((4, 1), (1, 4)):
     config = tiny_config(loss__local_negatives=True, optim__accum_steps=accum)
     config.model.lora.dropout = 0.0
-    out[n] = _run(config, train_lib.make_mesh(devices[:n]), params, batch)
+    out[n] = _run(config, step_lib.make_mesh(devices[:n]), params, batch)
   return out
 
 
@@ -136,7 +136,7 @@ def assert_trees_close(a, b, rtol, atol):
 
 
 def test_labels_mark_lora_matrices_head_scalars_and_frozen_base(params):
-  labels = flat(train_lib.label_params(params))
+  labels = flat(step_lib.label_params(params))
   for path, label in labels.items():
     if path[-1] in ("lora_A", "lora_B"):
       assert label == "lora", path
@@ -144,7 +144,7 @@ def test_labels_mark_lora_matrices_head_scalars_and_frozen_base(params):
       assert label == "head", path
     else:
       assert label == "frozen", path
-  counts = {l: sum(v == l for v in labels.values()) for l in train_lib.LABELS}
+  counts = {l: sum(v == l for v in labels.values()) for l in step_lib.LABELS}
   # 2 towers x 2 layers x 5 targets + the patch conv, A and B each.
   assert counts == {"lora": 2 * (2 * 2 * 5 + 1), "head": 4, "base": 0,
                     "frozen": counts["frozen"]}
@@ -154,19 +154,19 @@ def test_labels_mark_lora_matrices_head_scalars_and_frozen_base(params):
 
 
 def test_full_fine_tune_labels_every_clip_weight_base(params):
-  frozen = flat(train_lib.label_params(params))
-  labels = flat(train_lib.label_params(params, train_base=True))
+  frozen = flat(step_lib.label_params(params))
+  labels = flat(step_lib.label_params(params, train_base=True))
   for path, label in labels.items():
     want = "base" if frozen[path] == "frozen" else frozen[path]
     assert label == want, path
-  trainable = flat(train_lib.trainable_params(params, train_base=True))
+  trainable = flat(step_lib.trainable_params(params, train_base=True))
   assert trainable.keys() == flat(params).keys()
 
 
 def test_optimizer_state_holds_only_trainable_params(global_runs):
   state = global_runs[4][0]
-  trainable = flat(train_lib.trainable_params(state.params))
-  adam = train_lib._adamw_state(state.opt_state).inner_state[0]
+  trainable = flat(step_lib.trainable_params(state.params))
+  adam = step_lib._adamw_state(state.opt_state).inner_state[0]
   for moment in (adam.mu, adam.nu):
     assert flat(moment).keys() == trainable.keys()
   n_trainable = sum(v.size for v in trainable.values())
@@ -180,7 +180,7 @@ def test_optimizer_state_holds_only_trainable_params(global_runs):
 
 def test_weight_decay_applies_to_lora_only():
   config = tiny_config(optim__weight_decay=0.5, optim__lr=0.1)
-  tx = train_lib.make_optimizer(config.optim, config.optim.lr)
+  tx = step_lib.make_optimizer(config.optim, config.optim.lr)
   tree = {"clip": {"fc1": {"lora_A": jnp.ones((2, 2))}},
           "log_curv": jnp.ones(())}
   zero_grads = jax.tree.map(jnp.zeros_like, tree)
@@ -192,7 +192,7 @@ def test_weight_decay_applies_to_lora_only():
 def test_warmup_cosine_schedule_is_merus_linear_warmup_then_cos_squared():
   config = tiny_config(optim__schedule="warmup_cosine", optim__warmup_steps=10,
                        optim__lr=2e-4)
-  schedule = train_lib.learning_rate_schedule(config.optim, total_steps=110)
+  schedule = step_lib.learning_rate_schedule(config.optim, total_steps=110)
   for step in (0, 5, 10, 30, 60, 109, 110):
     if step < 10:
       expected = 2e-4 * step / 10
@@ -201,7 +201,7 @@ def test_warmup_cosine_schedule_is_merus_linear_warmup_then_cos_squared():
     np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5,
                                atol=1e-10)
   with pytest.raises(ValueError, match="total_steps"):
-    train_lib.learning_rate_schedule(config.optim, total_steps=None)
+    step_lib.learning_rate_schedule(config.optim, total_steps=None)
 
 
 # -------------------------------------------------------------- the step ---
@@ -210,16 +210,16 @@ def test_warmup_cosine_schedule_is_merus_linear_warmup_then_cos_squared():
 def test_four_devices_match_one_device_with_global_negatives(global_runs):
   _, one, m1, _ = global_runs[1]
   _, four, m4, _ = global_runs[4]
-  assert_trees_close(train_lib.trainable_params(one.params),
-                     train_lib.trainable_params(four.params),
+  assert_trees_close(step_lib.trainable_params(one.params),
+                     step_lib.trainable_params(four.params),
                      rtol=F64_TOL, atol=F64_TOL)
   for name in m1:
     np.testing.assert_allclose(m1[name], m4[name], rtol=METRIC_TOL,
                                atol=F64_TOL, err_msg=name)
   # The step really moved every LoRA matrix (a head scalar may stay on its
   # bound: the initial logit scale sits on its lower bound).
-  before = flat(train_lib.trainable_params(global_runs[4][0].params))
-  after = flat(train_lib.trainable_params(four.params))
+  before = flat(step_lib.trainable_params(global_runs[4][0].params))
+  after = flat(step_lib.trainable_params(four.params))
   for k in before:
     if k[-1] in ("lora_A", "lora_B"):
       assert not np.array_equal(before[k], after[k]), k
@@ -246,8 +246,8 @@ def test_accumulated_micro_batches_equal_a_larger_mesh_with_local_negatives(
     local_runs):
   _, four, m4, _ = local_runs[4]
   _, one, m1, _ = local_runs[1]
-  assert_trees_close(train_lib.trainable_params(one.params),
-                     train_lib.trainable_params(four.params),
+  assert_trees_close(step_lib.trainable_params(one.params),
+                     step_lib.trainable_params(four.params),
                      rtol=F64_TOL, atol=F64_TOL)
   for name in ("loss", "contrastive_safe", "entail_d", "grad_norm"):
     np.testing.assert_allclose(m1[name], m4[name], rtol=METRIC_TOL,
@@ -257,16 +257,16 @@ def test_accumulated_micro_batches_equal_a_larger_mesh_with_local_negatives(
 def test_huge_learning_rate_keeps_head_in_range_and_frozen_bit_identical(
     global_runs, params):
   pristine, _, _, step = global_runs[4]
-  mesh = train_lib.make_mesh(jax.devices()[:4])
+  mesh = step_lib.make_mesh(jax.devices()[:4])
   # 3e4 times the paper's rate: every Adam step moves each scalar by ~3,
   # past the curvature's and logit scale's bounds.
-  state = train_lib.with_learning_rate(copy_state(pristine), 3.0)
-  batch = train_lib.shard_batch(random_batch(2), mesh)
+  state = step_lib.with_learning_rate(copy_state(pristine), 3.0)
+  batch = step_lib.shard_batch(random_batch(2), mesh)
   for i in range(3):
     state, metrics = step(state, batch, jax.random.key(i))
   after = flat(state.params)
   before = flat(params)
-  labels = flat(train_lib.label_params(params))
+  labels = flat(step_lib.label_params(params))
   for k, label in labels.items():
     if label == "frozen":
       assert after[k].dtype == before[k].dtype
@@ -289,10 +289,10 @@ def test_eval_step_embeds_like_the_model_and_reports_the_train_loss(
     local_runs):
   pristine, _, train_metrics, _ = local_runs[4]
   config = tiny_config(loss__local_negatives=True)
-  mesh = train_lib.make_mesh(jax.devices()[:4])
+  mesh = step_lib.make_mesh(jax.devices()[:4])
   batch = random_batch(1)
-  emb, metrics = train_lib.make_eval_step(config, mesh, FAST_COMPILE)(
-      pristine, train_lib.shard_batch(batch, mesh))
+  emb, metrics = step_lib.make_eval_step(config, mesh, FAST_COMPILE)(
+      pristine, step_lib.shard_batch(batch, mesh))
   # Without dropout the train step's (pre-update) loss is the eval loss.
   for name in ("loss", "contrastive_cross_b", "entail_safe", "dist0_G"):
     np.testing.assert_allclose(metrics[name], train_metrics[name],
@@ -311,14 +311,14 @@ def test_eval_step_embeds_like_the_model_and_reports_the_train_loss(
 
 
 def test_batch_errors_name_the_problem(global_runs):
-  mesh = train_lib.make_mesh(jax.devices()[:4])
+  mesh = step_lib.make_mesh(jax.devices()[:4])
   with pytest.raises(ValueError, match="divisible"):
-    train_lib.shard_batch(random_batch(0, n=6), mesh)
+    step_lib.shard_batch(random_batch(0, n=6), mesh)
   pristine, _, _, step = global_runs[4]
   bad = dict(random_batch(0))
   del bad["unsafe_ids"]
   with pytest.raises(KeyError, match="unsafe_ids"):
-    step(copy_state(pristine), train_lib.shard_batch(bad, mesh),
+    step(copy_state(pristine), step_lib.shard_batch(bad, mesh),
          jax.random.key(0))
 
 
@@ -341,13 +341,13 @@ def test_pretrained_init_takes_given_leaves_and_inits_only_lora_and_head(
   def no_random_init(*args):
     raise AssertionError("the towers were random-initialised")
 
-  monkeypatch.setattr(train_lib, "_jitted_init", no_random_init)
-  state = train_lib.create_train_state(config, jax.random.key(5),
+  monkeypatch.setattr(step_lib, "_jitted_init", no_random_init)
+  state = step_lib.create_train_state(config, jax.random.key(5),
                                        init_params=clip_only)
   got = flat(state.params)
   # The model's tree, leaf for leaf (checkpoints hold these paths).
   reference = traverse_util.flatten_dict(
-      train_lib.abstract_params(state.model))
+      step_lib.abstract_params(state.model))
   assert {k: (v.shape, v.dtype) for k, v in got.items()} == {
       k: (v.shape, v.dtype) for k, v in reference.items()}
   for k, v in traverse_util.flatten_dict(clip_only).items():
@@ -379,7 +379,7 @@ def test_pretrained_init_takes_given_leaves_and_inits_only_lora_and_head(
            np.max(cdf - np.arange(n) / n))
   assert ks < 1.95 / math.sqrt(n), ks
   # A fixed key gives fixed values (a rerun starts the same).
-  again = flat(train_lib.create_train_state(
+  again = flat(step_lib.create_train_state(
       config, jax.random.key(5), init_params=clip_only).params)
   for k in lora_a:
     assert np.array_equal(again[k], got[k]), k
@@ -387,10 +387,10 @@ def test_pretrained_init_takes_given_leaves_and_inits_only_lora_and_head(
 
 def test_given_arrays_survive_donating_the_state(params):
   """The state never aliases the caller's arrays: the step donates it."""
-  mesh = train_lib.make_mesh(jax.devices()[:4])
+  mesh = step_lib.make_mesh(jax.devices()[:4])
   given = jax.device_put(params, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))
-  state = train_lib.create_train_state(tiny_config(), jax.random.key(2),
+  state = step_lib.create_train_state(tiny_config(), jax.random.key(2),
                                        init_params=given, mesh=mesh)
   doubled = jax.jit(lambda p: jax.tree.map(lambda x: 2 * x, p),
                     donate_argnums=0)(state.params)
@@ -406,7 +406,7 @@ def test_init_params_from_a_clip_tree_keep_fresh_lora_and_head(params):
   clip_only = traverse_util.unflatten_dict(
       {k: v for k, v in clip_flat.items() if k[-1] not in ("lora_A",
                                                             "lora_B")})
-  state = train_lib.create_train_state(config, jax.random.key(5),
+  state = step_lib.create_train_state(config, jax.random.key(5),
                                        init_params=clip_only)
   got = flat(state.params)
   for k, v in traverse_util.flatten_dict(clip_only).items():
@@ -416,7 +416,7 @@ def test_init_params_from_a_clip_tree_keep_fresh_lora_and_head(params):
   np.testing.assert_allclose(got[("log_logit_scale",)], math.log(1 / 0.07))
   bad = dict(clip_only, text_projection={"kernel": np.zeros((3, 3))})
   with pytest.raises(ValueError, match="text_projection/kernel"):
-    train_lib.create_train_state(config, jax.random.key(5), init_params=bad)
+    step_lib.create_train_state(config, jax.random.key(5), init_params=bad)
 
 
 # ---------------------------------------------------------- out of memory ---
@@ -440,7 +440,7 @@ TPU_OOM = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of "
 
 
 def test_out_of_memory_message_names_batch_memory_and_remedies():
-  msg = train_lib.out_of_memory_message(
+  msg = step_lib.out_of_memory_message(
       GPU_OOM, batch_per_device=256, global_batch=2048,
       stage="in the train step", available=80 * 2**30)
   assert "\n" not in msg
@@ -452,21 +452,21 @@ def test_out_of_memory_message_names_batch_memory_and_remedies():
                  "config.model.remat=dots_saveable or full",
                  "config.optim.accum_steps"):
     assert remedy in msg
-  msg = train_lib.out_of_memory_message(
+  msg = step_lib.out_of_memory_message(
       TPU_OOM, batch_per_device=64, global_batch=512,
       stage="compiling the train step")
   assert ("compiling the train step at batch 64 per device (512 global): "
           "asked for 20.50 GiB, 15.48 GiB available;") in msg
-  assert train_lib.out_of_memory_message(
+  assert step_lib.out_of_memory_message(
       "INVALID_ARGUMENT: shapes differ", batch_per_device=1,
       global_batch=1) is None
 
 
 def test_resource_exhausted_becomes_an_out_of_memory_error():
-  with pytest.raises(train_lib.OutOfMemoryError,
+  with pytest.raises(step_lib.OutOfMemoryError,
                      match=r"at batch 8 per device \(32 global\)"):
-    with train_lib.explain_out_of_memory("in the train step", 8, 32):
+    with step_lib.explain_out_of_memory("in the train step", 8, 32):
       raise jax.errors.JaxRuntimeError(GPU_OOM)
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-    with train_lib.explain_out_of_memory("in the train step", 8, 32):
+    with step_lib.explain_out_of_memory("in the train step", 8, 32):
       raise jax.errors.JaxRuntimeError("INTERNAL: something else")

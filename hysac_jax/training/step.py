@@ -1,11 +1,11 @@
 """One data-parallel training step of HySAC over a device mesh.
 
-    mesh = train_lib.make_mesh()                      # Mesh(devices, ("data",))
-    state = train_lib.create_train_state(config, rng, mesh=mesh,
+    mesh = step_lib.make_mesh()                      # Mesh(devices, ("data",))
+    state = step_lib.create_train_state(config, rng, mesh=mesh,
                                          total_steps=num_steps)
-    train_step = train_lib.make_train_step(config, mesh)
+    train_step = step_lib.make_train_step(config, mesh)
     for batch in batches:                             # numpy, global batch
-      state, metrics = train_step(state, train_lib.shard_batch(batch, mesh), rng)
+      state, metrics = train_step(state, step_lib.shard_batch(batch, mesh), rng)
 
 Parameters are replicated, the batch is sharded on the mesh axis "data" and
 the state's buffers are donated. Everything here works on global arrays: the
@@ -133,6 +133,23 @@ def model_from_config(config):
                          remat=clip_lib.remat_policy_name(m.remat),
                          curv_init=m.curv_init,
                          attention=None if attention == "auto" else attention)
+
+
+def initial_params(config):
+  """Pretrained weights a run starts from, or None for a random init.
+
+  `config.model.init_from` (a directory written by `python -m
+  hysac_jax.convert`: CLIP, LoRA and head) wins over `config.model.clip` (a
+  Hugging Face CLIP directory or hub id, converted here). A resumed,
+  evaluated or exported run reads its frozen weights from the same place.
+  """
+  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
+  if config.model.init_from:
+    return convert.read_converted(config.model.init_from).params
+  if config.model.clip:
+    _, params = convert.clip_params_from_hf(config.model.clip)
+    return params
+  return None
 
 
 def init_model_params(model, rng):
@@ -428,7 +445,7 @@ def create_train_state(config, rng, init_params=None, *, mesh=None,
   model = model or model_from_config(config)
   replicated = NamedSharding(mesh, P()) if mesh is not None else None
   params = build_params(model, rng, init_params, sharding=replicated)
-  train_base = bool(config.model.get("train_base", False))
+  train_base = bool(config.model.train_base)
   tx = make_optimizer(config.optim,
                       learning_rate_schedule(config.optim, total_steps),
                       train_base)

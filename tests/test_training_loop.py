@@ -1,4 +1,4 @@
-"""The training loop (hysac_jax/trainer.py) and the train.py / eval.py CLIs."""
+"""The training loop (hysac_jax/training/loop.py) and the train.py / eval.py CLIs."""
 
 import gc
 import json
@@ -17,8 +17,9 @@ import pytest
 
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
+from hysac_jax import config as config_lib
 from hysac_jax import evaluate_run
-from hysac_jax import trainer
+from hysac_jax.training import loop as loop_lib
 
 import tiny_runs
 
@@ -66,7 +67,7 @@ def data_dir(tmp_path_factory):
 def finished_run(data_dir, tmp_path_factory):
   """One uninterrupted in-process run of the micro config."""
   workdir = tmp_path_factory.mktemp("run")
-  summary = trainer.train_and_evaluate(micro_config(data_dir), workdir)
+  summary = loop_lib.train_and_evaluate(micro_config(data_dir), workdir)
   return workdir, summary
 
 
@@ -84,13 +85,13 @@ def finished_run(data_dir, tmp_path_factory):
 def test_bad_config_value_names_the_field(field, value, tmp_path):
   c = micro_config(tmp_path, **{field: value})
   with pytest.raises(ValueError, match=f"config.{field.replace('.', '[.]')}="):
-    trainer.check_config(c)
+    config_lib.check_config(c)
 
 
 def test_visu_without_manual_dir_says_what_to_set(tmp_path):
   c = micro_config(tmp_path, **{"data.name": "visu", "data.manual_dir": ""})
   with pytest.raises(ValueError, match="config.data.manual_dir"):
-    trainer.check_config(c)
+    config_lib.check_config(c)
 
 
 def test_cli_rejects_unknown_and_bad_fields(tmp_path):
@@ -158,9 +159,9 @@ def test_noresume_refuses_and_overwrite_moves_the_run_aside(tmp_path):
   (workdir / "metrics.jsonl").write_text('{"step": 4}\n')
   with pytest.raises(FileExistsError,
                      match=f"{workdir} holds checkpoints up to step 4"):
-    trainer.open_run_dir(str(workdir), resume=False)
+    loop_lib.open_run_dir(str(workdir), resume=False)
   assert (workdir / "metrics.jsonl").exists()  # untouched
-  lock = trainer.open_run_dir(str(workdir), overwrite=True)
+  lock = loop_lib.open_run_dir(str(workdir), overwrite=True)
   lock.release()
   assert sorted(os.listdir(workdir)) == [".lock"]
   (old,) = tmp_path.glob("run.old-*")
@@ -172,7 +173,7 @@ def test_noresume_refuses_and_overwrite_moves_the_run_aside(tmp_path):
 
 
 def test_early_stopping_follows_the_release_rule():
-  stop = trainer.EarlyStopping(patience=2)
+  stop = loop_lib.EarlyStopping(patience=2)
   assert stop.update(1.0, 0.5) == (True, True, False)
   assert stop.update(1.1, 0.4) == (False, False, False)   # worse: 1 left
   assert stop.update(1.2, 0.6) == (False, True, False)    # recall resets
@@ -180,7 +181,7 @@ def test_early_stopping_follows_the_release_rule():
   assert stop.update(0.9, 0.1) == (True, False, False)    # loss resets
   assert stop.update(1.0, 0.1) == (False, False, False)
   assert stop.update(1.0, 0.1) == (False, False, True)    # patience spent
-  again = trainer.EarlyStopping.from_json(stop.to_json())
+  again = loop_lib.EarlyStopping.from_json(stop.to_json())
   assert again == stop
 
 
@@ -196,9 +197,9 @@ def test_early_stopping_ends_training_when_validation_loss_rises(
     emb = {g: np.full((4, 8), 0.1 * n, np.float32) for g in "SUVG"}
     return emb, {"loss": float(n), "recall_sum": 1.0 / n}, 1.0
 
-  monkeypatch.setattr(trainer, "validate", rising_validation)
+  monkeypatch.setattr(loop_lib, "validate", rising_validation)
   c = micro_config(data_dir, **{"train.epochs": 10, "train.patience": 2})
-  summary = trainer.train_and_evaluate(c, tmp_path)
+  summary = loop_lib.train_and_evaluate(c, tmp_path)
   assert summary["stopped_early"]
   # Epoch 1 sets the bests; epochs 2 and 3 spend the patience of 2.
   assert summary["epochs"] == 3
@@ -221,9 +222,9 @@ def test_nan_in_a_batch_stops_training_without_saving_it(
     return batch
 
   tiny_runs.hook_train_batches(monkeypatch, poison_fourth)
-  with pytest.raises(trainer.TrainingDiverged,
+  with pytest.raises(loop_lib.TrainingDiverged,
                      match=r"at step 3;.*last good checkpoint is step 2"):
-    trainer.train_and_evaluate(micro_config(data_dir), tmp_path)
+    loop_lib.train_and_evaluate(micro_config(data_dir), tmp_path)
   step, state = final_state(tmp_path)
   assert step == 2
   for leaf in jax.tree.leaves(state):
@@ -241,7 +242,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_stop(
     return next_batch()
 
   tiny_runs.hook_train_batches(monkeypatch, preempt_at_third)
-  summary = trainer.train_and_evaluate(micro_config(data_dir), tmp_path)
+  summary = loop_lib.train_and_evaluate(micro_config(data_dir), tmp_path)
   assert summary["preempted"] and summary["steps"] == 3
   assert summary["signal"] == signal.Signals(signum).name
   assert final_state(tmp_path)[0] == 3
@@ -252,7 +253,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_stop(
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write(json.dumps({"step": 4, "kind": "train", "loss": 9.0}) + "\n")
   monkeypatch.undo()
-  summary = trainer.train_and_evaluate(micro_config(data_dir), tmp_path)
+  summary = loop_lib.train_and_evaluate(micro_config(data_dir), tmp_path)
   assert summary["steps"] == 8 and not summary["preempted"]
   lines = [json.loads(l) for l in
            (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -287,13 +288,13 @@ def test_corrupt_checkpoint_is_named_and_fallback_resumes_before_it(
   unraisable = []
   monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
   with pytest.raises(ckpt_lib.CheckpointError, match="checkpoints/8"):
-    trainer.train_and_evaluate(config, workdir)
+    loop_lib.train_and_evaluate(config, workdir)
   gc.collect()
   monkeypatch.undo()
   assert unraisable == []
   assert (workdir / "checkpoints" / "8").is_dir()  # nothing moved
 
-  summary = trainer.train_and_evaluate(config, workdir,
+  summary = loop_lib.train_and_evaluate(config, workdir,
                                        fallback_checkpoint=True)
   assert summary["steps"] == 8
   (aside,) = (workdir / ckpt_lib.SET_ASIDE).iterdir()

@@ -1,0 +1,227 @@
+"""The run config: every field declared once, with its check.
+
+    config = hysac_jax.config.base_config()   # the paper recipe (ViT-L/14)
+    check_config(config)                       # ValueError naming the field
+
+`configs/*.py` start from `base_config()` and override values; no field is
+added elsewhere, and library code reads fields directly (no `.get`
+fallbacks). A run saves its resolved config as WORKDIR/config.json;
+`load_run_config` reads it back onto the base, so a run saved before a
+field existed gets that field's default.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from hysac_jax.models.hysac import MODES
+
+DATASETS = ("synthetic_visu", "visu")
+SCHEDULES = ("constant", "warmup_cosine")
+# Tower compute dtypes (`config.model.dtype`).
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+CONFIG_FILE = "config.json"
+
+
+def base_config():
+  """Every field, with the paper's values (SPEC.md §2-3, CLIP ViT-L/14)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.size = "vitl14"  # named size (hysac_jax.models.sizes), used when `clip` is empty
+  c.model.clip = "openai/clip-vit-large-patch14"  # HF dir or hub id; "" = random init of `size`
+  # A converted directory (python -m hysac_jax.convert) the run starts from;
+  # wins over `clip`. train.py --init_from sets it, so a resumed, evaluated
+  # or exported run reads its frozen weights from the same place.
+  c.model.init_from = ""
+  c.model.mode = "hyp"  # "hyp" (HySAC) or "euc" (CLIP baseline, cosine logits)
+  c.model.dtype = "bfloat16"  # tower compute dtype; params, geometry and losses stay float32
+  # Rematerialise tower layers in the backward pass: "none", "dots_saveable"
+  # (keep matmul outputs, recompute the rest) or "full" (keep layer inputs).
+  c.model.remat = "none"
+  # Attention: "auto" (cuDNN fused attention on GPUs with bf16/fp16 towers,
+  # einsums on CPUs, XLA elsewhere), "xla" or "cudnn"
+  # (jax.nn.dot_product_attention), or "einsum".
+  c.model.attention = "auto"
+  c.model.train_base = False  # True: fine-tune the CLIP weights too (random-init towers)
+  c.model.curv_init = 1.0
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 16
+  c.model.lora.alpha = 1.0
+  c.model.lora.dropout = 0.1
+  c.model.lora.targets = ("k_proj", "v_proj", "out_proj", "fc1", "fc2",
+                          "patch_embedding")
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.entail_weight = 1.0  # lambda of SPEC §3
+  c.loss.aperture_scale = 1.0
+  c.loss.local_negatives = False  # True reproduces the release (local batch only)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.2  # LoRA matrices only; 0 on the head scalars
+  c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
+  c.optim.schedule = "constant"  # or "warmup_cosine" (MERU: linear warm-up, cos^2 decay)
+  c.optim.warmup_steps = 0
+  c.optim.accum_steps = 1  # gradient accumulation micro-batches
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "visu"  # visu | synthetic_visu
+  c.data.data_dir = "~/tensorflow_datasets"
+  c.data.manual_dir = ""  # ViSU JSON files + COCO + unsafe images (visu only)
+  c.data.batch_size_per_device = 32
+  c.data.eval_batch_size_per_device = 64
+  c.data.num_workers = 8  # grain decode processes: ~90 quadruples/s each (BENCHMARKS.md)
+  c.data.augment = False  # random-resized-crop, off as in the release
+  c.data.jpeg_draft = False  # True: JPEGs decode at 1/2-1/8 scale first (faster, not pixel-identical)
+  c.data.skip_invalid = False  # visu: skip bad records (report file) instead of failing
+  # synthetic_visu only: examples per split (train, validation, test), seed.
+  c.data.synthetic_sizes = (4096, 512, 1024)
+  c.data.synthetic_seed = 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 50
+  c.train.patience = 5  # early stopping on validation loss and recall sum
+  c.train.log_every = 50
+  c.train.keep_last = 2
+  c.train.checkpoint_every = 1000  # steps between mid-epoch checkpoints; 0 = epoch ends only
+  c.train.use_wandb = False
+  # JAX's persistent compilation cache ('' = off); $JAX_COMPILATION_CACHE_DIR,
+  # when set, takes precedence.
+  c.train.compilation_cache_dir = "~/.cache/hysac_jax/xla"
+
+  c.eval = ml_collections.ConfigDict()
+  # alpha of the traversal threshold b' = b + tanh((b - alpha)/c) + 1 (the
+  # release's 0.8, tuned to ViT-L embedding scales).
+  c.eval.traversal_alpha = 0.8
+  return c
+
+
+def _bad(field, value, expected):
+  raise ValueError(f"config.{field}={value!r}: expected {expected}")
+
+
+def _check_model(m):
+  from hysac_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  from hysac_jax.models import sizes  # pylint: disable=g-import-not-at-top
+  if m.mode not in MODES:
+    _bad("model.mode", m.mode, " or ".join(map(repr, MODES)))
+  if m.dtype not in DTYPES:
+    _bad("model.dtype", m.dtype, f"one of {sorted(DTYPES)}")
+  if not m.clip and not m.init_from:
+    try:
+      sizes.get_clip_config(m.size)
+    except (KeyError, ValueError):
+      _bad("model.size", m.size, "a named size of hysac_jax.models.sizes")
+  if m.init_from and not os.path.isdir(os.path.expanduser(m.init_from)):
+    _bad("model.init_from", m.init_from,
+         "a converted directory (python -m hysac_jax.convert)")
+  if not isinstance(m.remat, bool) and m.remat not in clip_lib.REMAT_POLICIES:
+    _bad("model.remat", m.remat, f"one of {clip_lib.REMAT_POLICIES}")
+  if m.attention not in clip_lib.ATTENTION_IMPLEMENTATIONS:
+    _bad("model.attention", m.attention,
+         f"one of {clip_lib.ATTENTION_IMPLEMENTATIONS}")
+  if m.lora.rank < 0:
+    _bad("model.lora.rank", m.lora.rank, "rank >= 0")
+  if not 0.0 <= m.lora.dropout < 1.0:
+    _bad("model.lora.dropout", m.lora.dropout, "a rate in [0, 1)")
+  if not m.curv_init > 0:
+    _bad("model.curv_init", m.curv_init, "a positive curvature")
+
+
+def _check_data(d):
+  if d.name not in DATASETS:
+    _bad("data.name", d.name, f"one of {DATASETS}")
+  if d.name == "synthetic_visu":
+    sizes = d.synthetic_sizes
+    if (not isinstance(sizes, (tuple, list)) or len(sizes) != 3
+        or not all(isinstance(n, int) and n > 0 for n in sizes)):
+      _bad("data.synthetic_sizes", sizes,
+           "three positive example counts (train, validation, test), "
+           "e.g. --config.data.synthetic_sizes=(4096,512,1024)")
+  if d.name == "visu" and not d.manual_dir:
+    _bad("data.manual_dir", d.manual_dir,
+         "the directory holding the ViSU JSON files, coco/ and the unsafe "
+         "images (see README, 'Train HySAC on ViSU')")
+  for field in ("batch_size_per_device", "eval_batch_size_per_device"):
+    if d[field] < 1:
+      _bad(f"data.{field}", d[field], "a positive batch size")
+  if d.num_workers < 0:
+    _bad("data.num_workers", d.num_workers, "0 or more worker processes")
+
+
+def _check_training(o, l, t):
+  if not o.lr > 0:
+    _bad("optim.lr", o.lr, "a positive learning rate")
+  if o.schedule not in SCHEDULES:
+    _bad("optim.schedule", o.schedule, f"one of {SCHEDULES}")
+  if o.accum_steps < 1:
+    _bad("optim.accum_steps", o.accum_steps, "1 or more micro-batches")
+  if o.grad_clip < 0:
+    _bad("optim.grad_clip", o.grad_clip, "0 (off) or a positive norm")
+  if l.entail_weight < 0:
+    _bad("loss.entail_weight", l.entail_weight, "a non-negative weight")
+  for field, low, expected in (
+      ("epochs", 1, "at least one epoch"), ("patience", 1, "at least 1"),
+      ("keep_last", 1, "at least 1"), ("log_every", 1, "at least 1"),
+      ("checkpoint_every", 0, "0 (epoch ends only) or a step interval")):
+    if t[field] < low:
+      _bad(f"train.{field}", t[field], expected)
+
+
+def check_config(config):
+  """Raises ValueError naming the first config field with a bad value."""
+  _check_model(config.model)
+  _check_data(config.data)
+  _check_training(config.optim, config.loss, config.train)
+
+
+def save_config(config, workdir):
+  """Writes the resolved config as workdir/config.json (process 0)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _merge(base, saved, prefix, path):
+  for key, value in saved.items():
+    if key not in base:
+      raise ValueError(f"{path}: unknown field {prefix}{key} (not in "
+                       "hysac_jax.config.base_config)")
+    if isinstance(base[key], ml_collections.ConfigDict):
+      if not isinstance(value, dict):
+        raise ValueError(f"{path}: {prefix}{key} should be a section, not "
+                         f"{value!r}")
+      _merge(base[key], value, f"{prefix}{key}.", path)
+    else:
+      if isinstance(base[key], tuple) and isinstance(value, list):
+        value = tuple(value)  # JSON has no tuples
+      with base.ignore_type():
+        base[key] = value
+
+
+def load_run_config(workdir):
+  """The config a run saved in workdir/config.json, on the base schema.
+
+  Fields the file lacks (a run saved before they existed) take their
+  `base_config` defaults; a field the schema lacks is an error naming it.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training "
+                            "run directory? (pass --config as well)")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+  config = base_config()
+  _merge(config, saved, "", path)
+  return config

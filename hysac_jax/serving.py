@@ -1,0 +1,415 @@
+"""One way to load a HySAC model, and one model object to serve it.
+
+    from hysac_jax import serving
+    model = serving.load_model("runs/vitl14")   # or a converted dir, an export
+    points = model.encode_text(["a photo of a cat"])
+    unsafe, distance = model.classify_unsafe(points, "text")
+
+`load_model(path)` recognises (`detect_kind`):
+
+| kind | what the directory holds | written by |
+| --- | --- | --- |
+| `run` | config.json + Orbax checkpoints | train.py |
+| `converted` | config.json (format hysac_jax.pretrained), params.safetensors | python -m hysac_jax.convert |
+| `hf`, `orbax`, `stablehlo` | hysac_head.json + weights or functions | python -m hysac_jax.export |
+
+Every kind gives a `Model` with `encode_image(pixels)`, `encode_text(ids or
+strings)`, `curv`, `bounds`, `classify_unsafe(points, modality)` and
+`traverse_to_safe(points, modality)`. Bounds come from one lookup
+(`find_bounds`): an explicit file, else the first of `bounds.json` /
+`hysac_bounds.json` (the release's name) in the model's directories, else an
+export's `hysac_head.json`.
+
+**One alpha per model.** The unsafe threshold b' = b + tanh((b - alpha)/c)
++ 1 depends on alpha: an export stores it (`traversal_alpha`), a run uses
+its `config.eval.traversal_alpha`, a converted model the release's 0.8;
+`load_model(..., traversal_alpha=)` overrides it.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from hysac_jax import checkpoint as ckpt_lib
+from hysac_jax import safety
+from hysac_jax.models import hysac as hysac_lib
+from hysac_jax.models.clip import CLIPConfig
+
+KINDS = ("run", "converted", "hf", "orbax", "stablehlo")
+EXPORT_FORMATS = ("hf", "orbax", "stablehlo")
+EXPORT_FORMAT = "hysac_jax.export"
+HEAD_FILE = "hysac_head.json"
+ORBAX_PARAMS_DIR = "params"
+STABLEHLO_PARAMS_FILE = "params.safetensors"
+STABLEHLO_FUNCTIONS = ("encode_image", "encode_text", "classify_unsafe",
+                       "traverse_to_safe")
+STABLEHLO_SUFFIX = ".jax_exported"
+BOUNDS_FILES = ("bounds.json", "hysac_bounds.json")
+_RUN_DIRS = (ckpt_lib.LAST, ckpt_lib.BEST_RECALL, ckpt_lib.BEST_LOSS)
+
+
+class ModelDirError(ValueError):
+  """A model directory of the wrong kind, or an incomplete one."""
+
+
+# --------------------------------------------------------------------------
+# What a directory holds; its bounds.
+
+
+def _read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ModelDirError(f"{path} is not valid JSON: {e}") from None
+
+
+def detect_kind(path):
+  """What a model directory holds: one of `KINDS`.
+
+  Raises:
+    ModelDirError: naming the directory and what was expected.
+  """
+  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  expected = ("expected a training run (config.json + checkpoints/), a "
+              "converted model (python -m hysac_jax.convert) or an export "
+              "(hysac_head.json, python -m hysac_jax.export)")
+  if not os.path.isdir(path):
+    what = "a file" if os.path.exists(path) else "missing"
+    raise ModelDirError(f"model directory {path} is {what}: {expected}")
+  head_file = os.path.join(path, HEAD_FILE)
+  if os.path.isfile(head_file):
+    head = _read_json(head_file)
+    if (head.get("format") == EXPORT_FORMAT
+        and head.get("kind") in EXPORT_FORMATS):
+      return head["kind"]
+    raise ModelDirError(f"{head_file} is not a {EXPORT_FORMAT} head file "
+                        f"(format {head.get('format')!r}, kind "
+                        f"{head.get('kind')!r})")
+  cfg_file = os.path.join(path, convert.CONFIG_FILE)
+  if not os.path.isfile(cfg_file):
+    raise ModelDirError(f"{path} has neither {HEAD_FILE} nor config.json: "
+                        f"{expected}")
+  meta = _read_json(cfg_file)
+  if meta.get("format") == convert.FORMAT:
+    return "converted"
+  if "model" in meta and "train" in meta:
+    if not any(os.path.isdir(os.path.join(path, d)) for d in _RUN_DIRS):
+      raise ModelDirError(f"{path} has a training config but no "
+                          "checkpoints (checkpoints/, best_recall/): did "
+                          "the run save any?")
+    return "run"
+  if meta.get("model_type") == "clip":
+    raise ModelDirError(f"{path} is a plain Hugging Face CLIP directory "
+                        f"without {HEAD_FILE}: convert it first "
+                        "(python -m hysac_jax.convert --clip DIR --out ..)")
+  raise ModelDirError(f"{cfg_file} is neither a run config nor a "
+                      f"{convert.FORMAT} config: {expected}")
+
+
+def find_bounds(directories, bounds_path=None):
+  """(bounds, path): an explicit file, else the first bounds file found.
+
+  Looks for `BOUNDS_FILES` in each directory in turn; (None, None) when
+  there is none.
+  """
+  if bounds_path:
+    return safety.load_bounds(bounds_path), os.fspath(bounds_path)
+  for d in directories:
+    for name in BOUNDS_FILES:
+      path = os.path.join(d, name)
+      if os.path.isfile(path):
+        return safety.load_bounds(path), path
+  return None, None
+
+
+# --------------------------------------------------------------------------
+# The model object.
+
+
+def _tokenize_if_text(ids, context_length):
+  if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids
+                              and isinstance(ids[0], str)):
+    from hysac_jax.data.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
+    return tokenize(ids, max_len=context_length)
+  return ids
+
+
+class Model:
+  """A HySAC model ready to embed, classify and redirect.
+
+  Attributes:
+    kind: one of `KINDS`.
+    head: dict(curv, alpha_image, alpha_text, logit_scale, mode, curv_init,
+      ...): the clamped head values (an export's `hysac_head.json`).
+    mode: "hyp" or "euc".
+    curv: the curvature magnitude (float).
+    curv_init: c0, which sets the curvature's clamp range.
+    bounds: release-shaped bounds (SPEC §4), or None.
+    bounds_source: the file the bounds came from, or None.
+    traversal_alpha: alpha of the threshold b'.
+    image_size, context_length: the input sizes the towers expect.
+    config: `CLIPConfig` of the towers (None for StableHLO).
+    params: the HySAC params tree (None for StableHLO).
+    lora: `LoRAConfig` when LoRA is not merged into `params`, else None.
+    source: JSON-able description of where the model came from.
+  """
+
+  def __init__(self, kind, head, bounds, image_size, context_length,
+               encode_image, encode_text, *, config=None, params=None,
+               lora=None, source=None, bounds_source=None):
+    self.kind, self.head, self.bounds = kind, head, bounds
+    self.bounds_source = bounds_source
+    self.mode, self.curv = head["mode"], float(head["curv"])
+    self.curv_init = float(head["curv_init"])
+    self.traversal_alpha = float(head["traversal_alpha"])
+    self.image_size, self.context_length = image_size, context_length
+    self.config, self.params, self.lora = config, params, lora
+    self.source = source or {}
+    self._encode_image, self._encode_text = encode_image, encode_text
+
+  @classmethod
+  def from_params(cls, kind, config, params, *, mode, curv_init, lora=None,
+                  dtype=jnp.float32, bounds=None, bounds_source=None,
+                  traversal_alpha=safety.DEFAULT_ALPHA, source=None):
+    """A model running the Flax HySAC module on `params`."""
+    module = hysac_lib.HySAC(config, lora, mode=mode, dtype=dtype,
+                             curv_init=curv_init)
+    image = jax.jit(lambda p, x: module.apply({"params": p}, x,
+                                              method="encode_image"))
+    text = jax.jit(lambda p, t: module.apply({"params": p}, t,
+                                             method="encode_text"))
+    params = jax.tree.map(jnp.asarray, params)
+    head = {k: float(v) for k, v in
+            hysac_lib.head_scalars(params, curv_init).items()}
+    head.update(mode=mode, curv_init=float(curv_init),
+                traversal_alpha=float(traversal_alpha))
+    return cls(kind, head, bounds, config.vision.image_size,
+               config.text.max_position_embeddings,
+               lambda x: image(params, x), lambda t: text(params, t),
+               config=config, params=params, lora=lora, source=source,
+               bounds_source=bounds_source)
+
+  def encode_image(self, pixels):
+    """(B, H, W, 3) CLIP-normalised NHWC pixels -> (B, D) points (space
+    components on the hyperboloid; unit vectors in "euc" mode)."""
+    return self._encode_image(jnp.asarray(pixels, jnp.float32))
+
+  def encode_text(self, ids):
+    """(B, L) int32 token ids, or a string / list of strings (tokenised with
+    the CLIP tokenizer) -> (B, D) points."""
+    ids = _tokenize_if_text(ids, self.context_length)
+    return self._encode_text(jnp.asarray(ids, jnp.int32))
+
+  def safe_bound(self, modality):
+    """b: the 95th-percentile distance of the modality's safe group."""
+    if self.bounds is None:
+      raise ValueError(f"{self.kind} model has no bounds: pass a bounds file "
+                       "(bounds.json of the training run)")
+    return float(self.bounds[safety.SAFE_GROUP[modality]]["up_95"])
+
+  def threshold(self, modality):
+    """b' of the modality, with this model's `traversal_alpha`."""
+    return float(safety.safety_threshold(self.safe_bound(modality),
+                                         self.curv, self.traversal_alpha))
+
+  def classify_unsafe(self, points, modality):
+    """(B, D) points -> ((B,) bool unsafe, (B,) distance from the origin)."""
+    distance = safety.origin_distance(points, self.curv)
+    return (np.asarray(distance > self.threshold(modality)),
+            np.asarray(distance))
+
+  def traverse_to_safe(self, points, modality):
+    """(B, D) points moved toward the origin to distance <= b' (geodesic)."""
+    return np.asarray(safety.traverse_to_safe(
+        points, self.curv, self.safe_bound(modality), self.traversal_alpha))
+
+
+class StableHLOModel(Model):
+  """A `Model` whose four functions are deserialised `jax.export`s."""
+
+  def __init__(self, head, bounds, functions, params, bounds_source=None):
+    self.functions = functions
+    image = jax.jit(functions["encode_image"].call)
+    text = jax.jit(functions["encode_text"].call)
+    clip = head["clip"]
+    super().__init__("stablehlo", head, bounds,
+                     clip["vision"]["image_size"],
+                     clip["text"]["max_position_embeddings"],
+                     lambda x: image(params, x), lambda t: text(params, t),
+                     bounds_source=bounds_source, source=head.get("source"))
+    self.params_flat = params
+    self._classify = jax.jit(functions["classify_unsafe"].call)
+    self._traverse = jax.jit(functions["traverse_to_safe"].call)
+
+  def _scalars(self, modality):
+    return (np.float32(self.curv), np.float32(self.safe_bound(modality)),
+            np.float32(self.traversal_alpha))
+
+  def classify_unsafe(self, points, modality):
+    unsafe, dist = self._classify(np.asarray(points, np.float32),
+                                  *self._scalars(modality))
+    return np.asarray(unsafe), np.asarray(dist)
+
+  def traverse_to_safe(self, points, modality):
+    return np.asarray(self._traverse(np.asarray(points, np.float32),
+                                     *self._scalars(modality)))
+
+
+# --------------------------------------------------------------------------
+# Loaders, one per kind.
+
+
+def _read_head(directory, kind):
+  path = os.path.join(directory, HEAD_FILE)
+  if not os.path.isfile(path):
+    raise ModelDirError(f"{directory} is not a {kind} export: {HEAD_FILE} "
+                        "is missing")
+  head = _read_json(path)
+  if head.get("format") != EXPORT_FORMAT or head.get("kind") != kind:
+    raise ModelDirError(f"{path} describes a {head.get('kind')!r} export "
+                        f"(format {head.get('format')!r}), not {kind!r}")
+  return head
+
+
+def _from_export_params(kind, directory, head, clip_params_or_tree, dtype):
+  if "clip" in clip_params_or_tree:
+    params = clip_params_or_tree
+  else:
+    params = {"clip": clip_params_or_tree,
+              **{k: np.asarray(v, np.float32)
+                 for k, v in head["stored_logs"].items()}}
+  model = Model.from_params(
+      kind, CLIPConfig.from_dict(head["clip"]), params, mode=head["mode"],
+      curv_init=head["curv_init"], dtype=dtype, bounds=head.get("bounds"),
+      bounds_source=os.path.join(directory, HEAD_FILE),
+      # Version-1 exports predate the stored alpha: the release's.
+      traversal_alpha=head.get("traversal_alpha", safety.DEFAULT_ALPHA),
+      source=head.get("source"))
+  model.head = {**model.head, **head}  # the file's, as written
+  return model
+
+
+def _load_hf(directory, dtype):
+  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
+  head = _read_head(directory, "hf")
+  _, clip_params = convert.clip_params_from_hf(directory)
+  return _from_export_params("hf", directory, head, clip_params, dtype)
+
+
+def _load_orbax(directory, dtype):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  head = _read_head(directory, "orbax")
+  params_dir = os.path.join(directory, ORBAX_PARAMS_DIR)
+
+  def restore():
+    with ocp.StandardCheckpointer() as ckpt:
+      return ckpt.restore(params_dir)
+
+  # Orbax raises plain Exceptions for missing or damaged files.
+  params, cause = ckpt_lib.call_quietly(restore)
+  if cause is not None:
+    raise ModelDirError(f"orbax export {params_dir} cannot be restored: "
+                        f"{cause}")
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  return _from_export_params("orbax", directory, head, params, dtype)
+
+
+def _load_stablehlo(directory, dtype):
+  del dtype  # the exported functions fixed it (float32)
+  from jax import export as jax_export  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  head = _read_head(directory, "stablehlo")
+  if head.get("version", 1) < 2:
+    raise ModelDirError(f"{directory} is a version-{head.get('version', 1)} "
+                        "stablehlo export, whose safety functions take no "
+                        "alpha: export the model again")
+  functions = {}
+  for name in STABLEHLO_FUNCTIONS:
+    path = os.path.join(directory, name + STABLEHLO_SUFFIX)
+    if not os.path.isfile(path):
+      raise ModelDirError(f"stablehlo export incomplete: {path} is missing")
+    with open(path, "rb") as f:
+      functions[name] = jax_export.deserialize(bytearray(f.read()))
+  params_file = os.path.join(directory, STABLEHLO_PARAMS_FILE)
+  try:
+    params = traverse_util.unflatten_dict(load_file(params_file), sep="/")
+  except FileNotFoundError:
+    raise ModelDirError(f"stablehlo export incomplete: {params_file} is "
+                        "missing") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # SafetensorError (a truncated file) is no OSError or ValueError.
+    raise ModelDirError(f"{params_file} is not a readable safetensors file: "
+                        f"{e}") from e
+  return StableHLOModel(head, head.get("bounds"), functions, params,
+                        bounds_source=os.path.join(directory, HEAD_FILE))
+
+
+def _load_run(directory, checkpoint, dtype, merge_lora):
+  from hysac_jax.models.lora import merge_lora as merge  # pylint: disable=g-import-not-at-top
+  config, state = ckpt_lib.restore_run(directory, checkpoint)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32),
+                        jax.device_get(state.params))
+  lora = state.model.lora
+  if merge_lora and lora is not None:
+    params, lora = merge(params, lora), None
+  bounds, bounds_source = find_bounds(
+      [directory, os.path.join(directory, checkpoint)])
+  return Model.from_params(
+      "run", state.model.clip, params, mode=config.model.mode,
+      curv_init=config.model.curv_init, lora=lora, dtype=dtype,
+      bounds=bounds, bounds_source=bounds_source,
+      traversal_alpha=config.eval.traversal_alpha,
+      source={"run": directory, "checkpoint": checkpoint})
+
+
+def _load_converted(directory, dtype, merge_lora):
+  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
+  from hysac_jax.models.lora import merge_lora as merge  # pylint: disable=g-import-not-at-top
+  converted = convert.read_converted(directory)
+  params, lora = converted.params, converted.lora
+  if merge_lora and lora is not None:
+    params, lora = merge(params, lora), None
+  bounds, bounds_source = find_bounds([directory])
+  return Model.from_params(
+      "converted", converted.config, params, mode=converted.mode,
+      curv_init=converted.curv_init, lora=lora, dtype=dtype, bounds=bounds,
+      bounds_source=bounds_source, source={"converted": directory})
+
+
+def load_model(path, *, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
+               traversal_alpha=None, dtype=jnp.float32, merge_lora=True):
+  """Any model directory as a `Model`: a run, a converted model, an export.
+
+  Args:
+    path: the directory (see `detect_kind`).
+    bounds_path: a bounds JSON overriding the model's own.
+    checkpoint: for a run, one of `checkpoint.KINDS` (falls back to the
+      latest checkpoint when the run has none of that kind).
+    traversal_alpha: alpha of the threshold b'; default the model's own.
+    dtype: tower compute dtype of a Flax model (e.g. `jnp.bfloat16`).
+    merge_lora: fold LoRA into the base weights (same outputs, faster).
+  """
+  directory = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  kind = detect_kind(directory)
+  if kind == "run":
+    if checkpoint not in ckpt_lib.KINDS:
+      raise ValueError(f"checkpoint {checkpoint!r}: expected one of "
+                       f"{ckpt_lib.KINDS}")
+    model = _load_run(directory, checkpoint, dtype, merge_lora)
+  elif kind == "converted":
+    model = _load_converted(directory, dtype, merge_lora)
+  else:
+    loaders = {"hf": _load_hf, "orbax": _load_orbax,
+               "stablehlo": _load_stablehlo}
+    model = loaders[kind](directory, dtype)
+  if bounds_path:
+    model.bounds, model.bounds_source = find_bounds([], bounds_path)
+  if traversal_alpha is not None:
+    model.traversal_alpha = float(traversal_alpha)
+  return model
