@@ -16,6 +16,11 @@ adapters or optimizer state.
 | `orbax` | `params/` (the merged HySAC param tree, float32) | `load_orbax` |
 | `stablehlo` | `encode_image`, `encode_text`, `classify_unsafe`, `traverse_to_safe` (`.jax_exported`), `params.safetensors` | `load_stablehlo` |
 
+`--format release` writes the PyTorch HySAC release's own format instead
+(`hysac_model.pth` with the LoRA unmerged, `hysac_bounds.json`, `clip/`; see
+`hysac_jax/release_format.py`), for the release's code, not for
+`load_exported`.
+
 `load_exported(dir)` reads any of the three; `load_model(dir)` also takes a
 training run or a converted directory. All return an object with
 `encode_image(pixels)`, `encode_text(ids or strings)`,
@@ -66,6 +71,9 @@ from hysac_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
 from hysac_jax.models.lora import LORA_A, LORA_B, merge_lora
 
 FORMATS = ("hf", "orbax", "stablehlo")
+# What `export` writes: the serving formats above, which `load_exported`
+# reads back, and the HySAC release's own (`hysac_jax/release_format.py`).
+WRITE_FORMATS = FORMATS + ("release",)
 EXPORT_FORMAT = "hysac_jax.export"
 EXPORT_VERSION = 2  # 2: the StableHLO safety functions take alpha
 HEAD_FILE = "hysac_head.json"
@@ -101,6 +109,8 @@ class ExportSource:
     source: JSON-able description of where it came from.
     traversal_alpha: alpha of the traversal threshold b' (the run's
       `config.eval.traversal_alpha`; 0.8, the release's, otherwise).
+    lora: the `LoRAConfig` of LoRA leaves still in `params`
+      (`load_source(merge=False)`); None when merged or absent.
   """
   config: object
   params: dict
@@ -109,6 +119,7 @@ class ExportSource:
   bounds: dict | None = None
   source: dict = dataclasses.field(default_factory=dict)
   traversal_alpha: float = safety.DEFAULT_ALPHA
+  lora: object = None
 
 
 # --------------------------------------------------------------------------
@@ -310,7 +321,7 @@ def run_traversal_alpha(config):
 
 
 def load_source(model_dir, bounds_path=None, checkpoint="best_recall",
-                traversal_alpha=None):
+                traversal_alpha=None, merge=True):
   """Reads a training run or a converted directory for export.
 
   Args:
@@ -323,9 +334,11 @@ def load_source(model_dir, bounds_path=None, checkpoint="best_recall",
       "checkpoints" (the latest).
     traversal_alpha: alpha of the threshold b'; default the run's
       `config.eval.traversal_alpha` (0.8 for a converted model).
+    merge: fold LoRA into the base weights; False keeps the LoRA leaves
+      and sets `ExportSource.lora` (for the release format).
 
   Returns:
-    `ExportSource` with LoRA merged.
+    `ExportSource` (LoRA merged when `merge`).
   """
   model_dir = os.path.abspath(os.path.expanduser(os.fspath(model_dir)))
   kind = detect_kind(model_dir)
@@ -335,7 +348,8 @@ def load_source(model_dir, bounds_path=None, checkpoint="best_recall",
     state, _, _ = trainer.restore_for_eval(config, model_dir, checkpoint)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32),
                           jax.device_get(state.params))
-    if state.model.lora is not None:
+    lora = None if merge else state.model.lora
+    if state.model.lora is not None and merge:
       params = merge_lora(params, state.model.lora)
     bounds = _find_bounds([model_dir, os.path.join(model_dir, checkpoint)],
                           bounds_path)
@@ -344,15 +358,15 @@ def load_source(model_dir, bounds_path=None, checkpoint="best_recall",
     return ExportSource(state.model.clip, _numpy(params), config.model.mode,
                         float(config.model.curv_init), bounds,
                         {"run": model_dir, "checkpoint": checkpoint},
-                        float(traversal_alpha))
+                        float(traversal_alpha), lora)
   if kind == "converted":
-    model = convert.load_pretrained(model_dir, merge=True)
+    model = convert.load_pretrained(model_dir, merge=merge)
     return ExportSource(model.config, _numpy(model.params), model.mode,
                         float(model.curv_init),
                         _find_bounds([model_dir], bounds_path),
                         {"converted": model_dir},
                         float(safety.DEFAULT_ALPHA if traversal_alpha is None
-                              else traversal_alpha))
+                              else traversal_alpha), model.lora)
   raise ModelDirError(f"{model_dir} is already an export ({kind}); export "
                       "from the training run or converted directory")
 
@@ -470,18 +484,34 @@ def export_stablehlo(src, out_dir, platforms=DEFAULT_PLATFORMS):
   return out_dir
 
 
-def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS):
+def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS,
+           overwrite=False):
   """Exports `src` in each of `formats` to `out/<format>/`.
+
+  `src` may hold unmerged LoRA (`src.lora`): the serving formats get it
+  merged, "release" gets it as is. `overwrite` lets "release" replace a
+  non-empty `out/release`.
 
   Returns:
     {format: directory}.
   """
-  writers = {"hf": export_hf, "orbax": export_orbax,
-             "stablehlo": lambda s, d: export_stablehlo(s, d, platforms)}
-  unknown = [f for f in formats if f not in writers]
+  from hysac_jax import release_format  # pylint: disable=g-import-not-at-top
+  unknown = [f for f in formats if f not in WRITE_FORMATS]
   if unknown:
-    raise ValueError(f"unknown export formats {unknown}; known: {FORMATS}")
-  return {f: writers[f](src, os.path.join(out, f)) for f in formats}
+    raise ValueError(f"unknown export formats {unknown}; known: "
+                     f"{WRITE_FORMATS}")
+  if "release" in formats:  # refuse before writing any format
+    release_format.check_source(src, os.path.join(out, "release"), overwrite)
+  merged = src
+  if src.lora is not None and any(f != "release" for f in formats):
+    merged = dataclasses.replace(
+        src, params=_numpy(merge_lora(src.params, src.lora)), lora=None)
+  writers = {"hf": lambda d: export_hf(merged, d),
+             "orbax": lambda d: export_orbax(merged, d),
+             "stablehlo": lambda d: export_stablehlo(merged, d, platforms),
+             "release": lambda d: release_format.export_release(
+                 src, d, overwrite)}
+  return {f: writers[f](os.path.join(out, f)) for f in formats}
 
 
 # --------------------------------------------------------------------------
@@ -736,7 +766,8 @@ def main(argv=None):
   parser.add_argument("--model", required=True,
                       help="training run directory or converted directory")
   parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--format", nargs="+", required=True, choices=FORMATS,
+  parser.add_argument("--format", nargs="+", required=True,
+                      choices=WRITE_FORMATS,
                       help="one or more of: %(choices)s")
   parser.add_argument("--bounds", default=None,
                       help="bounds JSON (default: bounds.json in --model)")
@@ -751,6 +782,9 @@ def main(argv=None):
                            "hysac_head.json (default: the run's "
                            "config.eval.traversal_alpha; 0.8 for a "
                            "converted model)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="let --format release replace the files of a "
+                           "non-empty OUT/release")
   args = parser.parse_args(argv)
   prog = parser.prog
   out = os.path.expanduser(args.out)
@@ -762,9 +796,10 @@ def main(argv=None):
       return cli.fail(prog, f"{sub} is a file, not a directory")
   try:
     src = load_source(args.model, args.bounds, args.checkpoint,
-                      args.traversal_alpha)
+                      args.traversal_alpha,
+                      merge="release" not in args.format)
     written = export(src, out, tuple(dict.fromkeys(args.format)),
-                     tuple(args.platforms))
+                     tuple(args.platforms), args.overwrite)
   except (ModelDirError, convert.CheckpointError, ValueError, OSError) as e:
     # OSError: a missing bounds file, an --out that cannot be written.
     return cli.fail(prog, e)
