@@ -8,16 +8,19 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 from flax import traverse_util
 
 from configs import tiny
+from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import convert
 from hysac_jax import export
 from hysac_jax import release_format
 from hysac_jax import safety
 from hysac_jax import train_lib
+from hysac_jax import trainer
 from hysac_jax.models.clip import LoRAConfig
 from numerics import (assert_float32_parity, assert_float64_parity,
                       to_float64, tower_error_terms)
@@ -296,3 +299,35 @@ def test_missing_bounds_and_non_empty_out_are_refused(source, tmp_path,
   assert len(err) == 1 and "is not empty: pass --overwrite" in err[0], err
   assert export.main(args + ["--overwrite"]) == 0
   assert (out / "release" / "hysac_model.pth").is_file()
+
+
+@pytest.mark.slow
+def test_training_run_exports_its_unmerged_lora(tmp_path):
+  """A run directory (config.json, a best_recall checkpoint of the trainable
+  params, bounds.json) exports its LoRA and head as trained."""
+  config = tiny_config()
+  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  state = train_lib.create_train_state(config, init_key)
+  state = state.replace(params=trained(state.params))
+  run = tmp_path / "run"
+  trainer.save_config(config, run)
+  checkpoints = ckpt_lib.RunCheckpoints(run)
+  checkpoints.save(3, trainer.checkpoint_tree(state, step_key), {},
+                   {"step": 3}, kind=ckpt_lib.BEST_RECALL)
+  checkpoints.close()
+  safety.save_bounds(BOUNDS, run / "bounds.json")
+  out = tmp_path / "out"
+  assert export.main(["--model", str(run), "--out", str(out), "--format",
+                      "release", "orbax"]) == 0
+  _, lora, back = convert.hysac_params_from_pytorch(
+      out / "release" / "hysac_model.pth", out / "release" / "clip")
+  assert lora.rank == 16
+  want = traverse_util.flatten_dict(jax.device_get(state.params))
+  got = traverse_util.flatten_dict(back)
+  assert sorted(got) == sorted(want)
+  for path in want:
+    np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
+  # The serving format of the same call still gets the LoRA merged.
+  with ocp.StandardCheckpointer() as ckpt:
+    merged = traverse_util.flatten_dict(ckpt.restore(out / "orbax" / "params"))
+  assert merged and not any(p[-1].startswith("lora") for p in merged)
