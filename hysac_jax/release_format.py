@@ -15,7 +15,8 @@ The release builds its model as `HySAC(visual=get_peft_model(
 CLIPVisionModelWithProjection.from_pretrained(clip), cfg), textual=…)` with
 the hard-coded `LoraConfig(r=16, lora_alpha=1, target_modules=[k_proj,
 v_proj, out_proj, fc1, fc2, patch_embedding])`, then loads the file with
-`load_state_dict(strict=True)`. Its keys, as peft >= 0.7 writes them:
+`load_state_dict(strict=True)`. Its keys, as current peft (0.21) writes
+them:
 
 | ours (`convert.torch_key`) | release |
 | --- | --- |
@@ -241,9 +242,13 @@ def export_release(src, out_dir, overwrite=False):
   Returns:
     `out_dir`.
   """
-  import torch  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   check_source(src, out_dir, overwrite)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ReleaseFormatError(f"writing {MODEL_FILE} needs torch: pip install "
+                             "'hysac-jax[torch]'") from e
   state = release_state_dict(src.config, src.params, src.lora, src.curv_init)
   clip_dir = os.path.join(out_dir, CLIP_DIR)
   os.makedirs(clip_dir, exist_ok=True)
