@@ -331,3 +331,13 @@ def test_training_run_exports_its_unmerged_lora(tmp_path):
   with ocp.StandardCheckpointer() as ckpt:
     merged = traverse_util.flatten_dict(ckpt.restore(out / "orbax" / "params"))
   assert merged and not any(p[-1].startswith("lora") for p in merged)
+
+
+def test_euclidean_model_is_refused(source, tmp_path):
+  model, params = source
+  src = export.ExportSource(model.clip, params, mode="euc", bounds=BOUNDS,
+                            lora=model.lora)
+  with pytest.raises(release_format.ReleaseFormatError,
+                     match="holds HySAC models .mode 'hyp'.; this one is 'euc'"):
+    export.export(src, tmp_path, ("release",))
+  assert not (tmp_path / "release").exists()
