@@ -116,7 +116,7 @@ def save_converted(directory, model, params, lora, bounds=True):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def source():
   """A 'trained' tiny model with the release's LoRA: (HySAC module, params)."""
   model = train_lib.model_from_config(tiny_config())
   params = trained(train_lib.init_model_params(model, jax.random.key(0)))
@@ -338,6 +338,6 @@ def test_euclidean_model_is_refused(source, tmp_path):
   src = export.ExportSource(model.clip, params, mode="euc", bounds=BOUNDS,
                             lora=model.lora)
   with pytest.raises(release_format.ReleaseFormatError,
-                     match="holds HySAC models .mode 'hyp'.; this one is 'euc'"):
+                     match=r"HySAC models \(mode 'hyp'\); this one is 'euc'"):
     export.export(src, tmp_path, ("release",))
   assert not (tmp_path / "release").exists()
