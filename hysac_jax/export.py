@@ -16,8 +16,12 @@ adapters or optimizer state.
 | `orbax` | `params/` (the merged HySAC param tree, float32) | `serving.load_model` |
 | `stablehlo` | `encode_image`, `encode_text`, `classify_unsafe`, `traverse_to_safe` (`.jax_exported`), `params.safetensors` | `serving.load_model` |
 
-`hysac_jax.serving.load_model(dir)` reads any of the three (and a training
-run or a converted directory) as a `serving.Model` with
+`--format release` writes the PyTorch HySAC release's own format instead
+(`hysac_model.pth` with the LoRA unmerged, `hysac_bounds.json`, `clip/`; see
+`hysac_jax/release_format.py`), for the release's code.
+
+`hysac_jax.serving.load_model(dir)` reads any of the three serving formats
+(and a training run or a converted directory) as a `serving.Model` with
 `encode_image(pixels)`, `encode_text(ids or strings)`,
 `classify_unsafe(points, modality)`, `traverse_to_safe(points, modality)`,
 `curv`, `head`, `bounds`.
@@ -48,6 +52,7 @@ it.
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -64,9 +69,13 @@ from hysac_jax import convert
 from hysac_jax import safety
 from hysac_jax import serving
 from hysac_jax.models import hysac as hysac_lib
-from hysac_jax.models.lora import LORA_A, LORA_B
+from hysac_jax.models.lora import LORA_A, LORA_B, merge_lora
 
 FORMATS = serving.EXPORT_FORMATS
+# What `export` writes: the serving formats above, which
+# `serving.load_model` reads back, and the HySAC release's own
+# (`hysac_jax/release_format.py`).
+WRITE_FORMATS = FORMATS + ("release",)
 EXPORT_FORMAT = serving.EXPORT_FORMAT
 EXPORT_VERSION = 2  # 2: the StableHLO safety functions take alpha
 HEAD_FILE = serving.HEAD_FILE
@@ -204,12 +213,16 @@ def head_json(src, kind):
 
 
 def load_source(model_dir, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
-                traversal_alpha=None):
-  """A training run or a converted directory, LoRA merged, ready to export.
+                traversal_alpha=None, merge=True):
+  """A training run or a converted directory, ready to export.
+
+  Args:
+    merge: fold LoRA into the base weights; False keeps the LoRA leaves and
+      `model.lora` (for the release format). The other arguments are
+      `serving.load_model`'s.
 
   Returns:
-    `serving.Model` (float32 NumPy params); see `serving.load_model` for the
-    arguments.
+    `serving.Model` (float32 NumPy params).
   """
   kind = serving.detect_kind(os.path.expanduser(os.fspath(model_dir)))
   if kind in FORMATS:
@@ -217,7 +230,8 @@ def load_source(model_dir, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
                         "from the training run or converted directory")
   model = serving.load_model(model_dir, bounds_path=bounds_path,
                              checkpoint=checkpoint,
-                             traversal_alpha=traversal_alpha)
+                             traversal_alpha=traversal_alpha,
+                             merge_lora=merge)
   model.params = _numpy(model.params)
   return model
 
@@ -335,18 +349,35 @@ def export_stablehlo(src, out_dir, platforms=DEFAULT_PLATFORMS):
   return out_dir
 
 
-def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS):
+def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS,
+           overwrite=False):
   """Exports `src` in each of `formats` to `out/<format>/`.
+
+  `src` may hold unmerged LoRA (`src.lora`): the serving formats get it
+  merged, "release" gets it as is. `overwrite` lets "release" replace a
+  non-empty `out/release`.
 
   Returns:
     {format: directory}.
   """
-  writers = {"hf": export_hf, "orbax": export_orbax,
-             "stablehlo": lambda s, d: export_stablehlo(s, d, platforms)}
-  unknown = [f for f in formats if f not in writers]
+  from hysac_jax import release_format  # pylint: disable=g-import-not-at-top
+  unknown = [f for f in formats if f not in WRITE_FORMATS]
   if unknown:
-    raise ValueError(f"unknown export formats {unknown}; known: {FORMATS}")
-  return {f: writers[f](src, os.path.join(out, f)) for f in formats}
+    raise ValueError(f"unknown export formats {unknown}; known: "
+                     f"{WRITE_FORMATS}")
+  if "release" in formats:  # refuse before writing any format
+    release_format.check_source(src, os.path.join(out, "release"), overwrite)
+  merged = src
+  if src.lora is not None and any(f != "release" for f in formats):
+    merged = copy.copy(src)
+    merged.params = _numpy(merge_lora(src.params, src.lora))
+    merged.lora = None
+  writers = {"hf": lambda d: export_hf(merged, d),
+             "orbax": lambda d: export_orbax(merged, d),
+             "stablehlo": lambda d: export_stablehlo(merged, d, platforms),
+             "release": lambda d: release_format.export_release(
+                 src, d, overwrite)}
+  return {f: writers[f](os.path.join(out, f)) for f in formats}
 
 
 def load_model(directory, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
@@ -372,7 +403,8 @@ def main(argv=None):
   parser.add_argument("--model", required=True,
                       help="training run directory or converted directory")
   parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--format", nargs="+", required=True, choices=FORMATS,
+  parser.add_argument("--format", nargs="+", required=True,
+                      choices=WRITE_FORMATS,
                       help="one or more of: %(choices)s")
   parser.add_argument("--bounds", default=None,
                       help="bounds JSON (default: bounds.json in --model)")
@@ -387,6 +419,9 @@ def main(argv=None):
                            "hysac_head.json (default: the run's "
                            "config.eval.traversal_alpha; 0.8 for a "
                            "converted model)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="let --format release replace the files of a "
+                           "non-empty OUT/release")
   args = parser.parse_args(argv)
   prog = parser.prog
   out = os.path.expanduser(args.out)
@@ -398,9 +433,10 @@ def main(argv=None):
       return cli.fail(prog, f"{sub} is a file, not a directory")
   try:
     src = load_source(args.model, args.bounds, args.checkpoint,
-                      args.traversal_alpha)
+                      args.traversal_alpha,
+                      merge="release" not in args.format)
     written = export(src, out, tuple(dict.fromkeys(args.format)),
-                     tuple(args.platforms))
+                     tuple(args.platforms), args.overwrite)
   except (ModelDirError, convert.CheckpointError, ValueError, OSError) as e:
     # OSError: a missing bounds file, an --out that cannot be written.
     return cli.fail(prog, e)

@@ -1,0 +1,266 @@
+"""Export in the HySAC release's own format: `hysac_model.pth` + bounds + CLIP.
+
+    python -m hysac_jax.export --model RUN_OR_CONVERTED_DIR --out OUT \
+        --format release [--bounds FILE] [--overwrite]
+
+writes `OUT/release/`:
+
+| file | what |
+| --- | --- |
+| `hysac_model.pth` | the release `HySAC` module's whole `state_dict` (base towers, unmerged LoRA, head), keys as current peft names them |
+| `hysac_bounds.json` | the bounds (SPEC §4), the release's shape |
+| `clip/` | the base towers (no LoRA) as a Hugging Face `CLIPModel` directory |
+
+The release builds its model as `HySAC(visual=get_peft_model(
+CLIPVisionModelWithProjection.from_pretrained(clip), cfg), textual=…)` with
+the hard-coded `LoraConfig(r=16, lora_alpha=1, target_modules=[k_proj,
+v_proj, out_proj, fc1, fc2, patch_embedding])`, then loads the file with
+`load_state_dict(strict=True)`. Its keys, as current peft (0.21) writes
+them:
+
+| ours (`convert.torch_key`) | release |
+| --- | --- |
+| `vision_model.….k_proj.weight` (a LoRA target) | `visual.base_model.model.vision_model.….k_proj.base_layer.weight` |
+| `vision_model.….k_proj.lora_A.weight` | `visual.base_model.model.vision_model.….k_proj.lora_A.default.weight` |
+| `text_model.….q_proj.weight` (not a target) | `textual.base_model.model.text_model.….q_proj.weight` |
+| `log_curv`, `log_alpha_image`, `log_alpha_text`, `log_logit_scale` | `curv`, `visual_alpha`, `textual_alpha`, `logit_scale` (logs) |
+| (none) | `pixel_mean`, `pixel_std` `(3, 1, 1)` buffers: the release's defaults, unused by its encoders |
+
+Head logs are written clamped into their ranges (`head_bounds`): the
+release's `encode_image` / `encode_text` exponentiate them unclamped, so the
+clamped logs make it compute our points. A model without LoRA (merged, or
+never fine-tuned) is written with zero adapters (`lora_A = lora_B = 0`), so
+the release's towers equal the base. A LoRA other than the release's (rank,
+alpha or targets) is refused: the release's module cannot hold it unmerged.
+"""
+
+import json
+import os
+
+import numpy as np
+from flax import traverse_util
+
+from hysac_jax import convert
+from hysac_jax import export as export_lib
+from hysac_jax import safety
+from hysac_jax.models import hysac as hysac_lib
+from hysac_jax.models.clip import LoRAConfig
+from hysac_jax.models.lora import LORA_A, LORA_B
+
+MODEL_FILE = "hysac_model.pth"
+BOUNDS_FILE = "hysac_bounds.json"
+CLIP_DIR = "clip"
+# The release's hard-coded LoraConfig (dropout only matters for training).
+RELEASE_LORA = LoRAConfig(rank=16, alpha=1.0, dropout=0.1,
+                          targets=("k_proj", "v_proj", "out_proj", "fc1",
+                                   "fc2", "patch_embedding"))
+# Our head scalar -> the release's parameter (both store logarithms).
+HEAD_KEYS = {ours: theirs for theirs, ours in convert.RELEASE_HEAD.items()}
+# The release `HySAC`'s default image-normalisation buffers; its encoders do
+# not use them (its data loader normalises).
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+_TOWER = {"vision_model": "visual", "visual_projection": "visual",
+          "text_model": "textual", "text_projection": "textual"}
+
+
+class ReleaseFormatError(ValueError):
+  """A model or output the release format cannot hold (says why)."""
+
+
+# --------------------------------------------------------------------------
+# Pure pieces.
+
+
+def release_key(path, targets=RELEASE_LORA.targets):
+  """The release `HySAC.state_dict()` key of a `CLIPModel` param path.
+
+  Args:
+    path: tuple of names, e.g. `("vision_model", "encoder", "layers_0",
+      "self_attn", "k_proj", "kernel")`.
+    targets: the LoRA target module names (their base weights move under
+      peft's `base_layer`).
+
+  Returns:
+    e.g. `"visual.base_model.model.vision_model.encoder.layers.0.self_attn.
+    k_proj.base_layer.weight"`.
+  """
+  key = convert.torch_key(path)
+  tower = _TOWER[path[0]]
+  module, suffix = key.rsplit(".", 1)
+  if path[-1] in (LORA_A, LORA_B):
+    key = f"{module}.default.{suffix}"
+  elif len(path) > 1 and path[-2] in targets:
+    key = f"{module}.base_layer.{suffix}"
+  return f"{tower}.base_model.model.{key}"
+
+
+def _to_torch_layout(path, array):
+  """Flax layout -> PyTorch layout for kernels and LoRA matrices."""
+  array = np.asarray(array, np.float32)
+  if path[-1] in ("kernel", LORA_A, LORA_B):
+    if array.ndim == 2:  # (in, out) -> (out, in)
+      return array.T
+    if array.ndim == 4:  # (kh, kw, in, out) -> (out, in, kh, kw)
+      return array.transpose(3, 2, 0, 1)
+  return array
+
+
+def check_lora(lora):
+  """Refuses a LoRA the release's `HySAC` cannot hold unmerged.
+
+  Args:
+    lora: the model's `LoRAConfig`, or None (no LoRA leaves in the params).
+
+  Raises:
+    ReleaseFormatError: naming the rank, alpha and targets that differ.
+  """
+  if lora is None or lora.rank == 0:
+    return
+  want = RELEASE_LORA
+  if (lora.rank, float(lora.alpha), set(lora.targets)) != (
+      want.rank, want.alpha, set(want.targets)):
+    raise ReleaseFormatError(
+        f"the release format holds the release's LoRA only (rank "
+        f"{want.rank}, alpha {want.alpha:g}, targets {list(want.targets)}: "
+        f"its HySAC hard-codes that LoraConfig); this model has rank "
+        f"{lora.rank}, alpha {float(lora.alpha):g}, targets "
+        f"{list(lora.targets)}. Export --format hf (LoRA merged) instead")
+
+
+def with_release_lora(config, params, lora):
+  """`params["clip"]` with LoRA leaves: its own, or zeros when it has none.
+
+  Zero `A` and `B` make each peft layer equal its base layer exactly.
+  """
+  check_lora(lora)
+  clip = traverse_util.flatten_dict(params["clip"])
+  if lora is not None and lora.rank:
+    return clip
+  for path, spec in convert.clip_template(config, RELEASE_LORA).items():
+    if path[-1] in (LORA_A, LORA_B):
+      clip[path] = np.zeros(spec.shape, np.float32)
+  return clip
+
+
+def clamped_head(params, curv_init=1.0):
+  """{release name: 0-d float32 log}: head logs clamped into their ranges.
+
+  The clamp is `head_scalars`' own, so `exp` of these is what our model
+  uses; a log already inside its range is returned unchanged.
+  """
+  out = {}
+  for name, (low, high) in hysac_lib.head_bounds(curv_init).items():
+    value = np.float32(params[name])
+    out[HEAD_KEYS[name]] = np.asarray(
+        np.clip(value, np.float32(low), np.float32(high)), np.float32)
+  return out
+
+
+def release_state_dict(config, params, lora, curv_init=1.0):
+  """A HySAC params tree -> the release `HySAC.state_dict()` (NumPy).
+
+  Args:
+    config: `CLIPConfig` of the towers.
+    params: the HySAC params tree (`{"clip": …, "log_curv", …}`), LoRA not
+      merged.
+    lora: the `LoRAConfig` of its LoRA leaves, or None (none: zero adapters
+      are written).
+    curv_init: c0, which sets the curvature's clamp range.
+
+  Returns:
+    {key: contiguous float32 array} in the module's order: its own
+    parameters (`logit_scale`, `curv`, `visual_alpha`, `textual_alpha`),
+    buffers (`pixel_mean`, `pixel_std`), then `visual.…`, `textual.…`.
+
+  Raises:
+    ReleaseFormatError: a LoRA other than the release's (`check_lora`).
+  """
+  head = clamped_head(params, curv_init)
+  state = {k: head[k] for k in ("logit_scale", "curv", "visual_alpha",
+                                "textual_alpha")}
+  state["pixel_mean"] = np.asarray(PIXEL_MEAN, np.float32).reshape(3, 1, 1)
+  state["pixel_std"] = np.asarray(PIXEL_STD, np.float32).reshape(3, 1, 1)
+  towers = {}
+  for path, value in with_release_lora(config, params, lora).items():
+    towers[release_key(path)] = np.ascontiguousarray(
+        _to_torch_layout(path, value))
+  for tower in ("visual.", "textual."):
+    state.update({k: v for k, v in towers.items() if k.startswith(tower)})
+  return state
+
+
+def base_clip_params(params):
+  """`params["clip"]` without its LoRA leaves: the frozen base towers."""
+  flat = traverse_util.flatten_dict(params["clip"])
+  return traverse_util.unflatten_dict(
+      {p: v for p, v in flat.items() if p[-1] not in (LORA_A, LORA_B)})
+
+
+# --------------------------------------------------------------------------
+# Writing.
+
+
+def check_source(src, out_dir, overwrite=False):
+  """Everything that can refuse a release export, checked before writing.
+
+  Args:
+    src: a `serving.Model`, LoRA unmerged (`export.load_source(merge=False)`).
+    out_dir: the `OUT/release` directory.
+    overwrite: allow a non-empty `out_dir`.
+
+  Raises:
+    ReleaseFormatError: a Euclidean model, no bounds, a LoRA other than the
+      release's, or a non-empty `out_dir` without `overwrite`.
+  """
+  if src.mode != "hyp":
+    raise ReleaseFormatError(
+        f"the release format holds HySAC models (mode 'hyp'); this one is "
+        f"{src.mode!r}")
+  if src.bounds is None:
+    raise ReleaseFormatError(
+        f"the release format needs bounds ({BOUNDS_FILE}, which the "
+        "release's HySAC loads): pass --bounds FILE (the run's bounds.json, "
+        "written by eval.py)")
+  check_lora(src.lora)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ReleaseFormatError(f"{out_dir} is a file, not a directory")
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise ReleaseFormatError(f"{out_dir} exists and is not empty: pass "
+                             "--overwrite to replace its files")
+
+
+def export_release(src, out_dir, overwrite=False):
+  """Writes `hysac_model.pth`, `hysac_bounds.json` and `clip/` to `out_dir`.
+
+  Args:
+    src: a `serving.Model` with LoRA unmerged (`src.lora` its config) or
+      without LoRA.
+    out_dir: the directory (created).
+    overwrite: replace the files of a non-empty `out_dir`.
+
+  Returns:
+    `out_dir`.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  check_source(src, out_dir, overwrite)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ReleaseFormatError(f"writing {MODEL_FILE} needs torch: pip install "
+                             "'hysac-jax[torch]'") from e
+  state = release_state_dict(src.config, src.params, src.lora, src.curv_init)
+  clip_dir = os.path.join(out_dir, CLIP_DIR)
+  os.makedirs(clip_dir, exist_ok=True)
+  torch.save({k: torch.tensor(v) for k, v in state.items()},
+             os.path.join(out_dir, MODEL_FILE))
+  safety.save_bounds(src.bounds, os.path.join(out_dir, BOUNDS_FILE))
+  logit_scale = float(np.exp(state["logit_scale"]))
+  with open(os.path.join(clip_dir, export_lib.HF_CONFIG_FILE), "w") as f:
+    json.dump(export_lib.hf_config(src.config, logit_scale), f, indent=2)
+    f.write("\n")
+  save_file(export_lib.hf_state_dict(base_clip_params(src.params),
+                                     logit_scale),
+            os.path.join(clip_dir, export_lib.HF_WEIGHTS_FILE),
+            metadata={"format": "pt"})
+  return out_dir
