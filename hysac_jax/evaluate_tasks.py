@@ -1,4 +1,4 @@
-"""The evaluation tasks of `eval.py --task`: zeroshot, retrieval, unsafe_prompts.
+"""The tasks of `eval.py --task`: zeroshot, retrieval, unsafe_prompts.
 
 The glue between the command line, the data readers
 (`data.labelled_images`, `data.coco_captions`), the model
@@ -278,8 +278,8 @@ def _visu_groups(model, config, split):
   trainer.prepare_data(config.data, model.image_size)
   batches = pipeline.make_dataset(config.data, split, model.image_size,
                                   seed=config.seed, train=False)
-  emb, _ = trainer.embed_split(evaluate_run._model_encoder(model), batches,  # pylint: disable=protected-access
-                               desc=f"embedding {split}")
+  encode = evaluate_run._model_encoder(model)  # pylint: disable=protected-access
+  emb, _ = trainer.embed_split(encode, batches, desc=f"embedding {split}")
   return {"text": (emb["S"], emb["U"]), "image": (emb["V"], emb["G"])}
 
 
@@ -361,8 +361,9 @@ def run(task, source, out_dir=None, checkpoint="best_recall", plots=True,
     what, module = _slug(kwargs["captions_file"]), captions
   else:
     report = run_unsafe_prompts(model, **kwargs)
-    what, module = _slug(kwargs.get("dataset") or report["dataset"]), \
-        prompt_safety
+    what = _slug(kwargs.get("dataset")
+                 or report["dataset"].replace("/", "-"))
+    module = prompt_safety
   report["source"] = source
   out_dir = out_dir or os.path.join(source, "eval", f"{task}-{what}")
   if jax.process_index() == 0:

@@ -89,9 +89,10 @@ def min_gap(scores):
 
 
 @pytest.mark.parametrize("mode", ["hyp", "euc"])
-def test_class_embedding_matches_float64_formula(mode):
+@pytest.mark.parametrize("counts", [(1, 3, 7), (4, 4, 4)])  # loop, batched
+def test_class_embedding_matches_float64_formula(mode, counts):
   rng = np.random.default_rng(0)
-  prompts = [points(rng, p, 5) for p in (1, 3, 7)]
+  prompts = [points(rng, p, 5) for p in counts]
   with jax.enable_x64(True):
     got = np.asarray(zeroshot.class_embeddings(prompts, CURV, mode))
     assert got.dtype == np.float64

@@ -175,8 +175,8 @@ def from_tfds(name_or_dir, split="test", data_dir=None,
       builder = tfds.builder(where, data_dir=data_dir)
   except (tfds.core.registered.DatasetNotFoundError, ValueError,
           OSError) as e:
-    raise ValueError(f"TFDS dataset {where}: {' '.join(str(e).split())[:300]}"
-                     ) from None
+    message = " ".join(str(e).split()).split(" Available datasets:")[0]
+    raise ValueError(f"TFDS dataset {where}: {message[:300]}") from None
   features = builder.info.features
   for key, what in ((image_key, "image"), (label_key, "label")):
     if key not in features:

@@ -82,6 +82,14 @@ def class_embeddings(prompt_embs: Sequence, curv, mode="hyp"):
   Returns:
     (C, D) class embeddings.
   """
+  _check_mode(mode)
+  sizes = {np.shape(p)[0] for p in prompt_embs}
+  if len(sizes) == 1 and 0 not in sizes:  # one batched call (ImageNet: 1000)
+    x = _float(jnp.stack([_float(p) for p in prompt_embs]))  # (C, P, D)
+    if mode == "euc":
+      return _unit(jnp.mean(_unit(x), axis=1))
+    return lorentz.exp_map0(jnp.mean(lorentz.log_map0(x, curv), axis=1),
+                            curv)
   return jnp.stack([class_embedding(p, curv, mode) for p in prompt_embs])
 
 
@@ -121,7 +129,8 @@ def true_class_ranks(image_emb, class_emb, labels, curv, mode="hyp",
   images, classes = _float(image_emb), _float(class_emb)
   labels = np.asarray(labels).astype(np.int32).reshape(-1)
   n, c = images.shape[0], classes.shape[0]
-  if images.ndim != 2 or classes.ndim != 2 or images.shape[1] != classes.shape[1]:
+  if (images.ndim != 2 or classes.ndim != 2
+      or images.shape[1] != classes.shape[1]):
     raise ValueError(f"images and classes must be (N, D) and (C, D), got "
                      f"{images.shape} and {classes.shape}")
   if labels.shape != (n,):
