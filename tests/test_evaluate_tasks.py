@@ -360,3 +360,18 @@ def test_cli_unsafe_prompts_on_the_configs_visu_split(tmp_path, model_dir):
   assert set(report["modalities"]) == {"text", "image"}
   assert report["modalities"]["image"]["n_safe"] == 24
   assert report["prompts_source"] == {"safe": "shipped", "unsafe": "shipped"}
+
+
+def test_synthetic_classification_view_labels_the_drawn_scenes():
+  from hysac_jax.data import synthetic
+  images, labels, classes = synthetic.classification_view("shape", "test",
+                                                          6, seed=3)
+  for i in range(6):
+    ex = synthetic.make_quadruple(3, "test", i, 32)
+    assert classes[labels[i]] == ex["scene"].shape
+    np.testing.assert_array_equal(images[i], ex["safe_image"])
+  prompts = synthetic.class_prompts("colour")
+  assert list(prompts) == list(synthetic.COLOURS)
+  for colour, captions in prompts.items():
+    assert len(captions) == len(set(captions)) == 72
+    assert all(f" {colour} " in c for c in captions)

@@ -28,3 +28,28 @@ def test_bundled_vocabulary_ships_with_its_licence():
   assets = importlib_resources.files("hysac_jax.data") / "assets"
   assert (assets / "bpe_simple_vocab_16e6.txt.gz").is_file()
   assert "MIT" in (assets / "LICENSE-CLIP-BPE").read_text()
+
+
+def test_zeroshot_assets_are_listed_in_package_data_with_their_notice():
+  """Every file under data/assets/zeroshot matches a setup.cfg
+  package_data pattern (so a wheel ships it) and NOTICE attributes it."""
+  import configparser
+  import fnmatch
+  cfg = configparser.ConfigParser()
+  cfg.read(ROOT / "setup.cfg")
+  patterns = [p.strip() for p in cfg["options.package_data"][
+      "hysac_jax.data.assets"].split(",")]
+  folder = ROOT / "hysac_jax" / "data" / "assets" / "zeroshot"
+  files = sorted(p.relative_to(folder.parent).as_posix()
+                 for p in folder.iterdir())
+  assert {"zeroshot/NOTICE", "zeroshot/imagenet2012.json",
+          "zeroshot/cifar10.json", "zeroshot/cifar100.json",
+          "zeroshot/safe_prompts.txt",
+          "zeroshot/unsafe_prompts.txt"} <= set(files)
+  for name in files:
+    assert any(fnmatch.fnmatch(name, p) for p in patterns), name
+  notice = (folder / "NOTICE").read_text()
+  assert "MIT License" in notice
+  for name in files:
+    if name != "zeroshot/NOTICE":
+      assert name.split("/")[1] in notice, name
