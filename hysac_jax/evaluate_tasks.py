@@ -39,10 +39,10 @@ SYNTHETIC_PREFIXES = ("synthetic_visu:", "synthetic:")
 # Class prompts.
 
 
-def shipped_class_prompts(dataset):
-  """(class names, templates) shipped for a dataset name, or None."""
+def shipped_class_prompts(tfds_name):
+  """(class names, templates) shipped for a TFDS builder name, or None."""
   import importlib_resources  # pylint: disable=g-import-not-at-top
-  base = re.split(r"[:/]", os.path.basename(os.path.normpath(dataset)))[0]
+  base = str(tfds_name or "").split(":")[0]
   if base not in SHIPPED_CLASS_PROMPTS:
     return None
   path = importlib_resources.files("hysac_jax.data.assets") / "zeroshot" / (
@@ -68,7 +68,7 @@ def _read_templates(path):
   return templates
 
 
-def class_prompts(class_names, dataset, prompts_file=None,
+def class_prompts(class_names, tfds_name=None, prompts_file=None,
                   templates_file=None):
   """The prompts of each class, in label order, and where they come from.
 
@@ -77,8 +77,9 @@ def class_prompts(class_names, dataset, prompts_file=None,
       dataset class needs a non-empty list), or `{"templates": [...],
       "classes": [...]}` (classes optional, in label order, renaming them);
     - `templates_file`: one template a line, `{}` for the class name;
-    - the shipped set of the dataset (imagenet2012, cifar10, cifar100) when
-      its class count matches;
+    - the shipped set of a TFDS dataset (`tfds_name` imagenet2012,
+      cifar10, cifar100) when its class count matches (label i gets
+      shipped name i; TFDS's ImageNet names are WordNet ids);
     - the dataset's own class names (underscores as spaces) in
       "a photo of a {}.".
 
@@ -122,11 +123,11 @@ def class_prompts(class_names, dataset, prompts_file=None,
     templates = _read_templates(templates_file)
     return ([_fill(templates, n, templates_file) for n in names], names,
             templates_file)
-  shipped = shipped_class_prompts(dataset)
+  shipped = shipped_class_prompts(tfds_name)
   if shipped is not None and len(shipped[0]) == len(class_names):
     names, templates = shipped
     return ([_fill(templates, n, "shipped prompts") for n in names],
-            list(names), f"shipped ({os.path.basename(str(dataset))})")
+            list(names), f"shipped ({tfds_name})")
   return ([[GENERIC_TEMPLATE.format(n)] for n in names], names,
           f"generic ({GENERIC_TEMPLATE!r})")
 
@@ -202,8 +203,9 @@ def run_zeroshot(model, dataset, split="test", config=None, data_dir=None,
     prompts = [by_class[c] for c in image_set.class_names]
     names, source = image_set.class_names, "synthetic captions"
   else:
-    prompts, names, source = class_prompts(image_set.class_names, dataset,
-                                           prompts_file, templates_file)
+    prompts, names, source = class_prompts(
+        image_set.class_names, image_set.tfds_name, prompts_file,
+        templates_file)
   flat = [p for group in prompts for p in group]
   text = embedding.embed_texts(model, flat, desc="prompts")
   bounds = np.cumsum([0] + [len(g) for g in prompts])

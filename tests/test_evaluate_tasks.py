@@ -192,6 +192,10 @@ def test_class_prompt_sources_and_a_class_without_prompt(tmp_path):
   assert source.startswith("shipped")
   prompts, names, _ = evaluate_tasks.class_prompts(["sea_lion"], "mine")
   assert prompts == [["a photo of a sea lion."]]
+  # An image folder (no TFDS name) keeps its own class names.
+  prompts, names, _ = evaluate_tasks.class_prompts(
+      [f"c{i}" for i in range(10)], None)
+  assert names[3] == "c3" and prompts[3] == ["a photo of a c3."]
   path = tmp_path / "p.json"
   path.write_text(json.dumps({"prompts": {"red": ["a red one"],
                                           "blue": []}}))

@@ -44,12 +44,14 @@ class ImageSet:
     item_names: N names of the images (file paths, or "split[i]").
     read: i -> uint8 (H, W, 3) array or encoded bytes; may raise
       `UnreadableImage`.
+    tfds_name: the TFDS builder name ("cifar10") for a TFDS set, else None.
   """
   name: str
   class_names: list[str]
   labels: np.ndarray
   item_names: list[str]
   read: Callable[[int], object]
+  tfds_name: str | None = None
 
   def __len__(self):
     return len(self.labels)
@@ -80,7 +82,7 @@ class ImageSet:
     read = self.read
     return ImageSet(self.name, self.class_names, self.labels[indices],
                     [self.item_names[i] for i in indices],
-                    lambda j: read(indices[j]))
+                    lambda j: read(indices[j]), self.tfds_name)
 
 
 def _rgb(pixels):
@@ -208,7 +210,7 @@ def from_tfds(name_or_dir, split="test", data_dir=None,
     return image if isinstance(image, bytes) else np.asarray(image)
 
   return ImageSet(f"{builder.name}/{split}", list(label.names), labels,
-                  item_names, read)
+                  item_names, read, builder.name)
 
 
 def from_synthetic(attribute="shape", split="test", num=1024, seed=0,
