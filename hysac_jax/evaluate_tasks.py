@@ -143,11 +143,16 @@ def _synthetic_attribute(dataset):
   return None
 
 
-def open_image_set(dataset, split, image_size, config=None, data_dir=None,
+def open_image_set(dataset, split, model, config=None, data_dir=None,
                    classes=None):
-  """`--dataset` as a `labelled_images.ImageSet` (module docstring)."""
+  """`--dataset` as a `labelled_images.ImageSet` (module docstring).
+
+  Only the synthetic view asks `model` for its image size (its images are
+  drawn at that size); the others are opened before the model loads.
+  """
   attribute = _synthetic_attribute(dataset)
   if attribute is not None:
+    image_size = model.image_size
     data = config.data if config is not None else None
     sizes = (data.get("synthetic_sizes") if data is not None else None) or (
         4096, 512, 1024)
@@ -194,8 +199,8 @@ def run_zeroshot(model, dataset, split="test", config=None, data_dir=None,
                  skip_unreadable=False, max_examples=None):
   """Zero-shot classification of `dataset`; returns the report dict."""
   from hysac_jax.evaluation import zeroshot
-  image_set = _prefix(open_image_set(dataset, split, model.image_size,
-                                     config, data_dir), max_examples)
+  image_set = _prefix(open_image_set(dataset, split, model, config,
+                                     data_dir), max_examples)
   attribute = _synthetic_attribute(dataset)
   if attribute is not None and not (prompts_file or templates_file):
     from hysac_jax.data import synthetic
@@ -299,8 +304,8 @@ def run_unsafe_prompts(model, dataset=None, split="test", config=None,
   prompts, source = _prompt_sets(safe_prompts, unsafe_prompts)
   skipped = []
   if dataset:
-    image_set = _prefix(open_image_set(dataset, split, model.image_size,
-                                       config, data_dir,
+    image_set = _prefix(open_image_set(dataset, split, model, config,
+                                       data_dir,
                                        classes=("safe", "unsafe")),
                         max_examples)
     emb, kept, skipped = embedding.embed_images(
@@ -354,7 +359,7 @@ def run(task, source, out_dir=None, checkpoint="best_recall", plots=True,
   if not os.path.isdir(source):
     raise FileNotFoundError(f"model directory {source} does not exist")
   _check_inputs(task, kwargs)
-  model = embedding.load_model(source, checkpoint)
+  model = _LazyModel(lambda: embedding.load_model(source, checkpoint))
   if task == "zeroshot":
     report = run_zeroshot(model, **kwargs)
     what, module = _slug(kwargs["dataset"]), zeroshot
@@ -374,6 +379,19 @@ def run(task, source, out_dir=None, checkpoint="best_recall", plots=True,
     else:
       module.write_report(report, out_dir)
   return report, out_dir, module.format_console(report)
+
+
+class _LazyModel:
+  """Loads the model at its first use, so that the inputs a task can check
+  without it (folders, prompt and caption files) fail first, in seconds."""
+
+  def __init__(self, load):
+    self._load, self._model = load, None
+
+  def __getattr__(self, name):
+    if self._model is None:
+      self._model = self._load()
+    return getattr(self._model, name)
 
 
 def _check_inputs(task, kwargs):

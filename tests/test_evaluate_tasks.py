@@ -379,3 +379,24 @@ def test_synthetic_classification_view_labels_the_drawn_scenes():
   for colour, captions in prompts.items():
     assert len(captions) == len(set(captions)) == 72
     assert all(f" {colour} " in c for c in captions)
+
+
+def test_bad_inputs_fail_before_the_model_loads(tmp_path):
+  """An empty directory is no model: each error below comes first."""
+  not_a_model = tmp_path / "empty"
+  not_a_model.mkdir()
+  root = make_folder(tmp_path / "data", ["red"], per_class=1)
+  (root / "blue").mkdir()
+  with pytest.raises(ValueError, match="class folder .*/blue holds no image"):
+    evaluate_tasks.run("zeroshot", not_a_model, dataset=str(root))
+  (root / "blue" / "0.png").write_bytes(png(COLOURS["blue"], 0))
+  prompts = tmp_path / "p.json"
+  prompts.write_text(json.dumps({"prompts": {"red": ["a red one"]}}))
+  with pytest.raises(ValueError, match="class 'blue' has no prompt"):
+    evaluate_tasks.run("zeroshot", not_a_model, dataset=str(root),
+                       prompts_file=str(prompts))
+  with pytest.raises(FileNotFoundError, match="unsafe_prompts file"):
+    evaluate_tasks.run("unsafe_prompts", not_a_model, dataset=str(root),
+                       unsafe_prompts=str(tmp_path / "missing.txt"))
+  with pytest.raises(FileNotFoundError, match="class folder .*/safe does"):
+    evaluate_tasks.run("unsafe_prompts", not_a_model, dataset=str(root))
