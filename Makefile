@@ -17,6 +17,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) train.py --config configs/tiny.py --workdir runs/tiny
 	$(PY) eval.py --config configs/tiny.py --workdir runs/tiny
+	$(PY) eval.py --workdir runs/tiny --task zeroshot --dataset synthetic_visu:shape
+	$(PY) eval.py --workdir runs/tiny --task zeroshot --dataset synthetic_visu:colour
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

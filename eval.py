@@ -8,6 +8,16 @@ Prints the report and writes WORKDIR/eval/<split>/ (report.json, report.md,
 distance histograms, Poincaré-disk view, ROC curves). Bounds come from the
 run's bounds.json (validation split) when there is one.
 
+Other tasks (hysac_jax/evaluate_tasks.py; reports in
+<model>/eval/<task>-<dataset>/ unless --out):
+
+  python eval.py --workdir runs/tiny --task zeroshot --dataset synthetic_visu:shape
+  python eval.py --model DIR --task zeroshot --dataset cifar10 --data_dir ~/tensorflow_datasets
+  python eval.py --model DIR --task zeroshot --dataset /data/images   # DIR/<class>/*.jpg
+  python eval.py --model DIR --task retrieval --captions dataset_coco.json --images /data/coco
+  python eval.py --workdir runs/tiny --task unsafe_prompts            # the config's ViSU split
+  python eval.py --model DIR --task unsafe_prompts --dataset DIR      # DIR/safe, DIR/unsafe
+
 Exit codes (hysac_jax/cli.py): 0 success; 1 an expected failure, in one line
 `eval.py: error: ...` (a run without checkpoints, a corrupt checkpoint or
 bounds.json, a bad config field, a missing manual_dir); 2 bad flags (an
@@ -25,6 +35,7 @@ from ml_collections import config_flags
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
 from hysac_jax import evaluate_run
+from hysac_jax import evaluate_tasks
 
 PROG = "eval.py"
 
@@ -46,6 +57,39 @@ _ALPHA = flags.DEFINE_float(
     "default: config.eval.traversal_alpha.")
 _OUT = flags.DEFINE_string("out", None,
                            "Output directory; default WORKDIR/eval/SPLIT.")
+_TASK = flags.DEFINE_enum(
+    "task", "report", ("report",) + evaluate_tasks.TASKS,
+    "report: the ViSU report (default); zeroshot: classification of "
+    "--dataset; retrieval: multi-caption recall over --captions; "
+    "unsafe_prompts: prompt-based vs distance-based unsafe classification.")
+_DATASET = flags.DEFINE_string(
+    "dataset", None, "zeroshot / unsafe_prompts: synthetic_visu:shape|colour,"
+    " a TFDS name or prepared directory, or an image folder DIR/<class>/.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+_CAPTIONS = flags.DEFINE_string(
+    "captions", None, "retrieval: Karpathy-split JSON or COCO "
+    "annotations/captions_*.json.")
+_IMAGES = flags.DEFINE_string("images", None, "retrieval: images directory.")
+_PROMPTS = flags.DEFINE_string(
+    "prompts", None, "zeroshot: JSON {'prompts': {class: [...]}} or "
+    "{'templates': [...], 'classes': [...]}.")
+_TEMPLATES = flags.DEFINE_string(
+    "templates", None, "zeroshot: text file, one template a line with {}.")
+_SAFE_PROMPTS = flags.DEFINE_string(
+    "safe_prompts", None, "unsafe_prompts: safe prompts, one a line "
+    "(default: the shipped set).")
+_UNSAFE_PROMPTS = flags.DEFINE_string(
+    "unsafe_prompts", None, "unsafe_prompts: unsafe prompts, one a line "
+    "(default: the shipped set).")
+_MARGIN = flags.DEFINE_float(
+    "margin", 0.0, "unsafe_prompts: unsafe iff (nearest safe − nearest "
+    "unsafe prompt distance) > margin; 0 = nearest prompt is unsafe.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per encoder call.")
+_SKIP = flags.DEFINE_bool(
+    "skip_unreadable", False, "Leave unreadable images out (listed, "
+    "counted) instead of failing.")
+_MAX = flags.DEFINE_integer("max_examples", None,
+                            "Evaluate only the first N images.")
 
 
 def main(argv):
@@ -66,6 +110,8 @@ def main(argv):
     compilation_cache.enable(compilation_cache.DEFAULT_DIR if config is None
                              else config.train.compilation_cache_dir)
     distributed.initialize()  # Multi-host under Slurm, Open MPI, TPU pods.
+    if _TASK.value != "report":
+      return _run_task(config)
     report, out_dir = evaluate_run.run(
         config=_CONFIG.value, workdir=_WORKDIR.value, model_dir=_MODEL.value,
         split=_SPLIT.value, checkpoint=_CHECKPOINT.value, out_dir=_OUT.value,
@@ -76,6 +122,31 @@ def main(argv):
     return cli.fail(PROG, e)
   from hysac_jax import evaluation
   print(evaluation.format_console(report))
+  print(f"report written to {os.path.abspath(out_dir)}")
+  return 0
+
+
+def _run_task(config):
+  """`--task` other than the ViSU report (hysac_jax/evaluate_tasks.py)."""
+  task = _TASK.value
+  common = dict(batch_size=_BATCH.value, skip_unreadable=_SKIP.value,
+                max_examples=_MAX.value)
+  if task == "zeroshot":
+    kwargs = dict(dataset=_DATASET.value, split=_SPLIT.value, config=config,
+                  data_dir=_DATA_DIR.value, prompts_file=_PROMPTS.value,
+                  templates_file=_TEMPLATES.value, **common)
+  elif task == "retrieval":
+    kwargs = dict(captions_file=_CAPTIONS.value, images_dir=_IMAGES.value,
+                  split=_SPLIT.value, **common)
+  else:
+    kwargs = dict(dataset=_DATASET.value, split=_SPLIT.value, config=config,
+                  data_dir=_DATA_DIR.value, safe_prompts=_SAFE_PROMPTS.value,
+                  unsafe_prompts=_UNSAFE_PROMPTS.value, margin=_MARGIN.value,
+                  traversal_alpha=_ALPHA.value, **common)
+  _, out_dir, text = evaluate_tasks.run(
+      task, _WORKDIR.value or _MODEL.value, out_dir=_OUT.value,
+      checkpoint=_CHECKPOINT.value, **kwargs)
+  print(text)
   print(f"report written to {os.path.abspath(out_dir)}")
   return 0
 

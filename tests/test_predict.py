@@ -6,7 +6,6 @@ import struct
 import zlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util

@@ -258,3 +258,63 @@ class SyntheticVisu(tfds.core.GeneratorBasedBuilder):
           "unsafe_caption": ex["unsafe_caption"],
           "tag": ex["tag"],
       }
+
+
+# --------------------------------------------------------------------------
+# Classification view: the safe images labelled by shape or by colour.
+
+CLASS_ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS)}
+
+
+def classification_view(attribute, split, num, seed=0, image_size=32):
+  """Safe images V of a split, labelled by their shape or their colour.
+
+  The images are those of `make_quadruple(seed, split, i, image_size)`, the
+  same as the TFDS builder's for that seed.
+
+  Args:
+    attribute: "shape" (4 classes) or "colour" (5 classes).
+    split: "train", "validation" or "test".
+    num: number of examples (indices 0..num-1).
+
+  Returns:
+    (images uint8 (num, S, S, 3), labels int64 (num,), class names).
+  """
+  if attribute not in CLASS_ATTRIBUTES:
+    raise ValueError(f"unknown synthetic attribute {attribute!r}; expected "
+                     f"one of {tuple(CLASS_ATTRIBUTES)}")
+  classes = CLASS_ATTRIBUTES[attribute]
+  images = np.empty((num, image_size, image_size, 3), np.uint8)
+  labels = np.empty(num, np.int64)
+  for i in range(num):
+    ex = make_quadruple(seed, split, i, image_size)
+    images[i] = ex["safe_image"]
+    labels[i] = classes.index(getattr(ex["scene"], attribute))
+  return images, labels, list(classes)
+
+
+def class_prompts(attribute):
+  """{class: captions}: safe captions naming the class, over every value of
+  the other scene words, as zero-shot prompts.
+
+  Each class gets the first safe template filled in with every count, size,
+  background and the other attribute (shape or colour), so all classes have
+  the same number of prompts (90 per shape, 72 per colour).
+  """
+  if attribute not in CLASS_ATTRIBUTES:
+    raise ValueError(f"unknown synthetic attribute {attribute!r}; expected "
+                     f"one of {tuple(CLASS_ATTRIBUTES)}")
+  prompts = {}
+  for value in CLASS_ATTRIBUTES[attribute]:
+    others = (SHAPES if attribute == "colour" else tuple(COLOURS))
+    captions = []
+    for other in others:
+      shape, colour = ((value, other) if attribute == "shape"
+                       else (other, value))
+      for count in COUNT_WORDS:
+        for size in SIZES:
+          for background in BACKGROUNDS:
+            scene = Scene(shape, colour, background, size, count, "")
+            captions.append(SAFE_TEMPLATES[0].format(**_words(scene)))
+    prompts[value] = captions
+  return prompts

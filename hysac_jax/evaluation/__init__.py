@@ -6,6 +6,12 @@ Entry points for eval.py and train.py:
   recall_sum(S, U, V, G, curv, mode="hyp") -> float  (checkpoint selection)
   write_report(report, out_dir, embeddings=None)     (json, md, PNGs)
   format_console(report) -> str
+
+The tasks of `eval.py --task` have their own modules: `zeroshot` (class
+embeddings from prompts, top-K and mean per-class recall), `captions`
+(multi-caption retrieval), `prompt_safety` (prompt-based vs distance-based
+unsafe classification) and `embedding` (batched, padded embedding with a
+loaded model).
 """
 
 from hysac_jax.evaluation.report import evaluate

@@ -163,3 +163,29 @@ def write_plots(groups: Mapping, curv, out_dir, mode: str = "hyp",
     paths["poincare_disk"] = plot_poincare_disk(
         groups, curv, os.path.join(out_dir, "poincare_disk.png"), sample)
   return paths
+
+
+def confusion_matrix(confusion, class_names, path, title=None):
+  """`confusion_matrix.png`: row-normalised zero-shot confusion matrix.
+
+  Args:
+    confusion: (C, C) counts, rows true class, columns predicted.
+    class_names: C names (tick labels; omitted beyond 30 classes).
+    path: PNG file.
+  """
+  confusion = np.asarray(confusion, np.float64)
+  rows = confusion.sum(axis=1, keepdims=True)
+  share = confusion / np.where(rows > 0, rows, 1)
+  fig, ax = plt.subplots(figsize=FIGSIZE)
+  im = ax.imshow(share, cmap="viridis", vmin=0.0, vmax=1.0)
+  fig.colorbar(im, ax=ax, label="share of the true class")
+  if len(class_names) <= 30:
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=90, fontsize=7)
+    ax.set_yticks(ticks, class_names, fontsize=7)
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel("true class")
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  return _save(fig, path)

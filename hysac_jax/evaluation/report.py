@@ -299,6 +299,32 @@ def format_markdown(report: Mapping) -> str:
   return "\n".join(lines) + "\n"
 
 
+def table_lines(header: Sequence[str], rows: Sequence[Sequence[str]],
+                markdown: bool = False) -> list[str]:
+  """A table as Markdown lines, or as fixed-width text lines."""
+  if markdown:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+  fmt = "  ".join("{:<%d}" % w for w in widths)
+  return ([fmt.format(*header), "  ".join("-" * w for w in widths)]
+          + [fmt.format(*r) for r in rows])
+
+
+def write_files(report: Mapping, out_dir: str | os.PathLike,
+                markdown: str) -> dict[str, str]:
+  """Writes `report` as out_dir/report.json and `markdown` as report.md."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {"json": os.path.join(out_dir, "report.json"),
+           "md": os.path.join(out_dir, "report.md")}
+  with open(paths["json"], "w") as f:
+    json.dump(report, f, indent=2)
+    f.write("\n")
+  with open(paths["md"], "w") as f:
+    f.write(markdown)
+  return paths
+
+
 def write_report(report: Mapping, out_dir: str | os.PathLike,
                  embeddings: Mapping | None = None,
                  plots: bool = True) -> dict[str, str]:
@@ -314,14 +340,7 @@ def write_report(report: Mapping, out_dir: str | os.PathLike,
   Returns:
     {name: path} of the files written.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {"json": os.path.join(out_dir, "report.json"),
-           "md": os.path.join(out_dir, "report.md")}
-  with open(paths["json"], "w") as f:
-    json.dump(report, f, indent=2)
-    f.write("\n")
-  with open(paths["md"], "w") as f:
-    f.write(format_markdown(report))
+  paths = write_files(report, out_dir, format_markdown(report))
   if plots and embeddings is not None:
     from hysac_jax.evaluation import plots as plots_lib  # matplotlib is slow
     missing = [g for g in safety.GROUPS if g not in embeddings]

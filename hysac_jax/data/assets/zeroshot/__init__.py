@@ -1,0 +1,1 @@
+"""Zero-shot class names, templates and unsafe prompts (see NOTICE)."""

@@ -1,0 +1,132 @@
+"""COCO-style caption files for image–caption retrieval.
+
+Two layouts are read:
+
+- **Karpathy split JSON** (`dataset_coco.json`, `dataset_flickr30k.json`):
+  `{"images": [{"filepath"?, "filename", "split", "sentences": [{"raw"}]}]}`.
+  Images of one split are kept ("test" by default; the file's "val" is
+  asked for as "val" or "validation"). Image paths are
+  `IMAGES/filepath/filename`, IMAGES defaulting to the JSON's directory.
+- **COCO annotations** (`annotations/captions_val2017.json`):
+  `{"images": [{"id", "file_name"}], "annotations": [{"image_id",
+  "caption"}]}`, every image with at least one caption; paths are
+  `IMAGES/file_name`, IMAGES defaulting to `<json dir>/../val2017` (the
+  name after `captions_`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class CaptionSet:
+  """Images with their captions.
+
+  Attributes:
+    name: the caption file.
+    image_paths: N image files.
+    captions: M caption strings.
+    caption_image: (M,) int64 index of each caption's image.
+  """
+  name: str
+  image_paths: list[str]
+  captions: list[str]
+  caption_image: np.ndarray
+
+
+def _load_json(path):
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"caption file {path} is not valid JSON: {e}") from None
+
+
+def _karpathy(data, path, images_dir, split):
+  wanted = {"validation": "val"}.get(split, split)
+  images_dir = images_dir or os.path.dirname(path)
+  image_paths, captions, owner = [], [], []
+  for i, image in enumerate(data["images"]):
+    if image.get("split") != wanted:
+      continue
+    if "filename" not in image or "sentences" not in image:
+      raise ValueError(f"caption file {path}: images[{i}] lacks 'filename' "
+                       "or 'sentences'")
+    texts = [s["raw"].strip() for s in image["sentences"]
+             if s.get("raw", "").strip()]
+    if not texts:
+      continue
+    owner += [len(image_paths)] * len(texts)
+    captions += texts
+    image_paths.append(os.path.join(images_dir, image.get("filepath", ""),
+                                    image["filename"]))
+  if not image_paths:
+    splits = sorted({str(im.get("split")) for im in data["images"]})
+    raise ValueError(f"caption file {path} has no captioned image in split "
+                     f"{wanted!r} (its splits: {splits})")
+  return image_paths, captions, owner
+
+
+def _coco(data, path, images_dir):
+  if images_dir is None:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    images_dir = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(path))), stem.replace("captions_", "", 1))
+  if "annotations" not in data:
+    raise ValueError(f"caption file {path} has 'images' but no "
+                     "'annotations'")
+  files = {}
+  for i, image in enumerate(data["images"]):
+    if "id" not in image or "file_name" not in image:
+      raise ValueError(f"caption file {path}: images[{i}] lacks 'id' or "
+                       "'file_name'")
+    files[image["id"]] = image["file_name"]
+  by_image = {}
+  for i, ann in enumerate(data["annotations"]):
+    if ann.get("image_id") not in files:
+      raise ValueError(f"caption file {path}: annotations[{i}] refers to "
+                       f"unknown image_id {ann.get('image_id')!r}")
+    text = str(ann.get("caption", "")).strip()
+    if text:
+      by_image.setdefault(ann["image_id"], []).append(text)
+  image_paths, captions, owner = [], [], []
+  for image_id, file_name in files.items():
+    if image_id not in by_image:
+      continue
+    owner += [len(image_paths)] * len(by_image[image_id])
+    captions += by_image[image_id]
+    image_paths.append(os.path.join(images_dir, file_name))
+  if not image_paths:
+    raise ValueError(f"caption file {path} has no captioned image")
+  return image_paths, captions, owner
+
+
+def read_captions(path, images_dir=None, split="test") -> CaptionSet:
+  """Reads a Karpathy-split or a COCO annotations caption JSON.
+
+  Args:
+    path: the JSON file.
+    images_dir: where the images are (module docstring for defaults).
+    split: the Karpathy split to keep (ignored for COCO annotations).
+
+  Raises:
+    FileNotFoundError: a missing file; ValueError: a file of neither
+    layout, or one without a captioned image (naming it).
+  """
+  path = os.path.expanduser(os.fspath(path))
+  images_dir = os.path.expanduser(images_dir) if images_dir else None
+  data = _load_json(path)
+  if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+    raise ValueError(f"caption file {path} is neither a Karpathy split JSON "
+                     "nor COCO annotations: no 'images' list")
+  if any("sentences" in im for im in data["images"][:1]):
+    image_paths, captions, owner = _karpathy(data, path, images_dir, split)
+  else:
+    image_paths, captions, owner = _coco(data, path, images_dir)
+  return CaptionSet(path, image_paths, captions,
+                    np.asarray(owner, np.int64))

@@ -1,0 +1,275 @@
+"""Zero-shot classification on the hyperboloid: class embeddings, metrics.
+
+A class is embedded from several prompts ("a photo of a {}.", ...). In `hyp`
+mode the prompts are combined as MERU does: their tangent vectors at the
+origin (`lorentz.log_map0`) are averaged and lifted back with
+`lorentz.exp_map0`, so the class embedding is a point of the same
+hyperboloid. An image is assigned the class at the smallest Lorentz distance.
+In `euc` mode (plain CLIP) the prompts' L2-normalised embeddings are averaged
+and renormalised, and images are scored by cosine, as CLIP does.
+
+Ranking follows the package convention (`retrieval`): classes are ordered by
+descending score (−distance or cosine), ties to the lower class index, so the
+true class is in the top K iff fewer than K classes come before it.
+
+Metrics (those of LAION's CLIP_benchmark): top-1 and top-5 accuracy, and the
+mean per-class recall (the mean, over classes with images, of the share of
+their images predicted correctly at top-1).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hysac_jax import lorentz
+from hysac_jax.evaluation import report as report_lib
+
+DEFAULT_K = (1, 5)
+DEFAULT_CHUNK = 1024
+# Confusion matrices (report and plot) are kept for up to this many classes.
+MAX_CONFUSION_CLASSES = 100
+
+
+def _check_mode(mode):
+  if mode not in ("hyp", "euc"):
+    raise ValueError(f"mode must be 'hyp' or 'euc', got {mode!r}")
+
+
+def _float(x):
+  """x as a JAX float array keeping float64 (under x64), else float32."""
+  x = jnp.asarray(x)
+  return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
+
+
+def _unit(x):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def class_embedding(prompt_emb, curv, mode="hyp"):
+  """One class embedding from the embeddings of its prompts.
+
+  Args:
+    prompt_emb: (P, D) prompt embeddings of one class (P >= 1): points on the
+      hyperboloid (space components) in hyp mode, raw features in euc mode.
+    curv: curvature magnitude (ignored in euc mode).
+    mode: "hyp": `exp_map0(mean_p log_map0(x_p))`; "euc": the renormalised
+      mean of the unit prompt vectors.
+
+  Returns:
+    (D,) class embedding, float32 (float64 for float64 inputs).
+  """
+  _check_mode(mode)
+  x = _float(prompt_emb)
+  if x.ndim != 2 or x.shape[0] == 0:
+    raise ValueError(f"prompt embeddings must be (P >= 1, D), got {x.shape}")
+  if mode == "euc":
+    return _unit(jnp.mean(_unit(x), axis=0))
+  return lorentz.exp_map0(jnp.mean(lorentz.log_map0(x, curv), axis=0), curv)
+
+
+def class_embeddings(prompt_embs: Sequence, curv, mode="hyp"):
+  """`class_embedding` of each class.
+
+  Args:
+    prompt_embs: per class, a (P_c, D) array of its prompts' embeddings
+      (classes may have different numbers of prompts).
+
+  Returns:
+    (C, D) class embeddings.
+  """
+  _check_mode(mode)
+  sizes = {np.shape(p)[0] for p in prompt_embs}
+  if len(sizes) == 1 and 0 not in sizes:  # one batched call (ImageNet: 1000)
+    x = _float(jnp.stack([_float(p) for p in prompt_embs]))  # (C, P, D)
+    if mode == "euc":
+      return _unit(jnp.mean(_unit(x), axis=1))
+    return lorentz.exp_map0(jnp.mean(lorentz.log_map0(x, curv), axis=1),
+                            curv)
+  return jnp.stack([class_embedding(p, curv, mode) for p in prompt_embs])
+
+
+@functools.partial(jax.jit, static_argnames=("mode",))
+def _chunk_ranks(images, classes, labels, curv, mode):
+  """Rank of the true class and top-1 prediction for a chunk of images."""
+  if mode == "euc":
+    scores = _unit(images) @ _unit(classes).T
+  else:
+    scores = -lorentz.pairwise_dist(images, classes, curv)
+  true = jnp.take_along_axis(scores, labels[:, None], axis=1)
+  index = jnp.arange(classes.shape[0])
+  before = (scores > true) | ((scores == true) & (index < labels[:, None]))
+  return (jnp.sum(before, axis=1, dtype=jnp.int32),
+          jnp.argmax(scores, axis=1).astype(jnp.int32))
+
+
+def true_class_ranks(image_emb, class_emb, labels, curv, mode="hyp",
+                     chunk_size=DEFAULT_CHUNK):
+  """0-based rank of each image's true class, and its top-1 class.
+
+  Scores are `−lorentz.pairwise_dist` (hyp) or cosine (euc), computed one
+  chunk of images at a time (the last chunk padded, so one compile).
+
+  Args:
+    image_emb: (N, D) image embeddings.
+    class_emb: (C, D) class embeddings (`class_embeddings`).
+    labels: (N,) int true classes in [0, C).
+    curv: curvature magnitude (ignored in euc mode).
+    mode: "hyp" or "euc".
+    chunk_size: images scored per step.
+
+  Returns:
+    ranks (N,) int32 and predictions (N,) int32 NumPy arrays.
+  """
+  _check_mode(mode)
+  images, classes = _float(image_emb), _float(class_emb)
+  labels = np.asarray(labels).astype(np.int32).reshape(-1)
+  n, c = images.shape[0], classes.shape[0]
+  if (images.ndim != 2 or classes.ndim != 2
+      or images.shape[1] != classes.shape[1]):
+    raise ValueError(f"images and classes must be (N, D) and (C, D), got "
+                     f"{images.shape} and {classes.shape}")
+  if labels.shape != (n,):
+    raise ValueError(f"labels must be ({n},), got {labels.shape}")
+  if n and (labels.min() < 0 or labels.max() >= c):
+    raise ValueError(f"labels must lie in [0, {c}), got range "
+                     f"[{labels.min()}, {labels.max()}]")
+  curv = jnp.asarray(1.0 if curv is None else curv, images.dtype)
+  chunk = max(1, min(chunk_size, n))
+  ranks, preds = [], []
+  for start in range(0, n, chunk):
+    x, y = images[start:start + chunk], labels[start:start + chunk]
+    real = x.shape[0]
+    if real < chunk:  # pad with the first rows; dropped below
+      x = jnp.concatenate([x, jnp.repeat(x[:1], chunk - real, axis=0)])
+      y = np.concatenate([y, np.repeat(y[:1], chunk - real)])
+    r, p = _chunk_ranks(x, classes, jnp.asarray(y), curv, mode)
+    ranks.append(np.asarray(r)[:real])
+    preds.append(np.asarray(p)[:real])
+  if not ranks:
+    return np.zeros(0, np.int32), np.zeros(0, np.int32)
+  return np.concatenate(ranks), np.concatenate(preds)
+
+
+def metrics_from_ranks(ranks, predictions, labels, num_classes,
+                       k: Sequence[int] = DEFAULT_K) -> dict:
+  """Top-K accuracy, mean per-class recall and the confusion matrix.
+
+  Args:
+    ranks: (N,) 0-based rank of the true class.
+    predictions: (N,) top-1 class.
+    labels: (N,) true class.
+    num_classes: C.
+    k: cut-offs (a K >= C gives 1).
+
+  Returns:
+    {"top1", "top5", ... (fractions), "mean_per_class_recall",
+     "per_class_recall": (C,) list (None for classes without images),
+     "confusion": (C, C) int array, rows true, columns predicted}.
+  """
+  ranks, predictions = np.asarray(ranks), np.asarray(predictions)
+  labels = np.asarray(labels).astype(np.int64)
+  if ranks.size == 0:
+    raise ValueError("no images to classify")
+  out = {f"top{kk}": float(np.mean(ranks < kk)) for kk in k}
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(confusion, (labels, np.asarray(predictions, np.int64)), 1)
+  support = confusion.sum(axis=1)
+  recall = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1),
+                    np.nan)
+  out["mean_per_class_recall"] = float(np.nanmean(recall))
+  out["per_class_recall"] = [None if np.isnan(r) else float(r)
+                             for r in recall]
+  out["confusion"] = confusion
+  return out
+
+
+def evaluate(image_emb, labels, class_emb, class_names: Sequence[str], curv,
+             mode="hyp", k: Sequence[int] = DEFAULT_K,
+             chunk_size=DEFAULT_CHUNK) -> dict:
+  """The zero-shot report on embedded images and classes.
+
+  Returns:
+    JSON-ready {"task": "zeroshot", "mode", "curv", "n", "num_classes",
+    "chance_top1", "k", "top1", "top5", "mean_per_class_recall",
+    "per_class": {name: {"n", "recall"}}, ["confusion": C x C list when
+    C <= MAX_CONFUSION_CLASSES]}.
+  """
+  class_names = list(class_names)
+  c = len(class_names)
+  if np.shape(class_emb)[0] != c:
+    raise ValueError(f"{np.shape(class_emb)[0]} class embeddings for {c} "
+                     "class names")
+  ranks, preds = true_class_ranks(image_emb, class_emb, labels, curv, mode,
+                                  chunk_size)
+  m = metrics_from_ranks(ranks, preds, labels, c, k)
+  support = m["confusion"].sum(axis=1)
+  report = {"task": "zeroshot", "mode": mode,
+            "curv": float(curv) if mode == "hyp" else None,
+            "n": int(len(ranks)), "num_classes": c, "k": list(k),
+            "chance_top1": 1.0 / c}
+  report.update({key: m[key] for key in m if key.startswith("top")})
+  report["mean_per_class_recall"] = m["mean_per_class_recall"]
+  report["per_class"] = {
+      name: {"n": int(support[i]), "recall": m["per_class_recall"][i]}
+      for i, name in enumerate(class_names)}
+  if c <= MAX_CONFUSION_CLASSES:
+    report["class_names"] = class_names
+    report["confusion"] = m["confusion"].tolist()
+  return report
+
+
+# --------------------------------------------------------------------------
+# Writers
+
+
+def _pct(x):
+  return "-" if x is None else f"{100 * x:.2f}"
+
+
+def summary_rows(report: Mapping) -> tuple[list[str], list[list[str]]]:
+  """(header, rows) of the zero-shot table, values in %."""
+  ks = [f"top{kk}" for kk in report["k"]]
+  header = (["dataset", "mode", "n", "classes"] + [f"{k} (%)" for k in ks]
+            + ["mean per-class recall (%)", "chance top1 (%)"])
+  row = ([str(report.get("dataset", "-")), report["mode"], str(report["n"]),
+          str(report["num_classes"])] + [_pct(report[k]) for k in ks]
+         + [_pct(report["mean_per_class_recall"]),
+            _pct(report["chance_top1"])])
+  return header, [row]
+
+
+def format_console(report: Mapping) -> str:
+  """The zero-shot table as fixed-width text."""
+  header, rows = summary_rows(report)
+  return "\n".join(["Zero-shot classification"]
+                   + report_lib.table_lines(header, rows))
+
+
+def format_markdown(report: Mapping) -> str:
+  """The zero-shot table and per-class recall as Markdown."""
+  header, rows = summary_rows(report)
+  lines = (["# Zero-shot classification", ""]
+           + report_lib.table_lines(header, rows, True))
+  lines += ["", "## Per-class recall (top-1, %)", ""]
+  rows = [[name, str(r["n"]), _pct(r["recall"])]
+          for name, r in report["per_class"].items()]
+  lines += report_lib.table_lines(["class", "images", "recall"], rows, True)
+  return "\n".join(lines) + "\n"
+
+
+def write_report(report: Mapping, out_dir, plots=True) -> dict:
+  """Writes report.json, report.md and (C <= 100) confusion_matrix.png."""
+  paths = report_lib.write_files(report, out_dir, format_markdown(report))
+  if plots and "confusion" in report:
+    from hysac_jax.evaluation import plots as plots_lib  # matplotlib is slow
+    paths["confusion"] = plots_lib.confusion_matrix(
+        np.asarray(report["confusion"]), report["class_names"],
+        f"{out_dir}/confusion_matrix.png",
+        title=f"Zero-shot confusion ({report.get('dataset', '')}, "
+              f"top-1 {100 * report['top1']:.1f}%)")
+  return paths

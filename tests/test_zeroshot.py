@@ -1,0 +1,198 @@
+"""Zero-shot classification (hysac_jax/evaluation/zeroshot.py) against a
+float64 NumPy brute force written from the formulas of SPEC.md §1."""
+
+import jax
+import numpy as np
+import pytest
+
+from hysac_jax.evaluation import zeroshot
+
+CURV = 0.8
+
+
+# --- float64 references, from the formulas (no hysac_jax geometry) --------
+
+
+def ref_exp0(v, c):
+  n = np.linalg.norm(v, axis=-1, keepdims=True)
+  r = np.sqrt(c) * n
+  return np.where(n > 0, np.sinh(r) / np.where(r > 0, r, 1), 1.0) * v
+
+
+def ref_log0(x, c):
+  n = np.linalg.norm(x, axis=-1, keepdims=True)
+  r = np.sqrt(c) * n
+  return np.where(n > 0, np.arcsinh(r) / np.where(r > 0, r, 1), 1.0) * x
+
+
+def ref_dist(x, y, c):
+  """acosh(-c <x,y>_L) / sqrt(c), one pair, with <x,y>_L = x.y - x_t y_t."""
+  xt = np.sqrt(1 / c + x @ x)
+  yt = np.sqrt(1 / c + y @ y)
+  return np.arccosh(max(-c * (x @ y - xt * yt), 1.0)) / np.sqrt(c)
+
+
+def ref_scores(images, classes, c, mode):
+  s = np.empty((len(images), len(classes)))
+  for i, x in enumerate(images):
+    for j, y in enumerate(classes):
+      if mode == "hyp":
+        s[i, j] = -ref_dist(x, y, c)
+      else:
+        s[i, j] = x @ y / (np.linalg.norm(x) * np.linalg.norm(y))
+  return s
+
+
+def ref_class_embedding(prompts, c, mode):
+  if mode == "hyp":
+    return ref_exp0(ref_log0(prompts, c).mean(axis=0), c)
+  u = prompts / np.linalg.norm(prompts, axis=-1, keepdims=True)
+  m = u.mean(axis=0)
+  return m / np.linalg.norm(m)
+
+
+def ref_metrics(scores, labels, num_classes):
+  """Ranks by a loop: classes scored higher, or equal with a lower index."""
+  n = len(labels)
+  ranks = np.empty(n, int)
+  preds = np.empty(n, int)
+  for i in range(n):
+    t = labels[i]
+    ranks[i] = sum(1 for j in range(num_classes)
+                   if scores[i, j] > scores[i, t]
+                   or (scores[i, j] == scores[i, t] and j < t))
+    best = 0
+    for j in range(num_classes):
+      if scores[i, j] > scores[i, best]:
+        best = j
+    preds[i] = best
+  recalls = []
+  for k in range(num_classes):
+    members = [i for i in range(n) if labels[i] == k]
+    if members:
+      recalls.append(np.mean([preds[i] == k for i in members]))
+  return {"top1": np.mean(ranks < 1), "top5": np.mean(ranks < 5),
+          "mean_per_class_recall": np.mean(recalls), "preds": preds}
+
+
+def points(rng, n, d, scale=0.6):
+  return ref_exp0(scale * rng.normal(size=(n, d)), CURV)
+
+
+def min_gap(scores):
+  """Smallest gap between two scores of one row, relative to the scale."""
+  s = np.sort(scores, axis=1)
+  return np.min(np.diff(s, axis=1)) / np.max(np.abs(scores))
+
+
+# --- class embeddings ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["hyp", "euc"])
+@pytest.mark.parametrize("counts", [(1, 3, 7), (4, 4, 4)])  # loop, batched
+def test_class_embedding_matches_float64_formula(mode, counts):
+  rng = np.random.default_rng(0)
+  prompts = [points(rng, p, 5) for p in counts]
+  with jax.enable_x64(True):
+    got = np.asarray(zeroshot.class_embeddings(prompts, CURV, mode))
+    assert got.dtype == np.float64
+  want = np.stack([ref_class_embedding(p, CURV, mode) for p in prompts])
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_class_embedding_of_one_prompt_is_the_prompt_and_float32_is_kept():
+  rng = np.random.default_rng(1)
+  x = points(rng, 1, 6).astype(np.float32)
+  got = np.asarray(zeroshot.class_embedding(x, CURV, "hyp"))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, x[0], rtol=1e-5)
+
+
+def test_hyperbolic_mean_differs_from_the_euclidean_mean_of_points():
+  """The tangent-space average is not the plain average of the points."""
+  rng = np.random.default_rng(2)
+  p = points(rng, 4, 3, scale=2.0)
+  with jax.enable_x64(True):
+    got = np.asarray(zeroshot.class_embedding(p, CURV, "hyp"))
+  assert np.linalg.norm(got - p.mean(axis=0)) > 1e-2
+
+
+# --- metrics --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["hyp", "euc"])
+def test_topk_and_mean_per_class_recall_match_bruteforce(mode):
+  rng = np.random.default_rng(3)
+  n, c, d = 90, 9, 6
+  classes = points(rng, c, d)
+  labels = rng.integers(0, c, n)
+  # Images near their class, with noise, so top-1 is neither 0 nor 1.
+  images = ref_exp0(ref_log0(classes, CURV)[labels]
+                    + 0.8 * rng.normal(size=(n, d)), CURV)
+  names = [f"class{i}" for i in range(c)]
+  scores = ref_scores(images, classes, CURV, mode)
+  want = ref_metrics(scores, labels, c)
+  assert 0.1 < want["top1"] < 0.95  # the fixture discriminates
+
+  with jax.enable_x64(True):
+    got = zeroshot.evaluate(images, labels, classes, names, CURV, mode,
+                            chunk_size=16)
+  for key in ("top1", "top5", "mean_per_class_recall"):
+    assert got[key] == pytest.approx(want[key], abs=1e-12), key
+  confusion = np.zeros((c, c), int)
+  for t, p in zip(labels, want["preds"]):
+    confusion[t, p] += 1
+  np.testing.assert_array_equal(got["confusion"], confusion)
+  assert got["chance_top1"] == pytest.approx(1 / c)
+
+  # float32, what users run: same ranks when no two scores are near-ties.
+  assert min_gap(scores) > 1e-5
+  got32 = zeroshot.evaluate(images.astype(np.float32), labels,
+                            classes.astype(np.float32), names, CURV, mode)
+  for key in ("top1", "top5", "mean_per_class_recall"):
+    assert got32[key] == pytest.approx(want[key], abs=1e-12), key
+
+
+def test_ties_rank_the_lower_class_index_first():
+  rng = np.random.default_rng(4)
+  cls = points(rng, 1, 4)
+  classes = np.concatenate([cls, cls, points(rng, 1, 4)])  # 0 and 1 tie
+  images = np.repeat(cls, 2, axis=0)
+  ranks, preds = zeroshot.true_class_ranks(images, classes, [0, 1], CURV)
+  np.testing.assert_array_equal(ranks, [0, 1])
+  np.testing.assert_array_equal(preds, [0, 0])
+
+
+def test_chunk_size_and_padding_do_not_change_the_ranks():
+  rng = np.random.default_rng(5)
+  images, classes = points(rng, 23, 5), points(rng, 6, 5)
+  labels = rng.integers(0, 6, 23)
+  a = zeroshot.true_class_ranks(images, classes, labels, CURV, chunk_size=4)
+  b = zeroshot.true_class_ranks(images, classes, labels, CURV,
+                                chunk_size=1000)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_classes_without_images_are_left_out_of_mean_per_class_recall():
+  m = zeroshot.metrics_from_ranks([0, 1, 0], [0, 0, 2], [0, 1, 2], 4)
+  assert m["mean_per_class_recall"] == pytest.approx((1 + 0 + 1) / 3)
+  assert m["per_class_recall"][3] is None
+  assert m["top5"] == 1.0
+
+
+def test_labels_out_of_range_are_refused():
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+    zeroshot.true_class_ranks(np.zeros((2, 3)), np.zeros((2, 3)), [0, 2],
+                              CURV)
+
+
+def test_report_files_and_confusion_plot(tmp_path):
+  rng = np.random.default_rng(6)
+  classes = points(rng, 3, 4)
+  report = zeroshot.evaluate(points(rng, 12, 4), rng.integers(0, 3, 12),
+                             classes, ["a", "b", "c"], CURV)
+  paths = zeroshot.write_report(report, tmp_path)
+  assert set(paths) == {"json", "md", "confusion"}
+  assert "| a |" in (tmp_path / "report.md").read_text()
+  assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
