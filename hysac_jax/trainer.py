@@ -196,6 +196,8 @@ def initial_params(config, init_from=None):
   """
   from hysac_jax import convert
   if init_from:
+    convert.check_run_compatible(
+        init_from, train_lib.model_from_config(config).clip)
     return convert.load_pretrained(init_from).params
   if config.model.clip:
     _, params = convert.clip_params_from_hf(config.model.clip)
