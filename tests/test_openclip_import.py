@@ -171,6 +171,27 @@ def test_quickgelu_model_names_resolve_to_quickgelu(open_clip):
       cfg, force_quick_gelu=True).config.vision.hidden_act == "quick_gelu"
 
 
+def test_plain_vit_configs_of_open_clip_convert_and_the_rest_are_named(
+    open_clip):
+  folder = os.path.dirname(oi.bundled_config_path("ViT-B-16"))
+  accepted, refused = set(), {}
+  for name in sorted(f[:-5] for f in os.listdir(folder)
+                     if f.endswith(".json")):
+    cfg, preprocess_cfg, source = oi.read_config(name)
+    try:
+      oi.config_from_openclip(cfg, source, preprocess_cfg)
+      accepted.add(name)
+    except oi.OpenCLIPConfigError as e:
+      refused[name] = str(e)
+  for name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336",
+               "ViT-H-14", "ViT-g-14", "ViT-bigG-14", "ViT-L-14-quickgelu"):
+    assert name in accepted
+  assert "custom_text" in refused["ViT-B-16-SigLIP"]
+  assert "timm_model_name" in refused["convnext_base"]
+  assert all(f"{folder}" in msg for msg in refused.values())
+  assert len(accepted) == 31 and len(refused) == 113, sorted(accepted)
+
+
 # --------------------------------------------------------------- CLI ---
 
 
@@ -460,7 +481,7 @@ def test_converted_openclip_model_trains_from_its_weights(openclip_run):
   state = ocp.PyTreeCheckpointer().restore(
       workdir / "checkpoints" / str(steps[-1]) / "state")
   start = hysac_jax.load_pretrained(openclip_run["converted"]).params
-  trained = state["params"]["clip"]["text_projection"]["kernel"]
+  trained = state["trainable"]["clip"]["text_projection"]["kernel"]
   initial = start["clip"]["text_projection"]["kernel"]
   moved = float(np.abs(np.asarray(trained) - initial).max())
   # Four Adam steps at lr <= 1e-3 move a weight by about 4e-3 at most; a
