@@ -564,6 +564,8 @@ def load_state(checkpoint):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"OpenCLIP checkpoint not found: {path}")
   if path.endswith(".safetensors"):
+    # bfloat16 tensors load as ml_dtypes' bfloat16 (registered with numpy
+    # by jax) and become float32 exactly in params_from_openclip_state.
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     try:
       return load_file(path)
@@ -597,7 +599,10 @@ def convert_openclip(config_name_or_path, checkpoint, out, curv_init=1.0,
               "open_clip_checkpoint": os.fspath(checkpoint),
               "activation": model.config.text.hidden_act,
               "force_quick_gelu": bool(force_quick_gelu),
-              "preprocess_source": model.preprocess_source},
+              "preprocess_source": model.preprocess_source,
+              # For the record: the pipeline resizes bicubic, shorter side
+              # then centre crop (open_clip's defaults), whatever this says.
+              "open_clip_preprocess_cfg": preprocess_cfg or {}},
       preprocess={"image_mean": list(model.image_mean),
                   "image_std": list(model.image_std)})
   return out, model

@@ -230,6 +230,8 @@ def test_cli_converts_a_training_checkpoint_with_its_mean_and_std(
   assert meta["preprocess"] == {"image_mean": mean, "image_std": std}
   assert meta["source"]["activation"] == "quick_gelu"
   assert meta["source"]["open_clip_config"] == str(config)
+  assert meta["source"]["open_clip_preprocess_cfg"]["resize_mode"] == (
+      "shortest")
   loaded = hysac_jax.load_pretrained(out)
   direct = oi.params_from_openclip_state(state_numpy(torch_model),
                                          loaded.config)
@@ -257,6 +259,39 @@ def test_cli_reads_safetensors_and_a_plain_config_json(open_clip, tmp_path):
   assert meta["preprocess"]["image_mean"] == list(oi.OPENAI_MEAN)
   loaded = hysac_jax.load_pretrained(out)
   assert_parity(torch_model, loaded.config, loaded.params["clip"])
+
+
+def test_bfloat16_safetensors_convert_exactly(open_clip, tmp_path):
+  from safetensors.torch import save_file
+  cfg = tiny_cfg()
+  state = {k: v.to(torch.bfloat16)
+           for k, v in openclip_model(open_clip, cfg).state_dict().items()}
+  path = tmp_path / "bf16.safetensors"
+  save_file(state, path)
+  config = oi.config_from_openclip(cfg).config
+  params = oi.params_from_openclip_state(oi.load_state(path), config)
+  want = state["visual.proj"].float().numpy()
+  got = params["visual_projection"]["kernel"]
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_cli_needs_neither_open_clip_nor_torchvision(tiny_files, tmp_path):
+  """The converter reads a config JSON and a torch checkpoint in a fresh
+  process without importing open_clip or torchvision."""
+  config, checkpoint, _ = tiny_files
+  code = ("import sys; from hysac_jax import convert; "
+          f"rc = convert.main(['--open-clip', {str(config)!r}, "
+          f"'--checkpoint', {str(checkpoint)!r}, '--out', "
+          f"{str(tmp_path / 'out')!r}]); "
+          "bad = [m for m in ('open_clip', 'torchvision') if m in "
+          "sys.modules]; print('imported:', bad); sys.exit(rc or len(bad))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+  assert "imported: []" in out.stdout
 
 
 def run_cli(args, capsys):
