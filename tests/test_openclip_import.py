@@ -22,7 +22,8 @@ from hysac_jax import cli
 from hysac_jax import convert
 from hysac_jax import openclip_import as oi
 from hysac_jax.models.clip import CLIPModel
-from numerics import assert_float64_parity, to_float64
+from numerics import (assert_float32_parity, assert_float64_parity,
+                      to_float64, tower_error_terms)
 from open_clip_import import load_open_clip
 import tiny_runs
 
@@ -160,6 +161,20 @@ def test_vitb16_widths_with_two_layers_match_open_clip(open_clip):
   assert "default" in model.preprocess_source
   params = oi.params_from_openclip_state(state_numpy(torch_model), c)
   assert_parity(torch_model, c, params)
+  # What users run: float32 on both sides, within the error model's bound.
+  ids, pixels = inputs(c)
+  with torch.no_grad():
+    want_t = torch_model.encode_text(torch.as_tensor(ids, dtype=torch.long))
+    want_v = torch_model.encode_image(torch.as_tensor(
+        pixels.transpose(0, 3, 1, 2), dtype=torch.float32))
+  model = CLIPModel(c)
+  got_t = model.apply({"params": params}, ids, method="encode_text")
+  got_v = model.apply({"params": params}, jnp.asarray(pixels, jnp.float32),
+                      method="encode_image")
+  assert np.asarray(got_v).dtype == np.float32
+  assert_float32_parity(got_t, want_t.numpy(), *tower_error_terms(c, "text"))
+  assert_float32_parity(got_v, want_v.numpy(),
+                        *tower_error_terms(c, "vision"))
 
 
 def test_quickgelu_model_names_resolve_to_quickgelu(open_clip):
