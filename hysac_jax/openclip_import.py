@@ -75,10 +75,14 @@ _SAME_FORWARD = "ignored"
 
 
 def _must_be(expected, what):
+  """A rule accepting only `expected` (None or False: any false value, as
+  open_clip tests these fields for truth)."""
   def check(value):
-    if value != expected and not (expected is None and not value):
-      return f"is {value!r}: {what}; only {expected!r} is supported"
-    return None
+    if value == expected or (expected in (None, False) and not value):
+      return None
+    if expected in (None, False):
+      return f"is {value!r}: {what}"
+    return f"is {value!r}: {what}; only {expected!r} is"
   return check
 
 
@@ -94,7 +98,9 @@ _CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads",
 
 _COMMON_FIELDS = {
     "width": "used", "layers": "used", "mlp_ratio": "used",
-    "ls_init_value": _must_be(None, "layer scale is not supported"),
+    # open_clip adds LayerScale when this `is not None`, even for 0.
+    "ls_init_value": lambda v: (None if v is None else
+                                f"is {v!r}: layer scale is not supported"),
     # Only changes what open_clip's forward returns (the token sequence as
     # well), not the pooled features.
     "output_tokens": _SAME_FORWARD,
