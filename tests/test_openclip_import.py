@@ -6,6 +6,7 @@ float64, so the bound is `numerics.F64_RTOL` of the largest output.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -450,11 +451,42 @@ def test_eos_pooling_at_id_2_is_refused():
 def test_every_open_clip_config_field_has_a_rule(open_clip):
   """A field added to open_clip's CLIPVisionCfg / CLIPTextCfg must be
   decided here (supported, ignorable or rejected), not passed over."""
-  import dataclasses
   vision = {f.name for f in dataclasses.fields(open_clip.CLIPVisionCfg)}
   text = {f.name for f in dataclasses.fields(open_clip.CLIPTextCfg)}
   assert vision == set(oi._VISION_FIELDS)  # pylint: disable=protected-access
   assert text == set(oi._TEXT_FIELDS)  # pylint: disable=protected-access
+
+
+def test_run_compatibility_checks_towers_and_mean_std(open_clip, tmp_path):
+  """`train.py --init_from` builds the run's towers and normalises with
+  OpenAI's mean/std: a converted model must agree on both."""
+  from hysac_jax.models import sizes
+  tiny = sizes.get_clip_config("tiny")
+  cfg = tiny_size_cfg()
+  torch_model = openclip_model(open_clip, cfg)
+  same = tmp_path / "same"
+  same.mkdir()
+  _, checkpoint = write_hub_layout(same, torch_model, cfg, wrap=False)
+  oi.convert_openclip(same, checkpoint, tmp_path / "ok")
+  convert.check_run_compatible(tmp_path / "ok", tiny)  # passes
+  other = tmp_path / "other"
+  other.mkdir()
+  _, checkpoint = write_hub_layout(other, torch_model, cfg, mean=[0.5] * 3,
+                                   std=[0.5] * 3, wrap=False)
+  oi.convert_openclip(other, checkpoint, tmp_path / "mean")
+  with pytest.raises(ValueError, match=r"image_mean \[0.5, 0.5, 0.5\], but "
+                     "the data pipeline uses OpenAI's"):
+    convert.check_run_compatible(tmp_path / "mean", tiny)
+  other_eps = dataclasses.replace(
+      tiny, vision=dataclasses.replace(tiny.vision, layer_norm_eps=1e-6))
+  with pytest.raises(ValueError, match=r"vision.layer_norm_eps 1e-05 \(run: "
+                     r"1e-06\)"):
+    convert.check_run_compatible(tmp_path / "ok", other_eps)
+  # Hugging Face configs pool at eos id 49407, the named sizes at the
+  # largest id: the same position on the OpenAI vocabulary.
+  hf_like = dataclasses.replace(
+      tiny, text=dataclasses.replace(tiny.text, eos_token_id=49407))
+  convert.check_run_compatible(tmp_path / "ok", hf_like)
 
 
 # ------------------------------------------- round trip through training ---
