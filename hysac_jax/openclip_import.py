@@ -43,6 +43,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
+from hysac_jax import convert
 from hysac_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
 
 # OpenCLIP's `PreprocessCfg` defaults (open_clip/constants.py): OpenAI's
@@ -518,7 +519,6 @@ def params_from_openclip_state(state, config, source="checkpoint"):
     CheckpointError: listing every missing key, unexpected key and shape
       mismatch (with both shapes).
   """
-  from hysac_jax.convert import CheckpointError, clip_template  # pylint: disable=g-import-not-at-top
   state = _unwrap(state)
   expected = key_map(config)
   missing = [k for k in expected if k not in state]
@@ -528,17 +528,17 @@ def params_from_openclip_state(state, config, source="checkpoint"):
            for k, (_, _, shape) in expected.items()
            if k in state and tuple(np.shape(state[k])) != shape]
   if missing or unexpected or wrong:
-    from hysac_jax.convert import _preview  # pylint: disable=g-import-not-at-top
     if len(missing) == len(expected):
-      raise CheckpointError(
+      raise convert.CheckpointError(
           f"{source} does not look like an OpenCLIP CLIP checkpoint: none of "
           f"the {len(expected)} expected keys (e.g. {missing[0]}) is present;"
           f" it has {len(state)} keys such as {sorted(state)[:5]}")
-    raise CheckpointError(
+    preview = convert._preview  # pylint: disable=protected-access
+    raise convert.CheckpointError(
         f"{source} does not match the OpenCLIP config: {len(missing)} "
-        f"missing keys {_preview(missing)}; {len(unexpected)} unexpected "
-        f"keys {_preview(unexpected)}; {len(wrong)} shape mismatches "
-        f"{_preview(wrong)}")
+        f"missing keys {preview(missing)}; {len(unexpected)} unexpected "
+        f"keys {preview(unexpected)}; {len(wrong)} shape mismatches "
+        f"{preview(wrong)}")
   flat = {}
   for key, (path, kind, _) in expected.items():
     a = np.asarray(state[key], np.float32)
@@ -555,7 +555,7 @@ def params_from_openclip_state(state, config, source="checkpoint"):
       flat[path] = a
   flat = {k: np.ascontiguousarray(v) for k, v in flat.items()}
   # The map above must cover the Flax CLIP exactly: a gap is a bug here.
-  template = clip_template(config)
+  template = convert.clip_template(config)
   assert set(template) == set(flat), sorted(set(template) ^ set(flat))
   for path, spec in template.items():
     assert flat[path].shape == spec.shape, (path, flat[path].shape,
@@ -564,8 +564,7 @@ def params_from_openclip_state(state, config, source="checkpoint"):
 
 
 def load_state(checkpoint):
-  """{key: float32 numpy array} of a `.safetensors`, `.pt`/`.pth`/`.bin`."""
-  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
+  """{key: numpy array} of a `.safetensors` or `torch.save`d file."""
   path = os.fspath(checkpoint)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"OpenCLIP checkpoint not found: {path}")
@@ -591,7 +590,6 @@ def convert_openclip(config_name_or_path, checkpoint, out, curv_init=1.0,
   Returns:
     (out, OpenCLIPModel).
   """
-  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
   model_cfg, preprocess_cfg, source = read_config(config_name_or_path)
   model = config_from_openclip(model_cfg, source, preprocess_cfg,
                                force_quick_gelu)
