@@ -7,7 +7,7 @@ and `open_clip/utils.py` imports `torchvision.ops.misc.FrozenBatchNorm2d`
 `open_clip.model.CLIP` with `open_clip.transformer`, needs torch alone. The
 torchvision wheel on PyPI is built for CUDA torch, so next to the CPU torch
 pinned for tests its import fails ("operator torchvision::nms does not
-exist"). Only then, and only while open_clip is being imported, does
+exist"), or torchvision is not installed at all. Only then, and only while open_clip is being imported, does
 `load_open_clip` put a stub `torchvision` in `sys.modules`: it defines exactly
 the names open_clip imports, and every one of them raises if used, so a test
 cannot silently run through a stub. The stub is taken out again afterwards,
@@ -60,6 +60,15 @@ def _torchvision_stub():
   transforms = modules["torchvision.transforms"]
   for name in _TRANSFORMS:
     setattr(transforms, name, _unavailable(f"transforms.{name}"))
+  functional = modules["torchvision.transforms.functional"]
+
+  def functional_getattr(name):
+    if name.startswith("__"):  # inspect and pickle probe module dunders
+      raise AttributeError(name)
+    raise RuntimeError(f"torchvision.transforms.functional.{name} is a test "
+                       "stub: torchvision does not import here")
+
+  functional.__getattr__ = functional_getattr  # PEP 562: on any name.
   # An enum in torchvision; open_clip reads two members as default values.
   transforms.InterpolationMode = types.SimpleNamespace(
       BICUBIC="bicubic", BILINEAR="bilinear", NEAREST="nearest")
