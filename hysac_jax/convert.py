@@ -567,6 +567,19 @@ def load_pretrained(path, dtype=jnp.float32, merge=False):
                          curv_init=meta.get("curv_init", 1.0), dtype=dtype)
 
 
+def converted_clip_config(path):
+  """The `CLIPConfig` of a converted directory, or None if `path` is not one
+  (e.g. a Hugging Face CLIP directory or hub id)."""
+  cfg_file = os.path.join(os.fspath(path), CONFIG_FILE)
+  if not os.path.isfile(cfg_file):
+    return None
+  with open(cfg_file) as f:
+    meta = json.load(f)
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    return None
+  return _config_from_dict(meta["clip"])
+
+
 def _same_pooling(a, b, vocab_size):
   """Whether two `eos_token_id`s pool at the same position: None (largest
   id) and 49407 agree on the OpenAI vocabulary, whose end-of-text token has
@@ -582,13 +595,14 @@ def check_run_compatible(path, clip_config):
 
   `train.py --init_from` builds its model from the run config and only
   takes the weights from `path`, so an activation or normalisation the run
-  does not share would change the model silently.
+  does not share would change the model silently. (`config.model.clip=path`
+  builds the towers from `path` itself.)
   """
   from hysac_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   cfg_file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(cfg_file):
-    raise FileNotFoundError(f"--init_from {path} is not a converted "
-                            f"hysac_jax directory: {cfg_file} is missing")
+    raise FileNotFoundError(f"{path} is not a converted hysac_jax "
+                            f"directory: {cfg_file} is missing")
   with open(cfg_file) as f:
     meta = json.load(f)
   ours = _config_to_dict(clip_config)
@@ -607,15 +621,16 @@ def check_run_compatible(path, clip_config):
                  f"{ours['projection_dim']!r})")
   if diffs:
     raise ValueError(
-        f"--init_from {path} does not match the run's CLIP "
-        f"(config.model.clip / config.model.size): {'; '.join(diffs)}")
+        f"converted model {path} does not match the run's CLIP "
+        f"(config.model.clip / config.model.size): {'; '.join(diffs)}; "
+        f"--config.model.clip={path} builds the run's towers from it")
   pp = meta.get("preprocess")
   if pp is not None:
     for field, want in (("image_mean", preprocess.CLIP_MEAN),
                         ("image_std", preprocess.CLIP_STD)):
       if not np.allclose(pp[field], want, rtol=0, atol=1e-7):
         raise ValueError(
-            f"--init_from {path} expects images normalised with {field} "
+            f"converted model {path} expects images normalised with {field} "
             f"{pp[field]}, but the data pipeline uses OpenAI's "
             f"{[float(v) for v in want]}")
 

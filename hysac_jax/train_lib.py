@@ -108,14 +108,17 @@ def model_from_config(config):
   """The HySAC module described by `config.model`.
 
   The architecture comes from `config.model.clip` (a Hugging Face CLIP
-  directory or hub id) when set, else from the named `config.model.size`.
+  directory or hub id, or a directory written by `hysac_jax.convert`) when
+  set, else from the named `config.model.size`.
   """
+  from hysac_jax import convert
   from hysac_jax.models import clip as clip_lib
   from hysac_jax.models import sizes
 
   m = config.model
   if m.get("clip", ""):
-    clip_config = sizes.clip_config_from_hf(m.clip)
+    clip_config = (convert.converted_clip_config(m.clip)
+                   or sizes.clip_config_from_hf(m.clip))
   else:
     clip_config = sizes.get_clip_config(m.size)
   lora = None

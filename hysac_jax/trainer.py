@@ -190,11 +190,15 @@ def initial_params(config, init_from=None):
 
   Args:
     config: run config; `config.model.clip` names a Hugging Face CLIP
-      directory or hub id (converted here).
+      directory or hub id (converted here), or a converted directory (its
+      params, as `init_from`; eval rebuilds the frozen weights from it).
     init_from: a directory written by `python -m hysac_jax.convert` (a
       converted HySAC model: CLIP, LoRA and head).
   """
   from hysac_jax import convert
+  clip = config.model.clip
+  if not init_from and clip and convert.converted_clip_config(clip):
+    init_from = clip  # A converted directory: its params, as --init_from.
   if init_from:
     convert.check_run_compatible(
         init_from, train_lib.model_from_config(config).clip)

@@ -574,24 +574,62 @@ def test_converted_openclip_model_trains_from_its_weights(openclip_run):
   assert (workdir / "bounds.json").is_file()
 
 
-@pytest.mark.slow
-def test_init_from_refuses_a_model_the_run_config_does_not_describe(
-    open_clip, tmp_path):
-  """configs/tiny.py builds QuickGELU towers: GELU weights are refused, not
-  run with the wrong activation."""
+@pytest.fixture(scope="module")
+def gelu_converted(open_clip, tmp_path_factory):
+  """A tiny GELU (LAION-style) OpenCLIP model, converted."""
+  folder = tmp_path_factory.mktemp("gelu")
   cfg = tiny_size_cfg(quick_gelu=False)
-  config = tmp_path / "gelu.json"
+  config = folder / "gelu.json"
   config.write_text(json.dumps(cfg))
-  checkpoint = tmp_path / "gelu.pt"
+  checkpoint = folder / "gelu.pt"
   torch.save(openclip_model(open_clip, cfg).state_dict(), checkpoint)
-  converted = tmp_path / "converted"
+  converted = folder / "converted"
   assert convert.main(["--open-clip", str(config), "--checkpoint",
                        str(checkpoint), "--out", str(converted)]) == 0
+  return converted
+
+
+@pytest.mark.slow
+def test_init_from_refuses_a_model_the_run_config_does_not_describe(
+    gelu_converted, tmp_path):
+  """configs/tiny.py builds QuickGELU towers: GELU weights are refused, not
+  run with the wrong activation."""
   out = train_cli(tiny_runs.tiny_cli_flags(tmp_path / "tfds", TRAIN_OVERRIDES)
                   + [f"--workdir={tmp_path / 'run'}",
-                     f"--init_from={converted}"])
+                     f"--init_from={gelu_converted}"])
   lines = [l for l in out.stderr.splitlines() if l.strip()]
   assert out.returncode == cli.EXIT_ERROR, out.stderr[-3000:]
   assert "Traceback" not in out.stderr
-  assert lines[-1].startswith("train.py: error: --init_from")
+  assert lines[-1].startswith(f"train.py: error: converted model "
+                              f"{gelu_converted} does not match")
   assert "text.hidden_act 'gelu' (run: 'quick_gelu')" in lines[-1]
+  assert f"--config.model.clip={gelu_converted} builds" in lines[-1]
+
+
+@pytest.mark.slow
+def test_gelu_model_trains_as_config_model_clip_and_evaluates_from_it(
+    gelu_converted, tmp_path):
+  """`config.model.clip=DIR` builds the run's towers from DIR (GELU here)
+  and starts from its weights; with the base frozen (LoRA only), the run's
+  evaluation rebuilds the frozen weights from DIR, not from a random init."""
+  from hysac_jax import trainer
+  config = tiny_runs.tiny_config(tmp_path / "tfds", {
+      **TRAIN_OVERRIDES, "model.clip": str(gelu_converted),
+      "model.train_base": False})
+  workdir = tmp_path / "run"
+  summary = trainer.train_and_evaluate(config, workdir)
+  assert not summary["preempted"]
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["clip"] == str(gelu_converted)
+  from hysac_jax import train_lib
+  assert train_lib.model_from_config(config).clip.text.hidden_act == "gelu"
+  state, _, _ = trainer.restore_for_eval(config, workdir)
+  start = hysac_jax.load_pretrained(gelu_converted)
+  params = jax.device_get(state.params)
+  frozen = ("clip", "vision_model", "encoder", "layers_1", "mlp", "fc1",
+            "kernel")
+  lora_b = frozen[:-1] + ("lora_B",)
+  get = lambda tree, path: tree if not path else get(tree[path[0]], path[1:])
+  np.testing.assert_array_equal(get(params, frozen), get(start.params,
+                                                         frozen))
+  assert np.abs(get(params, lora_b)).max() > 0  # LoRA B trained from 0
