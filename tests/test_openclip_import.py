@@ -47,7 +47,6 @@ def tiny_cfg(**top):
 # supported exactly although they differ from the defaults, and patch
 # dropout, which must not act at inference.
 GELU_VARIANTS = tiny_cfg(
-    quick_gelu=False,
     vision_cfg={"image_size": 24, "patch_size": 6, "width": 48, "layers": 2,
                 "head_width": 16, "mlp_ratio": 2.5,
                 "norm_kwargs": {"eps": 1e-6}, "final_ln_after_pool": True,
@@ -56,7 +55,7 @@ GELU_VARIANTS = tiny_cfg(
               "heads": 4, "layers": 2, "mlp_ratio": 3.0,
               "norm_kwargs": {"eps": 1e-6}, "pool_type": "eos",
               "eos_id": 97, "final_ln_after_pool": True})
-del GELU_VARIANTS["quick_gelu"]
+del GELU_VARIANTS["quick_gelu"]  # absent: open_clip's default, GELU
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +79,23 @@ def state_numpy(model):
 
 
 def inputs(config, batch=3, seed=1):
-  """Token ids whose end-of-text (the largest id, and `eos` when given)
-  sits at different positions, and normalised NHWC pixels."""
+  """Token ids whose end-of-text sits at different positions, and
+  normalised NHWC pixels.
+
+  The end of text is the largest id, or `eos_token_id` when pooling there;
+  then the largest id of the vocabulary also comes earlier in each row, so
+  that pooling at the largest id would pick another position.
+  """
   t, v = config.text, config.vision
   rng = np.random.default_rng(seed)
-  eot = t.vocab_size - 1
-  ids = rng.integers(1, eot - 3, size=(batch, t.max_position_embeddings))
+  top = t.vocab_size - 1
+  ids = rng.integers(1, top - 3, size=(batch, t.max_position_embeddings))
   for row, end in enumerate((3, t.max_position_embeddings - 1, 7)[:batch]):
-    ids[row, end] = eot if t.eos_token_id is None else t.eos_token_id
+    if t.eos_token_id is None:
+      ids[row, end] = top
+    else:
+      ids[row, end] = t.eos_token_id
+      ids[row, 1] = top
     ids[row, end + 1:] = 0
   pixels = rng.normal(size=(batch, v.image_size, v.image_size, 3))
   return ids.astype(np.int32), pixels
