@@ -17,10 +17,11 @@ Entry points:
   `(CLIPConfig, params)`.
 - `hysac_params_from_pytorch(checkpoint, clip_path)`: a checkpoint in the
   HySAC release layout -> `(CLIPConfig, LoRAConfig, HySAC params)`.
-- `save_pretrained(out_dir, ...)` / `load_pretrained(out_dir)`: the converted
-  directory, read back as a model with `encode_image` / `encode_text`.
+- `save_pretrained(out_dir, ...)` / `read_converted(out_dir)`: the converted
+  directory (serve it with `hysac_jax.serving.load_model(out_dir)`).
 - CLI: `python -m hysac_jax.convert --clip PATH_OR_ID
-  [--hysac-checkpoint FILE] --out DIR`.
+  [--hysac-checkpoint FILE] --out DIR`, or `--open-clip NAME_OR_JSON
+  --checkpoint FILE --out DIR` for OpenCLIP (`hysac_jax/openclip_import.py`).
 """
 
 import argparse
@@ -423,7 +424,7 @@ def initial_head(config, curv_init=1.0):
 
 
 def save_pretrained(out_dir, config, params, lora=None, mode="hyp",
-                    curv_init=1.0, source=None):
+                    curv_init=1.0, source=None, preprocess=None):
   """Writes a converted HySAC model directory.
 
   Files: `config.json` (CLIP + LoRA configs, mode, curv_init),
@@ -440,6 +441,8 @@ def save_pretrained(out_dir, config, params, lora=None, mode="hyp",
     mode: "hyp" or "euc".
     curv_init: c0, which sets the curvature's clamp range.
     source: optional dict describing where the weights came from.
+    preprocess: optional `{"image_mean": [3], "image_std": [3]}` of the
+      weights (an OpenCLIP import); absent means OpenAI's CLIP values.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
@@ -447,6 +450,8 @@ def save_pretrained(out_dir, config, params, lora=None, mode="hyp",
           "clip": config.to_dict(),
           "lora": None if lora is None else dataclasses.asdict(lora),
           "mode": mode, "curv_init": curv_init, "source": source or {}}
+  if preprocess is not None:
+    meta["preprocess"] = preprocess
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)
   flat = traverse_util.flatten_dict(params, sep="/")
@@ -507,6 +512,74 @@ def load_pretrained(path, dtype=jnp.float32, merge=False):
   return serving.load_model(path, dtype=dtype, merge_lora=merge)
 
 
+def converted_clip_config(path):
+  """The `CLIPConfig` of a converted directory, or None if `path` is not one
+  (e.g. a Hugging Face CLIP directory or hub id)."""
+  cfg_file = os.path.join(os.fspath(path), CONFIG_FILE)
+  if not os.path.isfile(cfg_file):
+    return None
+  with open(cfg_file) as f:
+    meta = json.load(f)
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    return None
+  return CLIPConfig.from_dict(meta["clip"])
+
+
+def _same_pooling(a, b, vocab_size):
+  """Whether two `eos_token_id`s pool at the same position: None (largest
+  id) and 49407 agree on the OpenAI vocabulary, whose end-of-text token has
+  the largest id."""
+  openai_eot = {None, 2, 49407} if vocab_size == 49408 else {None, 2}
+  return a == b or (a in openai_eot and b in openai_eot)
+
+
+def check_run_compatible(path, clip_config):
+  """Raises ValueError unless the converted directory `path` computes what
+  a run's towers compute: the same `CLIPConfig` (widths, depths, activation,
+  epsilons, pooling) and the image mean/std the data pipeline uses.
+
+  `train.py --init_from` builds its model from the run config and only
+  takes the weights from `path`, so an activation or normalisation the run
+  does not share would change the model silently. (`config.model.clip=path`
+  builds the towers from `path` itself.)
+  """
+  from hysac_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  cfg_file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(cfg_file):
+    raise FileNotFoundError(f"{path} is not a converted hysac_jax "
+                            f"directory: {cfg_file} is missing")
+  with open(cfg_file) as f:
+    meta = json.load(f)
+  ours = clip_config.to_dict()
+  theirs = meta.get("clip", {})
+  diffs = []
+  for tower in ("text", "vision"):
+    for field, value in ours[tower].items():
+      other = theirs.get(tower, {}).get(field)
+      if field == "eos_token_id" and _same_pooling(
+          value, other, ours[tower].get("vocab_size")):
+        continue
+      if other != value:
+        diffs.append(f"{tower}.{field} {other!r} (run: {value!r})")
+  if theirs.get("projection_dim") != ours["projection_dim"]:
+    diffs.append(f"projection_dim {theirs.get('projection_dim')!r} (run: "
+                 f"{ours['projection_dim']!r})")
+  if diffs:
+    raise ValueError(
+        f"converted model {path} does not match the run's CLIP "
+        f"(config.model.clip / config.model.size): {'; '.join(diffs)}; "
+        f"--config.model.clip={path} builds the run's towers from it")
+  pp = meta.get("preprocess")
+  if pp is not None:
+    for field, want in (("image_mean", preprocess.CLIP_MEAN),
+                        ("image_std", preprocess.CLIP_STD)):
+      if not np.allclose(pp[field], want, rtol=0, atol=1e-7):
+        raise ValueError(
+            f"converted model {path} expects images normalised with {field} "
+            f"{pp[field]}, but the data pipeline uses OpenAI's "
+            f"{[float(v) for v in want]}")
+
+
 def convert(clip, out, hysac_checkpoint=None, merge=False, curv_init=1.0,
             lora_alpha=1.0):
   """Converts CLIP (and optionally a HySAC release checkpoint) to `out`.
@@ -540,9 +613,19 @@ def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m hysac_jax.convert",
       description="Convert Hugging Face CLIP (and a HySAC release "
-                  "checkpoint) to a hysac_jax directory.")
-  parser.add_argument("--clip", required=True,
-                      help="Hugging Face CLIP directory or hub id")
+                  "checkpoint), or an OpenCLIP checkpoint, to a hysac_jax "
+                  "directory.")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--clip", help="Hugging Face CLIP directory or hub id")
+  source.add_argument("--open-clip", metavar="NAME_OR_CONFIG",
+                      help="OpenCLIP model name (open_clip's bundled "
+                           "config) or config JSON / open_clip_config.json")
+  parser.add_argument("--checkpoint", default=None,
+                      help="the OpenCLIP weights (.safetensors, .pt, .bin)")
+  parser.add_argument("--force-quick-gelu", action="store_true",
+                      help="OpenCLIP: QuickGELU although the config says "
+                           "GELU (OpenAI weights under a non-quickgelu "
+                           "config, as open_clip's force_quick_gelu)")
   parser.add_argument("--hysac-checkpoint", default=None,
                       help="HySAC release checkpoint (hysac_model.pth)")
   parser.add_argument("--out", required=True, help="output directory")
@@ -555,6 +638,12 @@ def main(argv=None):
   out = os.path.expanduser(args.out)
   if os.path.exists(out) and not os.path.isdir(out):
     return cli.fail(parser.prog, f"--out {out} is a file, not a directory")
+  if args.open_clip is not None:
+    return _main_open_clip(parser, args, out)
+  if args.checkpoint or args.force_quick_gelu:
+    return cli.fail(parser.prog, "--checkpoint and --force-quick-gelu go "
+                    "with --open-clip (for --clip use --hysac-checkpoint)",
+                    cli.EXIT_USAGE)
   try:
     out = convert(args.clip, out, args.hysac_checkpoint,
                   merge=args.merge_lora, curv_init=args.curv_init,
@@ -565,6 +654,28 @@ def main(argv=None):
     return cli.fail(parser.prog, e)
   with open(os.path.join(out, HEAD_FILE)) as f:
     print(f"wrote {out}: {json.load(f)['values']}")
+  return 0
+
+
+def _main_open_clip(parser, args, out):
+  """The --open-clip branch of `main`."""
+  from hysac_jax import openclip_import  # pylint: disable=g-import-not-at-top
+  if not args.checkpoint:
+    return cli.fail(parser.prog, "--open-clip needs --checkpoint FILE (the "
+                    "OpenCLIP weights)", cli.EXIT_USAGE)
+  if args.hysac_checkpoint or args.merge_lora:
+    return cli.fail(parser.prog, "--hysac-checkpoint and --merge-lora go "
+                    "with --clip, not --open-clip", cli.EXIT_USAGE)
+  try:
+    out, model = openclip_import.convert_openclip(
+        args.open_clip, args.checkpoint, out, curv_init=args.curv_init,
+        force_quick_gelu=args.force_quick_gelu)
+  except (CheckpointError, ValueError, OSError, ImportError) as e:
+    # ValueError: a config the Flax CLIP cannot reproduce (names the field).
+    return cli.fail(parser.prog, e)
+  print(f"wrote {out}: activation {model.config.text.hidden_act}, image "
+        f"mean {list(model.image_mean)} std {list(model.image_std)} (from "
+        f"{model.preprocess_source})")
   return 0
 
 

@@ -108,14 +108,17 @@ def model_from_config(config):
   """The HySAC module described by `config.model`.
 
   The architecture comes from `config.model.clip` (a Hugging Face CLIP
-  directory or hub id) when set, else from the named `config.model.size`.
+  directory or hub id, or a directory written by `hysac_jax.convert`) when
+  set, else from the named `config.model.size`.
   """
+  from hysac_jax import convert
   from hysac_jax.models import clip as clip_lib
   from hysac_jax.models import sizes
 
   m = config.model
-  if m.get("clip", ""):
-    clip_config = sizes.clip_config_from_hf(m.clip)
+  if m.clip:
+    clip_config = (convert.converted_clip_config(m.clip)
+                   or sizes.clip_config_from_hf(m.clip))
   else:
     clip_config = sizes.get_clip_config(m.size)
   lora = None
@@ -126,7 +129,7 @@ def model_from_config(config):
   if m.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of "
                      f"{sorted(DTYPES)}")
-  attention = m.get("attention", "auto")
+  attention = m.attention
   clip_lib.attention_implementation(attention, DTYPES[m.dtype], 64)  # checks
   return hysac_lib.HySAC(clip=clip_config, lora=lora, mode=m.mode,
                          dtype=DTYPES[m.dtype],
@@ -140,14 +143,20 @@ def initial_params(config):
 
   `config.model.init_from` (a directory written by `python -m
   hysac_jax.convert`: CLIP, LoRA and head) wins over `config.model.clip` (a
-  Hugging Face CLIP directory or hub id, converted here). A resumed,
+  Hugging Face CLIP directory or hub id, converted here, or a converted
+  directory, read as `init_from`). A resumed,
   evaluated or exported run reads its frozen weights from the same place.
   """
   from hysac_jax import convert  # pylint: disable=g-import-not-at-top
-  if config.model.init_from:
-    return convert.read_converted(config.model.init_from).params
-  if config.model.clip:
-    _, params = convert.clip_params_from_hf(config.model.clip)
+  init_from, clip = config.model.init_from, config.model.clip
+  if not init_from and clip and convert.converted_clip_config(clip):
+    init_from = clip  # A converted directory: its params, as --init_from.
+  if init_from:
+    # The towers are built from the config: the weights must fit them.
+    convert.check_run_compatible(init_from, model_from_config(config).clip)
+    return convert.read_converted(init_from).params
+  if clip:
+    _, params = convert.clip_params_from_hf(clip)
     return params
   return None
 
