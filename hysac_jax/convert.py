@@ -476,22 +476,27 @@ class Converted:
   source: dict
 
 
+def _read_meta(path):
+  """config.json of a converted directory (raises naming the file)."""
+  cfg_file = os.path.join(os.fspath(path), CONFIG_FILE)
+  if not os.path.isfile(cfg_file):
+    raise FileNotFoundError(f"{path} is not a converted hysac_jax "
+                            f"directory: {cfg_file} is missing")
+  with open(cfg_file) as f:
+    meta = json.load(f)
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise CheckpointError(f"{cfg_file} is not a {FORMAT} config; write it "
+                          "with `python -m hysac_jax.convert`")
+  return meta
+
+
 def read_converted(path):
   """Reads a directory written by `save_pretrained` (or the CLI).
 
   Serve it with `hysac_jax.serving.load_model(path)`; this only reads.
   """
   path = os.fspath(path)
-  cfg_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(cfg_file):
-    raise FileNotFoundError(f"not a converted hysac_jax directory: "
-                            f"{cfg_file} is missing")
-  with open(cfg_file) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise CheckpointError(f"{cfg_file} is not a {FORMAT} config (format "
-                          f"{meta.get('format')!r}); write it with "
-                          "`python -m hysac_jax.convert`")
+  meta = _read_meta(path)
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   params = traverse_util.unflatten_dict(
       load_file(os.path.join(path, PARAMS_FILE)), sep="/")
@@ -544,12 +549,7 @@ def check_run_compatible(path, clip_config):
   builds the towers from `path` itself.)
   """
   from hysac_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  cfg_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(cfg_file):
-    raise FileNotFoundError(f"{path} is not a converted hysac_jax "
-                            f"directory: {cfg_file} is missing")
-  with open(cfg_file) as f:
-    meta = json.load(f)
+  meta = _read_meta(path)
   ours = clip_config.to_dict()
   theirs = meta.get("clip", {})
   diffs = []

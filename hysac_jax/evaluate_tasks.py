@@ -60,15 +60,6 @@ def _fill(templates, name, where):
   return [t.replace("{}", name) for t in templates]
 
 
-def _read_templates(path):
-  with open(path, encoding="utf-8") as f:
-    lines = [line.strip() for line in f]
-  templates = [t for t in lines if t and not t.startswith("#")]
-  if not templates:
-    raise ValueError(f"template file {path} holds no template")
-  return templates
-
-
 def class_prompts(class_names, tfds_name=None, prompts_file=None,
                   templates_file=None):
   """The prompts of each class, in label order, and where they come from.
@@ -121,7 +112,8 @@ def class_prompts(class_names, tfds_name=None, prompts_file=None,
     raise ValueError(f"prompt file {prompts_file} holds neither "
                      "{'prompts': {class: [...]}} nor {'templates': [...]}")
   if templates_file:
-    templates = _read_templates(templates_file)
+    from hysac_jax.evaluation import prompt_safety  # pylint: disable=g-import-not-at-top
+    templates = prompt_safety.read_lines(templates_file, "template")
     return ([_fill(templates, n, templates_file) for n in names], names,
             templates_file)
   shipped = shipped_class_prompts(tfds_name)

@@ -35,18 +35,24 @@ DEFAULT_PROMPT_FILES = {"safe": "safe_prompts.txt",
                         "unsafe": "unsafe_prompts.txt"}
 
 
-def read_prompts(path) -> list[str]:
-  """Prompts from a text file: one a line; blank and `#` lines skipped.
+def read_lines(path, what="prompt") -> list[str]:
+  """Lines of a text file, one prompt (or template) a line; blank and `#`
+  lines skipped.
 
   Raises:
-    ValueError: a file without a prompt (naming it).
+    ValueError: a file without any (naming it and `what`).
   """
   with open(path, encoding="utf-8") as f:
-    prompts = [line.strip() for line in f]
-  prompts = [p for p in prompts if p and not p.startswith("#")]
-  if not prompts:
-    raise ValueError(f"prompt file {path} holds no prompt")
-  return prompts
+    lines = [line.strip() for line in f]
+  lines = [t for t in lines if t and not t.startswith("#")]
+  if not lines:
+    raise ValueError(f"{what} file {path} holds no {what}")
+  return lines
+
+
+def read_prompts(path) -> list[str]:
+  """Prompts from a text file: one a line; blank and `#` lines skipped."""
+  return read_lines(path, "prompt")
 
 
 def default_prompts() -> dict[str, list[str]]:
