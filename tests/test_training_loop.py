@@ -441,3 +441,19 @@ def test_eval_writes_every_report_file(finished_run, data_dir, caplog):
   assert len(pngs) >= 3
   for f in pngs:
     assert os.path.getsize(os.path.join(out_dir, f)) > 1000
+
+
+def test_model_paths_are_saved_absolute_and_hub_ids_as_given(tmp_path,
+                                                             monkeypatch):
+  """A run's config.json must find its weights from any directory."""
+  (tmp_path / "converted").mkdir()
+  monkeypatch.chdir(tmp_path)
+  config = config_lib.base_config()
+  got = loop_lib._with_absolute_model_paths(config, "converted")  # pylint: disable=protected-access
+  assert got.model.init_from == str(tmp_path / "converted")
+  assert got.model.clip == "openai/clip-vit-large-patch14"  # a hub id
+  config.model.clip = "converted"
+  got = loop_lib._with_absolute_model_paths(config, None)  # pylint: disable=protected-access
+  assert got.model.clip == str(tmp_path / "converted")
+  assert got.model.init_from == ""
+  assert config.model.clip == "converted"  # the caller's config unchanged

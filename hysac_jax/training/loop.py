@@ -261,6 +261,20 @@ def _restore_latest(checkpoints, abstract_tree, fallback):
                                  kind=first.kind, step=first.step) from first
 
 
+def _with_absolute_model_paths(config, init_from):
+  """`config` with `model.init_from` (the --init_from flag, if given) and a
+  local `model.clip` directory made absolute: the run's config.json must
+  find them again from any working directory (eval.py, export, resume)."""
+  config = config.copy_and_resolve_references()
+  if init_from:
+    config.model.init_from = init_from
+  for field in ("init_from", "clip"):
+    path = os.path.expanduser(config.model[field])
+    if config.model[field] and os.path.isdir(path):
+      config.model[field] = os.path.abspath(path)
+  return config
+
+
 def train_and_evaluate(config, workdir, *, init_from=None, resume=None,
                        overwrite=False, fallback_checkpoint=False,
                        startup=None):
@@ -285,9 +299,7 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None,
     "preempted" and, when preempted, "signal".
   """
   config_lib.check_config(config)
-  if init_from:
-    config = config.copy_and_resolve_references()
-    config.model.init_from = os.path.abspath(os.path.expanduser(init_from))
+  config = _with_absolute_model_paths(config, init_from)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   lock = open_run_dir(workdir, resume, overwrite)
   try:
