@@ -548,7 +548,6 @@ def check_run_compatible(path, clip_config):
   does not share would change the model silently. (`config.model.clip=path`
   builds the towers from `path` itself.)
   """
-  from hysac_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   meta = _read_meta(path)
   ours = clip_config.to_dict()
   theirs = meta.get("clip", {})
@@ -569,15 +568,24 @@ def check_run_compatible(path, clip_config):
         f"converted model {path} does not match the run's CLIP "
         f"(config.model.clip / config.model.size): {'; '.join(diffs)}; "
         f"--config.model.clip={path} builds the run's towers from it")
-  pp = meta.get("preprocess")
-  if pp is not None:
-    for field, want in (("image_mean", preprocess.CLIP_MEAN),
-                        ("image_std", preprocess.CLIP_STD)):
-      if not np.allclose(pp[field], want, rtol=0, atol=1e-7):
-        raise ValueError(
-            f"converted model {path} expects images normalised with {field} "
-            f"{pp[field]}, but the data pipeline uses OpenAI's "
-            f"{[float(v) for v in want]}")
+  check_preprocess(path, meta)
+
+
+def check_preprocess(path, meta=None):
+  """Raises ValueError when the converted directory `path` expects images
+  normalised otherwise than OpenAI's CLIP mean/std, which every image
+  pipeline here (training, eval.py, predict) uses."""
+  from hysac_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  pp = (meta or _read_meta(path)).get("preprocess")
+  if pp is None:  # converted from Hugging Face or the release: OpenAI's
+    return
+  for field, want in (("image_mean", preprocess.CLIP_MEAN),
+                      ("image_std", preprocess.CLIP_STD)):
+    if not np.allclose(pp[field], want, rtol=0, atol=1e-7):
+      raise ValueError(
+          f"converted model {path} expects images normalised with {field} "
+          f"{pp[field]}, but the image pipelines use OpenAI's "
+          f"{[float(v) for v in want]}")
 
 
 def convert(clip, out, hysac_checkpoint=None, merge=False, curv_init=1.0,

@@ -371,6 +371,9 @@ def _load_run(directory, checkpoint, dtype, merge_lora):
 def _load_converted(directory, dtype, merge_lora):
   from hysac_jax import convert  # pylint: disable=g-import-not-at-top
   from hysac_jax.models.lora import merge_lora as merge  # pylint: disable=g-import-not-at-top
+  # Its images would be normalised with OpenAI's mean/std here: refuse
+  # another (an OpenCLIP import) rather than embed them wrongly.
+  convert.check_preprocess(directory)
   converted = convert.read_converted(directory)
   params, lora = converted.params, converted.lora
   if merge_lora and lora is not None:

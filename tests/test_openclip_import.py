@@ -259,7 +259,11 @@ def test_cli_converts_a_training_checkpoint_with_its_mean_and_std(
   assert meta["source"]["open_clip_config"] == str(config)
   assert meta["source"]["open_clip_preprocess_cfg"]["resize_mode"] == (
       "shortest")
-  loaded = serving.load_model(out, merge_lora=False)
+  # Served, its images would be normalised with OpenAI's mean/std: refused.
+  with pytest.raises(ValueError, match=r"image_mean \[0.5, 0.5, 0.5\], but "
+                     "the image pipelines use OpenAI's"):
+    serving.load_model(out)
+  loaded = convert.read_converted(out)
   direct = oi.params_from_openclip_state(state_numpy(torch_model),
                                          loaded.config)
   for a, b in zip(jax.tree.leaves(direct),
@@ -486,7 +490,7 @@ def test_run_compatibility_checks_towers_and_mean_std(open_clip, tmp_path):
                                    std=[0.5] * 3, wrap=False)
   oi.convert_openclip(other, checkpoint, tmp_path / "mean")
   with pytest.raises(ValueError, match=r"image_mean \[0.5, 0.5, 0.5\], but "
-                     "the data pipeline uses OpenAI's"):
+                     "the image pipelines use OpenAI's"):
     convert.check_run_compatible(tmp_path / "mean", tiny)
   other_eps = dataclasses.replace(
       tiny, vision=dataclasses.replace(tiny.vision, layer_norm_eps=1e-6))
