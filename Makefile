@@ -6,14 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast venv clean
 
+# open_clip (the reference of the OpenCLIP import tests) goes in without its
+# torchvision: PyPI's torchvision is built for CUDA torch and, next to the CPU
+# torch pinned here, fails to load and breaks `import peft`.
+# tests/open_clip_import.py stubs the torchvision names open_clip imports.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	# open_clip (the reference of the OpenCLIP import tests) without its
-	# torchvision: PyPI's torchvision is built for CUDA torch and, next to the
-	# CPU torch pinned here, fails to load and breaks `import peft`.
-	# tests/open_clip_import.py stubs the torchvision names open_clip imports.
 	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
 
