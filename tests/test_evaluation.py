@@ -365,3 +365,22 @@ def test_poincare_projection_keeps_the_poincare_radius():
 def test_report_module_exposes_the_spec_pairings():
   assert report_lib.PAIRINGS == (("S", "V"), ("S", "G"), ("U", "V"),
                                  ("U", "G"))
+
+
+def test_report_keeps_float64_under_x64():
+  """As `lorentz` and `safety` do: a float64 caller gets float64 distances
+  (checked to 1e-12 against NumPy, far below float32's ~1e-7)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(11)
+  S, U, V, G = (random_points(rng, 12, 5).astype(np.float64)
+                for _ in range(4))
+  curv = 0.7
+  with jax.enable_x64(True):
+    report = evaluation.evaluate(S, U, V, G, curv)
+    ranks, _ = retrieval.positive_ranks(S, V, curv)
+  want = np.arccosh(np.sqrt(1 + curv * (U ** 2).sum(-1))) / np.sqrt(curv)
+  assert report["distances"]["U"]["mean"] == pytest.approx(want.mean(),
+                                                           rel=1e-12)
+  assert report["distances"]["U"]["max"] == pytest.approx(want.max(),
+                                                          rel=1e-12)
+  assert ranks.shape == (12,)

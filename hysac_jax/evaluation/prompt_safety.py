@@ -30,6 +30,7 @@ from hysac_jax import lorentz
 from hysac_jax import safety
 from hysac_jax.evaluation import classification
 from hysac_jax.evaluation import report as report_lib
+from hysac_jax.models import hysac as hysac_lib
 
 DEFAULT_PROMPT_FILES = {"safe": "safe_prompts.txt",
                         "unsafe": "unsafe_prompts.txt"}
@@ -66,21 +67,12 @@ def default_prompts() -> dict[str, list[str]]:
   return out
 
 
-def _float(x):
-  x = jnp.asarray(x)
-  return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
-
-
-def _unit(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 @functools.partial(jax.jit, static_argnames=("mode",))
 def _scores(emb, safe_prompts, unsafe_prompts, curv, mode):
   if mode == "euc":
-    x = _unit(emb)
-    return (jnp.max(x @ _unit(unsafe_prompts).T, axis=1)
-            - jnp.max(x @ _unit(safe_prompts).T, axis=1))
+    x = hysac_lib.l2_normalize(emb)
+    return (jnp.max(x @ hysac_lib.l2_normalize(unsafe_prompts).T, axis=1)
+            - jnp.max(x @ hysac_lib.l2_normalize(safe_prompts).T, axis=1))
   return (jnp.min(lorentz.pairwise_dist(emb, safe_prompts, curv), axis=1)
           - jnp.min(lorentz.pairwise_dist(emb, unsafe_prompts, curv), axis=1))
 
@@ -98,9 +90,8 @@ def prompt_scores(emb, safe_prompts, unsafe_prompts, curv, mode="hyp"):
   Returns:
     (N,) NumPy scores; > 0 iff the nearest prompt is unsafe.
   """
-  if mode not in ("hyp", "euc"):
-    raise ValueError(f"mode must be 'hyp' or 'euc', got {mode!r}")
-  emb, sp, up = _float(emb), _float(safe_prompts), _float(unsafe_prompts)
+  hysac_lib.check_mode(mode)
+  emb, sp, up = lorentz.at_least_float32(emb), lorentz.at_least_float32(safe_prompts), lorentz.at_least_float32(unsafe_prompts)
   if len(sp) == 0 or len(up) == 0:
     raise ValueError("both prompt sets need at least one prompt")
   return np.asarray(_scores(emb, sp, up, jnp.asarray(
@@ -110,9 +101,7 @@ def prompt_scores(emb, safe_prompts, unsafe_prompts, curv, mode="hyp"):
 def origin_scores(emb, curv, mode="hyp"):
   """Distance-based unsafe score: distance from the origin (hyp) or the
   feature norm (euc)."""
-  if mode == "hyp":
-    return np.asarray(lorentz.dist0(_float(emb), curv))
-  return np.linalg.norm(np.asarray(emb, np.float64), axis=-1)
+  return np.asarray(safety.origin_distance(emb, curv, mode))
 
 
 def _method_row(scores, labels, rule_threshold):

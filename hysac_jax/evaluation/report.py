@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from hysac_jax import lorentz
 from hysac_jax import safety
 from hysac_jax.evaluation import classification
 from hysac_jax.evaluation import retrieval
@@ -41,7 +42,7 @@ TRAVERSALS = ("none", "release", "geodesic")
 def _as_groups(S, U, V, G) -> dict[str, np.ndarray]:
   groups = {}
   for name, emb in zip(safety.GROUPS, (S, U, V, G)):
-    emb = np.asarray(emb, np.float32)
+    emb = np.asarray(lorentz.at_least_float32(emb))  # float64 stays
     if emb.ndim != 2:
       raise ValueError(f"embeddings {name} must be (n, d), got {emb.shape}")
     groups[name] = emb
@@ -82,8 +83,7 @@ def _distance_stats(dist: np.ndarray) -> dict[str, float]:
 def _traversal_scales(emb, curv, bound, alpha) -> np.ndarray:
   """(n, 3) radial factors s with traverse_to_safe(x) = s·x: none, release,
   geodesic (both traversals keep the direction of x)."""
-  emb = np.asarray(emb, np.float32)
-  norm = np.linalg.norm(emb.astype(np.float64), axis=-1)
+  norm = np.linalg.norm(np.asarray(emb, np.float64), axis=-1)
   cols = [np.ones_like(norm)]
   for how in TRAVERSALS[1:]:
     moved = np.asarray(safety.traverse_to_safe(emb, curv, bound, alpha, how),

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hysac_jax import lorentz
 from hysac_jax.models import hysac as hysac_lib
 
 DEFAULT_K = (1, 10, 20)
@@ -123,8 +124,9 @@ def block_ranks(queries, pool_blocks: Sequence, curv, positives,
     index ranked first.
   """
   hysac_lib.check_mode(mode)
-  queries = np.asarray(queries, np.float32)
-  blocks = [np.asarray(b, np.float32) for b in pool_blocks]
+  # The caller's float dtype, at least float32 (float64 stays, under x64).
+  queries = np.asarray(lorentz.at_least_float32(queries))
+  blocks = [np.asarray(b, queries.dtype) for b in pool_blocks]
   pool = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
   if queries.ndim != 2 or pool.ndim != 2 or queries.shape[1] != pool.shape[1]:
     raise ValueError(f"queries and pool must be (n, d) and (m, d); got "
@@ -134,8 +136,8 @@ def block_ranks(queries, pool_blocks: Sequence, curv, positives,
   if positives.size and (positives.min() < 0 or positives.max() >= m):
     raise ValueError(f"positives must index the pool of {m} items, got range "
                      f"[{positives.min()}, {positives.max()}]")
-  scales = (np.ones((n, 1), np.float32) if scales is None
-            else np.asarray(scales, np.float32).reshape(n, -1))
+  scales = (np.ones((n, 1), queries.dtype) if scales is None
+            else np.asarray(scales, queries.dtype).reshape(n, -1))
   edges = tuple(int(e) for e in np.cumsum([0] + [len(b) for b in blocks]))
   chunk = max(1, min(chunk_size, n))
   pad = (-n) % chunk
@@ -143,7 +145,7 @@ def block_ranks(queries, pool_blocks: Sequence, curv, positives,
     queries = np.concatenate([queries, np.repeat(queries[:1], pad, 0)])
     scales = np.concatenate([scales, np.repeat(scales[:1], pad, 0)])
     positives = np.concatenate([positives, np.repeat(positives[:1], pad, 0)])
-  curv = jnp.asarray(1.0 if curv is None else curv, jnp.float32)
+  curv = jnp.asarray(1.0 if curv is None else curv, queries.dtype)
   counts, top1 = _count_kernel(queries, scales, pool, positives, curv, mode,
                                chunk, edges)
   return np.asarray(counts)[:n], np.asarray(top1)[:n]

@@ -28,26 +28,12 @@ import numpy as np
 
 from hysac_jax import lorentz
 from hysac_jax.evaluation import report as report_lib
+from hysac_jax.models import hysac as hysac_lib
 
 DEFAULT_K = (1, 5)
 DEFAULT_CHUNK = 1024
 # Confusion matrices (report and plot) are kept for up to this many classes.
 MAX_CONFUSION_CLASSES = 100
-
-
-def _check_mode(mode):
-  if mode not in ("hyp", "euc"):
-    raise ValueError(f"mode must be 'hyp' or 'euc', got {mode!r}")
-
-
-def _float(x):
-  """x as a JAX float array keeping float64 (under x64), else float32."""
-  x = jnp.asarray(x)
-  return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
-
-
-def _unit(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def class_embedding(prompt_emb, curv, mode="hyp"):
@@ -63,12 +49,12 @@ def class_embedding(prompt_emb, curv, mode="hyp"):
   Returns:
     (D,) class embedding, float32 (float64 for float64 inputs).
   """
-  _check_mode(mode)
-  x = _float(prompt_emb)
+  hysac_lib.check_mode(mode)
+  x = lorentz.at_least_float32(prompt_emb)
   if x.ndim != 2 or x.shape[0] == 0:
     raise ValueError(f"prompt embeddings must be (P >= 1, D), got {x.shape}")
   if mode == "euc":
-    return _unit(jnp.mean(_unit(x), axis=0))
+    return hysac_lib.l2_normalize(jnp.mean(hysac_lib.l2_normalize(x), axis=0))
   return lorentz.exp_map0(jnp.mean(lorentz.log_map0(x, curv), axis=0), curv)
 
 
@@ -82,12 +68,12 @@ def class_embeddings(prompt_embs: Sequence, curv, mode="hyp"):
   Returns:
     (C, D) class embeddings.
   """
-  _check_mode(mode)
+  hysac_lib.check_mode(mode)
   sizes = {np.shape(p)[0] for p in prompt_embs}
   if len(sizes) == 1 and 0 not in sizes:  # one batched call (ImageNet: 1000)
-    x = _float(jnp.stack([_float(p) for p in prompt_embs]))  # (C, P, D)
+    x = lorentz.at_least_float32(jnp.stack([lorentz.at_least_float32(p) for p in prompt_embs]))  # (C, P, D)
     if mode == "euc":
-      return _unit(jnp.mean(_unit(x), axis=1))
+      return hysac_lib.l2_normalize(jnp.mean(hysac_lib.l2_normalize(x), axis=1))
     return lorentz.exp_map0(jnp.mean(lorentz.log_map0(x, curv), axis=1),
                             curv)
   return jnp.stack([class_embedding(p, curv, mode) for p in prompt_embs])
@@ -97,7 +83,7 @@ def class_embeddings(prompt_embs: Sequence, curv, mode="hyp"):
 def _chunk_ranks(images, classes, labels, curv, mode):
   """Rank of the true class and top-1 prediction for a chunk of images."""
   if mode == "euc":
-    scores = _unit(images) @ _unit(classes).T
+    scores = hysac_lib.l2_normalize(images) @ hysac_lib.l2_normalize(classes).T
   else:
     scores = -lorentz.pairwise_dist(images, classes, curv)
   true = jnp.take_along_axis(scores, labels[:, None], axis=1)
@@ -125,8 +111,8 @@ def true_class_ranks(image_emb, class_emb, labels, curv, mode="hyp",
   Returns:
     ranks (N,) int32 and predictions (N,) int32 NumPy arrays.
   """
-  _check_mode(mode)
-  images, classes = _float(image_emb), _float(class_emb)
+  hysac_lib.check_mode(mode)
+  images, classes = lorentz.at_least_float32(image_emb), lorentz.at_least_float32(class_emb)
   labels = np.asarray(labels).astype(np.int32).reshape(-1)
   n, c = images.shape[0], classes.shape[0]
   if (images.ndim != 2 or classes.ndim != 2
