@@ -92,6 +92,13 @@ def detect_kind(path):
                         f"(format {head.get('format')!r}, kind "
                         f"{head.get('kind')!r})")
   cfg_file = os.path.join(path, convert.CONFIG_FILE)
+  release = os.path.join(path, "hysac_model.pth")
+  if not os.path.isfile(cfg_file) and os.path.isfile(release):
+    raise ModelDirError(
+        f"{path} is in the PyTorch release's format (hysac_model.pth), for "
+        "the release's code: convert it first (python -m hysac_jax.convert "
+        f"--clip {os.path.join(path, 'clip')} --hysac-checkpoint "
+        f"{release} --out DIR)")
   if not os.path.isfile(cfg_file):
     raise ModelDirError(f"{path} has neither {HEAD_FILE} nor config.json: "
                         f"{expected}")

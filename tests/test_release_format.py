@@ -186,6 +186,16 @@ def test_export_then_import_gives_identical_params(released):
   assert safety.load_bounds(out / "hysac_bounds.json") == BOUNDS
 
 
+def test_serving_names_the_conversion_a_release_export_needs(released):
+  """The release format is for the PyTorch release; served here, it is
+  refused with the convert command that reads it back."""
+  _, _, out = released
+  with pytest.raises(serving.ModelDirError,
+                     match=r"PyTorch release's format.*--hysac-checkpoint "
+                           + str(out / "hysac_model.pth")):
+    serving.load_model(out)
+
+
 def test_release_module_loads_strictly_and_gives_our_points(released):
   """The README's load, run on a module with the release's structure.
 
