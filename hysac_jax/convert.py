@@ -474,6 +474,7 @@ class Converted:
   mode: str
   curv_init: float
   source: dict
+  preprocess: dict | None  # image mean/std of an OpenCLIP import, else None
 
 
 def _read_meta(path):
@@ -505,7 +506,8 @@ def read_converted(path):
     lora = LoRAConfig(**{**meta["lora"],
                          "targets": tuple(meta["lora"]["targets"])})
   return Converted(CLIPConfig.from_dict(meta["clip"]), params, lora,
-                   meta["mode"], float(meta["curv_init"]), meta["source"])
+                   meta["mode"], float(meta["curv_init"]), meta["source"],
+                   meta.get("preprocess"))
 
 
 def load_pretrained(path, dtype=jnp.float32, merge=False):
@@ -568,15 +570,15 @@ def check_run_compatible(path, clip_config):
         f"converted model {path} does not match the run's CLIP "
         f"(config.model.clip / config.model.size): {'; '.join(diffs)}; "
         f"--config.model.clip={path} builds the run's towers from it")
-  check_preprocess(path, meta)
+  check_preprocess(path, meta.get("preprocess"))
 
 
-def check_preprocess(path, meta=None):
-  """Raises ValueError when the converted directory `path` expects images
-  normalised otherwise than OpenAI's CLIP mean/std, which every image
-  pipeline here (training, eval.py, predict) uses."""
+def check_preprocess(path, pp):
+  """Raises ValueError when the converted directory `path`, whose
+  config.json says `"preprocess": pp`, expects images normalised otherwise
+  than OpenAI's CLIP mean/std, which every image pipeline here (training,
+  eval.py, predict) uses."""
   from hysac_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  pp = (meta or _read_meta(path)).get("preprocess")
   if pp is None:  # converted from Hugging Face or the release: OpenAI's
     return
   for field, want in (("image_mean", preprocess.CLIP_MEAN),

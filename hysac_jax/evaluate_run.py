@@ -70,10 +70,11 @@ def run(config=None, workdir=None, model_dir=None, split="test",
   """
   from hysac_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   source, config = _check_inputs(config, workdir, model_dir, split)
-  # Checked before the (slow) restore and embedding.
-  bounds, bounds_path = serving.find_bounds([source])
+  # The model's own bounds (a run's bounds.json, an export's head), read
+  # before its weights: a bad bounds file fails before the slow restore.
   model = serving.load_model(source, checkpoint=checkpoint,
                              dtype=config.model.dtype)
+  bounds, bounds_path = model.bounds, model.bounds_source
   pipeline.prepare(config.data, model.image_size)
   batches = pipeline.make_dataset(config.data, split, model.image_size,
                                   seed=config.seed, train=False)

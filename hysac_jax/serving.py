@@ -162,7 +162,7 @@ class Model:
     traversal_alpha: alpha of the threshold b'.
     image_size, context_length: the input sizes the towers expect.
     config: `CLIPConfig` of the towers (None for StableHLO).
-    params: the HySAC params tree (None for StableHLO).
+    params: the HySAC params tree (StableHLO: the tree its functions take).
     lora: `LoRAConfig` when LoRA is not merged into `params`, else None.
     source: JSON-able description of where the model came from.
   """
@@ -249,8 +249,8 @@ class StableHLOModel(Model):
                      clip["vision"]["image_size"],
                      clip["text"]["max_position_embeddings"],
                      lambda x: image(params, x), lambda t: text(params, t),
-                     bounds_source=bounds_source, source=head.get("source"))
-    self.params_flat = params
+                     params=params, bounds_source=bounds_source,
+                     source=head.get("source"))
     self._classify = jax.jit(functions["classify_unsafe"].call)
     self._traverse = jax.jit(functions["traverse_to_safe"].call)
 
@@ -359,14 +359,15 @@ def _load_stablehlo(directory, dtype):
 
 def _load_run(directory, checkpoint, dtype, merge_lora):
   from hysac_jax.models.lora import merge_lora as merge  # pylint: disable=g-import-not-at-top
+  # Before the restore: a bad bounds file fails in a second, not a minute.
+  bounds, bounds_source = find_bounds(
+      [directory, os.path.join(directory, checkpoint)])
   config, state = ckpt_lib.restore_run(directory, checkpoint)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32),
                         jax.device_get(state.params))
   lora = state.model.lora
   if merge_lora and lora is not None:
     params, lora = merge(params, lora), None
-  bounds, bounds_source = find_bounds(
-      [directory, os.path.join(directory, checkpoint)])
   return Model.from_params(
       "run", state.model.clip, params, mode=config.model.mode,
       curv_init=config.model.curv_init, lora=lora, dtype=dtype,
@@ -378,14 +379,14 @@ def _load_run(directory, checkpoint, dtype, merge_lora):
 def _load_converted(directory, dtype, merge_lora):
   from hysac_jax import convert  # pylint: disable=g-import-not-at-top
   from hysac_jax.models.lora import merge_lora as merge  # pylint: disable=g-import-not-at-top
+  bounds, bounds_source = find_bounds([directory])
+  converted = convert.read_converted(directory)
   # Its images would be normalised with OpenAI's mean/std here: refuse
   # another (an OpenCLIP import) rather than embed them wrongly.
-  convert.check_preprocess(directory)
-  converted = convert.read_converted(directory)
+  convert.check_preprocess(directory, converted.preprocess)
   params, lora = converted.params, converted.lora
   if merge_lora and lora is not None:
     params, lora = merge(params, lora), None
-  bounds, bounds_source = find_bounds([directory])
   return Model.from_params(
       "converted", converted.config, params, mode=converted.mode,
       curv_init=converted.curv_init, lora=lora, dtype=dtype, bounds=bounds,

@@ -166,6 +166,18 @@ def test_eval_predict_and_export_flag_the_same_items_with_the_runs_alpha(
   assert head["traversal_alpha"] == RUN_ALPHA
   from_export = verdicts(out / "orbax")
   assert [r["unsafe"] for r in from_export] == [r["unsafe"] for r in from_run]
+  # eval.py on the export takes the bounds its head carries (not bounds
+  # computed from the evaluated split): the same thresholds as the run's.
+  exported_report, _ = evaluate_run.run(
+      config=config, model_dir=str(out / "orbax"), split="test",
+      out_dir=str(tmp_path / "eval_export"), plots=False)
+  assert exported_report["bounds_source"] == str(
+      out / "orbax" / export.HEAD_FILE)
+  assert exported_report["bounds"] == report["bounds"]
+  for modality in ("text", "image"):
+    assert exported_report["classification"][modality]["threshold"] == (
+        pytest.approx(report["classification"][modality]["threshold"],
+                      rel=1e-6))
   for modality in ("text", "image"):
     row = report["classification"][modality]
     recs = [r for r in from_run if r["type"] == modality]
