@@ -2,7 +2,7 @@
 
 The glue between the command line, the data readers
 (`data.labelled_images`, `data.coco_captions`), the model
-(`evaluation.embedding`) and the metrics (`evaluation.zeroshot`,
+(`evaluation.embed`) and the metrics (`evaluation.zeroshot`,
 `evaluation.captions`, `evaluation.prompt_safety`). Inputs that can be
 checked before loading the model and embedding (files, classes, prompts) are
 checked first.
@@ -27,8 +27,9 @@ import jax
 import numpy as np
 
 from hysac_jax import config as config_lib
+from hysac_jax import serving
 from hysac_jax.data import labelled_images
-from hysac_jax.evaluation import embedding
+from hysac_jax.evaluation import embed as embed_lib
 
 TASKS = ("zeroshot", "retrieval", "unsafe_prompts")
 SHIPPED_CLASS_PROMPTS = ("imagenet2012", "cifar10", "cifar100")
@@ -203,13 +204,13 @@ def run_zeroshot(model, dataset, split="test", config=None, data_dir=None,
         image_set.class_names, image_set.tfds_name, prompts_file,
         templates_file)
   flat = [p for group in prompts for p in group]
-  text = embedding.embed_texts(model, flat, desc="prompts")
+  text = embed_lib.embed_texts(model, flat, desc="prompts")
   bounds = np.cumsum([0] + [len(g) for g in prompts])
   class_emb = zeroshot.class_embeddings(
       [text[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])], model.curv,
       model.mode)
-  emb, kept, skipped = embedding.embed_images(
-      model, image_set, batch_size or embedding.IMAGE_BATCH, desc="images",
+  emb, kept, skipped = embed_lib.embed_images(
+      model, image_set, batch_size or embed_lib.IMAGE_BATCH, desc="images",
       skip_unreadable=skip_unreadable)
   report = zeroshot.evaluate(emb, image_set.labels[kept], class_emb, names,
                              model.curv, model.mode)
@@ -234,8 +235,8 @@ def run_retrieval(model, captions_file, images_dir=None, split="test",
       data.name, ["image"], np.zeros(n_images, np.int64),
       data.image_paths[:n_images],
       lambda i: labelled_images.read_file(data.image_paths[i]))
-  emb, kept, skipped = embedding.embed_images(
-      model, image_set, batch_size or embedding.IMAGE_BATCH, desc="images",
+  emb, kept, skipped = embed_lib.embed_images(
+      model, image_set, batch_size or embed_lib.IMAGE_BATCH, desc="images",
       skip_unreadable=skip_unreadable)
   # Captions of skipped images leave with them; image indices are remapped.
   new_index = np.full(n_images, -1, np.int64)
@@ -244,7 +245,7 @@ def run_retrieval(model, captions_file, images_dir=None, split="test",
   texts = [t for t, k in zip(data.captions, keep_caption) if k]
   texts = [t for t, o in zip(texts, owner) if o >= 0]
   owner = owner[owner >= 0]
-  text_emb = embedding.embed_texts(model, texts, desc="captions")
+  text_emb = embed_lib.embed_texts(model, texts, desc="captions")
   report = captions.evaluate(emb, text_emb, owner, model.curv, model.mode)
   report.update(dataset=str(captions_file), skipped=skipped)
   _note_skipped(skipped)
@@ -300,8 +301,8 @@ def run_unsafe_prompts(model, dataset=None, split="test", config=None,
                                        data_dir,
                                        classes=("safe", "unsafe")),
                         max_examples)
-    emb, kept, skipped = embedding.embed_images(
-        model, image_set, batch_size or embedding.IMAGE_BATCH,
+    emb, kept, skipped = embed_lib.embed_images(
+        model, image_set, batch_size or embed_lib.IMAGE_BATCH,
         desc="images", skip_unreadable=skip_unreadable)
     labels = image_set.labels[kept]
     for side, label in (("safe", 0), ("unsafe", 1)):
@@ -315,7 +316,7 @@ def run_unsafe_prompts(model, dataset=None, split="test", config=None,
       groups = {k: (s[:max_examples], u[:max_examples])
                 for k, (s, u) in groups.items()}
     name = f"{config.data.name}/{split}"
-  text = embedding.embed_texts(model, prompts["safe"] + prompts["unsafe"],
+  text = embed_lib.embed_texts(model, prompts["safe"] + prompts["unsafe"],
                                desc="prompts")
   n_safe = len(prompts["safe"])
   bounds = model.bounds
@@ -351,7 +352,7 @@ def run(task, source, out_dir=None, checkpoint="best_recall", plots=True,
   if not os.path.isdir(source):
     raise FileNotFoundError(f"model directory {source} does not exist")
   _check_inputs(task, kwargs)
-  model = _LazyModel(lambda: embedding.load_model(source, checkpoint))
+  model = _LazyModel(lambda: serving.load_model(source, checkpoint=checkpoint))
   if task == "zeroshot":
     report = run_zeroshot(model, **kwargs)
     what, module = _slug(kwargs["dataset"]), zeroshot

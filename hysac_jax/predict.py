@@ -56,7 +56,6 @@ import zipfile
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
@@ -65,6 +64,7 @@ from hysac_jax import lorentz
 from hysac_jax import safety
 from hysac_jax import serving
 from hysac_jax.data import preprocess
+from hysac_jax.evaluation import embed as embed_lib
 
 BATCH = 32
 NO_BOUNDS_NOTE = ("no bounds: unsafe classification and traversal need the "
@@ -121,24 +121,6 @@ def check_text(text, context_length):
   from hysac_jax.data.tokenizer import load_tokenizer, tokenize  # pylint: disable=g-import-not-at-top
   n = len(load_tokenizer()(text)["input_ids"])
   return tokenize(text, max_len=context_length)[0], n > context_length
-
-
-def encode_batched(encode, x, batch=BATCH, desc=None):
-  """`encode` over rows of `x` in batches padded to a power of two ≤ batch,
-  so that a handful of shapes is compiled whatever the count.
-
-  Returns:
-    (N, D) float32 NumPy.
-  """
-  out = []
-  starts = range(0, len(x), batch)
-  for start in tqdm(starts, desc=desc, disable=desc is None or
-                    len(starts) < 2, file=sys.stderr):
-    chunk = x[start:start + batch]
-    size = min(batch, 1 << (len(chunk) - 1).bit_length())
-    pad = np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)
-    out.append(np.asarray(encode(np.concatenate([chunk, pad])))[:len(chunk)])
-  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 # --------------------------------------------------------------------------
@@ -207,7 +189,8 @@ def load_pool(path, model):
     raise PoolError(f"pool {path} holds no captions")
   from hysac_jax.data.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
   ids = tokenize(captions, max_len=model.context_length)
-  emb = encode_batched(model.encode_text, ids, desc="embedding pool")
+  emb = embed_lib.encode_batched(model.encode_text, ids, BATCH,
+                                 desc="embedding pool")
   return Pool(emb, captions, "text", model.curv)
 
 
@@ -363,7 +346,7 @@ def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
     if good:
       encode = model.encode_image if modality == "image" else (
           model.encode_text)
-      emb = encode_batched(encode, np.stack(arrays))
+      emb = embed_lib.encode_batched(encode, np.stack(arrays), BATCH)
       for rec, extra in zip(good, answer(model, emb, modality, pool, top_k,
                                          redirect, embedding)):
         rec.update(extra)

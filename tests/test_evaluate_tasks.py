@@ -1,6 +1,6 @@
 """eval.py --task zeroshot / retrieval / unsafe_prompts
 (hysac_jax/evaluate_tasks.py, hysac_jax/data/labelled_images.py,
-hysac_jax/evaluation/embedding.py) on a tiny random model and generated
+hysac_jax/evaluation/embed.py) on a tiny random model and generated
 images, against references computed one item at a time in float64 NumPy."""
 
 import io

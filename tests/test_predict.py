@@ -19,6 +19,7 @@ from hysac_jax import safety
 from hysac_jax import serving
 from hysac_jax.training import step as step_lib
 from hysac_jax.data import preprocess
+from hysac_jax.evaluation import embed as embed_lib
 
 CURV = 0.7
 CAPTIONS = ["a red square on grass", "two blue circles", "a green triangle",
@@ -311,6 +312,6 @@ def test_encode_batched_pads_to_few_shapes_and_keeps_order():
     return x[:, :2] * 2
 
   x = np.arange(70 * 3, dtype=np.float32).reshape(70, 3)
-  out = predict.encode_batched(encode, x, batch=32)
+  out = embed_lib.encode_batched(encode, x, batch=32)
   np.testing.assert_array_equal(out, x[:, :2] * 2)
   assert seen == [32, 32, 8]

@@ -1,13 +1,27 @@
-"""Embedding a dataset split once: one pass of padded batches -> arrays.
+"""Embedding many inputs with fixed batch shapes, so each compiles once.
 
-Used by the training loop's validation and by eval.py alike; each process
-embeds its shard of every global batch and the rows are gathered.
+- `embed_split`: one pass over a dataset split of quadruples, for the
+  training loop's validation and eval.py's report alike; each process
+  embeds its shard of every global batch and the rows are gathered.
+- `encode_batched`, `embed_texts`, `embed_images`: strings, token ids or an
+  image set through a `serving.Model` (predict, eval.py --task). Images are
+  decoded on a small thread pool (PIL releases the GIL) under a progress
+  bar.
 """
+
+import concurrent.futures
+import sys
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
+
+from hysac_jax.data import labelled_images
+
+IMAGE_BATCH = 64
+TEXT_BATCH = 256
+DECODE_WORKERS = 4
 
 
 def gather_rows(x):
@@ -62,3 +76,98 @@ def _global_mask(batch, emb):
   rows = jax.sharding.PartitionSpec(sharding.spec[0])
   return jax.make_array_from_process_local_data(
       jax.sharding.NamedSharding(sharding.mesh, rows), mask)
+
+
+def pad_rows(rows, size):
+  """`rows` with zero rows appended up to `size` (the caller drops them)."""
+  rows = np.asarray(rows)
+  pad = np.zeros((size - len(rows),) + rows.shape[1:], rows.dtype)
+  return np.concatenate([rows, pad]) if len(pad) else rows
+
+
+def encode_batched(encode, x, batch, desc=None):
+  """`encode` over rows of `x` in batches padded to a power of two <= batch,
+  so that a handful of shapes is compiled whatever the count.
+
+  Returns:
+    (N, D) NumPy, in the order of `x`.
+  """
+  out = []
+  starts = range(0, len(x), batch)
+  for start in tqdm(starts, desc=desc, disable=desc is None or
+                    len(starts) < 2, file=sys.stderr):
+    chunk = x[start:start + batch]
+    size = min(batch, 1 << (len(chunk) - 1).bit_length())
+    out.append(np.asarray(encode(pad_rows(chunk, size)))[:len(chunk)])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def embed_texts(model, texts, batch_size=TEXT_BATCH, desc=None):
+  """(M, D) float32 embeddings of M strings, in order (`encode_batched`)."""
+  from hysac_jax.data.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
+  texts = list(texts)
+  if not texts:
+    raise ValueError("no text to embed")
+  ids = tokenize(texts, max_len=model.context_length)
+  return encode_batched(model.encode_text, ids, batch_size,
+                        desc).astype(np.float32)
+
+
+def _try_load(image_set, i, image_size):
+  try:
+    return image_set.load(i, image_size), None
+  except labelled_images.UnreadableImage as e:
+    return None, str(e)
+
+
+def embed_images(model, image_set, batch_size=IMAGE_BATCH, desc="images",
+                 skip_unreadable=False, workers=DECODE_WORKERS):
+  """Embeds every image of `image_set` (an `ImageSet`).
+
+  Args:
+    model: a `serving.Model`.
+    image_set: `labelled_images.ImageSet` (or anything with `__len__` and
+      `load(i, image_size)` raising `UnreadableImage`).
+    batch_size: images per encoder call; every call gets exactly
+      `min(batch_size, N)` rows (zero padding), so one compile.
+    desc: progress-bar label (None: no bar).
+    skip_unreadable: leave unreadable images out (listed in the result)
+      instead of raising.
+    workers: decoding threads.
+
+  Returns:
+    (emb (K, D) float32, kept (K,) int64 indices into the set, skipped: list
+    of error messages, one per unreadable image).
+
+  Raises:
+    UnreadableImage: the first unreadable image, without skip_unreadable.
+  """
+  n = len(image_set)
+  if n == 0:
+    raise ValueError("no image to embed")
+  size = min(batch_size, n)
+  image_size = model.image_size
+  emb, kept, skipped = [], [], []
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool, tqdm(
+      total=n, desc=desc, file=sys.stderr, disable=desc is None) as bar:
+    for start in range(0, n, size):
+      indices = range(start, min(start + size, n))
+      loaded = list(pool.map(lambda i: _try_load(image_set, i, image_size),
+                             indices))
+      rows = []
+      for i, (pixels, error) in zip(indices, loaded):
+        if error is None:
+          rows.append(pixels)
+          kept.append(i)
+        elif skip_unreadable:
+          skipped.append(error)
+        else:
+          raise labelled_images.UnreadableImage(
+              error + " (pass --skip_unreadable to leave such images out)")
+      if rows:
+        out = np.asarray(model.encode_image(pad_rows(np.stack(rows), size)))
+        emb.append(out[:len(rows)].astype(np.float32))
+      bar.update(len(indices))
+  if not emb:
+    raise ValueError(f"no readable image among {n} ({len(skipped)} skipped)")
+  return np.concatenate(emb), np.asarray(kept, np.int64), skipped
