@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -25,7 +24,6 @@ from hysac_jax import export
 from hysac_jax import predict
 from hysac_jax import safety
 from hysac_jax import serving
-from hysac_jax.training import step as step_lib
 from hysac_jax.data import pipeline
 from hysac_jax.data import schema
 
@@ -46,23 +44,13 @@ def small_config(data_dir):
 def make_run(workdir, data_dir):
   """config.json and a best_recall checkpoint, as train.py leaves them."""
   config = small_config(data_dir)
-  init_key, step_key = jax.random.split(jax.random.key(config.seed))
-  state = step_lib.create_train_state(config, init_key)
-  config_lib.save_config(config, workdir)
-  checkpoints = ckpt_lib.RunCheckpoints(workdir)
-  checkpoints.save(4, ckpt_lib.state_tree(state, step_key), {},
-                   {"step": 4}, kind=ckpt_lib.BEST_RECALL)
-  checkpoints.close()
+  tiny_runs.save_run(workdir, config)
   return config
-
-
-def env():
-  return dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def cli_run(*argv, timeout=300):
   return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT,
-                        env=env(), capture_output=True, text=True,
+                        env=tiny_runs.run_env(), capture_output=True, text=True,
                         timeout=timeout)
 
 

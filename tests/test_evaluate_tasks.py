@@ -5,26 +5,21 @@ images, against references computed one item at a time in float64 NumPy."""
 
 import io
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from flax import traverse_util
 from PIL import Image
 
-from configs import tiny
-from hysac_jax import convert
 from hysac_jax import evaluate_tasks
 from hysac_jax import serving
-from hysac_jax.training import step as step_lib
 from hysac_jax.data import labelled_images
 from hysac_jax.data import preprocess
+import tiny_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CURV = 0.7
@@ -34,22 +29,8 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   """A converted tiny HySAC (random LoRA B, curv 0.7), no bounds."""
-  c = tiny.get_config()
-  c.model.lora.rank = 4
-  module = step_lib.model_from_config(c)
-  flat = traverse_util.flatten_dict(jax.device_get(
-      step_lib.init_model_params(module, jax.random.key(3))))
-  rng = np.random.default_rng(1)
-  for path, value in flat.items():
-    if path[-1] == "lora_B":
-      flat[path] = 0.2 * rng.normal(size=value.shape).astype(np.float32)
-  flat[("log_curv",)] = np.float32(math.log(CURV))
-  flat[("log_alpha_image",)] = np.float32(math.log(0.5))
-  flat[("log_alpha_text",)] = np.float32(math.log(0.5))
-  path = tmp_path_factory.mktemp("model")
-  convert.save_pretrained(path, module.clip, traverse_util.unflatten_dict(
-      flat), lora=module.lora)
-  return path
+  return tiny_runs.save_converted(tmp_path_factory.mktemp("model"), seed=3,
+                                  lora_b_scale=0.2, curv=CURV, alpha=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -13,8 +12,6 @@ import transformers
 from flax import traverse_util
 
 from configs import tiny
-from hysac_jax import checkpoint as ckpt_lib
-from hysac_jax import config as config_lib
 from hysac_jax import convert
 from hysac_jax import export
 from hysac_jax import safety
@@ -23,6 +20,7 @@ from hysac_jax.training import step as step_lib
 from hysac_jax.models.clip import CLIPModel
 from hysac_jax.models.lora import merge_lora
 from numerics import assert_float32_parity, tower_error_terms
+import tiny_runs
 
 TOWER = {"text": "text", "image": "vision"}
 
@@ -46,15 +44,7 @@ def tiny_config():
 
 def trained(params):
   """`params` with non-zero LoRA B matrices and non-initial head scalars."""
-  flat = traverse_util.flatten_dict(params)
-  rng = np.random.default_rng(1)
-  for path, value in flat.items():
-    if path[-1] == "lora_B":
-      flat[path] = jnp.asarray(0.1 * rng.normal(size=value.shape),
-                               jnp.float32)
-  for name, value in HEAD.items():
-    flat[(name,)] = jnp.asarray(value, jnp.float32)
-  return traverse_util.unflatten_dict(flat)
+  return tiny_runs.with_trained_lora(params, 0.1, HEAD)
 
 
 def inputs(n=7):
@@ -271,18 +261,10 @@ def test_load_model_reads_every_format(exported):
 def test_export_of_a_training_run_uses_its_checkpoint_and_bounds(tmp_path):
   """A run directory as the trainer leaves it: config.json, a best_recall
   checkpoint of the trainable params only, and bounds.json."""
-  config = tiny_config()
-  init_key, step_key = jax.random.split(jax.random.key(config.seed))
-  state = step_lib.create_train_state(config, init_key)
-  state = state.replace(params=trained(state.params))
   run = tmp_path / "run"
-  config_lib.save_config(config, run)
-  checkpoints = ckpt_lib.RunCheckpoints(run)
-  checkpoints.save(3, ckpt_lib.state_tree(state, step_key), {},
-                   {"step": 3}, kind=ckpt_lib.BEST_RECALL)
-  checkpoints.close()
   bounds = bounds_with_threshold(0.7, 1.0)
-  safety.save_bounds(bounds, run / "bounds.json")
+  state = tiny_runs.save_run(run, tiny_config(), trained, step=3,
+                             bounds=bounds)
   assert serving.detect_kind(run) == "run"
 
   out = tmp_path / "out"

@@ -506,16 +506,8 @@ def test_run_compatibility_checks_towers_and_mean_std(open_clip, tmp_path):
 
 # ------------------------------------------- round trip through training ---
 
-# The micro run of tests/test_trainer.py, one epoch of 4 steps.
-TRAIN_OVERRIDES = {
-    "data.synthetic_sizes": (128, 64, 64),
-    "data.batch_size_per_device": 8,
-    "data.eval_batch_size_per_device": 16,
-    "data.num_workers": 0,
-    "train.epochs": 1,
-    "train.log_every": 2,
-    "train.checkpoint_every": 2,
-}
+# The micro run of tests/test_training_loop.py, one epoch of 4 steps.
+TRAIN_OVERRIDES = {**tiny_runs.MICRO_OVERRIDES, "train.epochs": 1}
 
 
 def tiny_size_cfg(quick_gelu=True):

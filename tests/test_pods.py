@@ -34,13 +34,9 @@ POD_PROCESSES, POD_LOCAL_DEVICES = 2, 2
 # 4 steps of 4 devices x 8 quadruples in one epoch, a checkpoint every 2;
 # 40 validation examples in one global batch of 64: 24 padding rows.
 OVERRIDES = {
+    **tiny_runs.MICRO_OVERRIDES,
     "data.synthetic_sizes": (128, 40, 16),
-    "data.batch_size_per_device": 8,
-    "data.eval_batch_size_per_device": 16,
-    "data.num_workers": 0,
     "train.epochs": 1,
-    "train.log_every": 2,
-    "train.checkpoint_every": 2,
     # LoRA and head only, as the paper trains. A full fine-tune would also
     # train weights whose gradient is exactly zero up to rounding (the key
     # biases: softmax ignores them), and Adam turns that rounding noise into

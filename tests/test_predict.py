@@ -5,21 +5,17 @@ import math
 import struct
 import zlib
 
-import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 from PIL import Image
 
-from configs import tiny
-from hysac_jax import convert
 from hysac_jax import export
 from hysac_jax import predict
 from hysac_jax import safety
 from hysac_jax import serving
-from hysac_jax.training import step as step_lib
 from hysac_jax.data import preprocess
 from hysac_jax.evaluation import embed as embed_lib
+import tiny_runs
 
 CURV = 0.7
 CAPTIONS = ["a red square on grass", "two blue circles", "a green triangle",
@@ -29,22 +25,8 @@ CAPTIONS = ["a red square on grass", "two blue circles", "a green triangle",
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   """A converted tiny HySAC (LoRA with non-zero B, curv 0.7), no bounds."""
-  c = tiny.get_config()
-  c.model.lora.rank = 4
-  module = step_lib.model_from_config(c)
-  flat = traverse_util.flatten_dict(jax.device_get(
-      step_lib.init_model_params(module, jax.random.key(0))))
-  rng = np.random.default_rng(1)
-  for path, value in flat.items():
-    if path[-1] == "lora_B":
-      flat[path] = 0.1 * rng.normal(size=value.shape).astype(np.float32)
-  flat[("log_curv",)] = np.float32(math.log(CURV))
-  flat[("log_alpha_image",)] = np.float32(math.log(0.3))
-  flat[("log_alpha_text",)] = np.float32(math.log(0.3))
-  path = tmp_path_factory.mktemp("model")
-  convert.save_pretrained(path, module.clip, traverse_util.unflatten_dict(
-      flat), lora=module.lora)
-  return path
+  return tiny_runs.save_converted(tmp_path_factory.mktemp("model"), seed=0,
+                                  lora_b_scale=0.1, curv=CURV, alpha=0.3)
 
 
 @pytest.fixture(scope="module")

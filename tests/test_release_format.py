@@ -14,8 +14,6 @@ import torch
 from flax import traverse_util
 
 from configs import tiny
-from hysac_jax import checkpoint as ckpt_lib
-from hysac_jax import config as config_lib
 from hysac_jax import convert
 from hysac_jax import export
 from hysac_jax import release_format
@@ -25,6 +23,7 @@ from hysac_jax.training import step as step_lib
 from hysac_jax.models.clip import LoRAConfig
 from numerics import (assert_float32_parity, assert_float64_parity,
                       to_float64, tower_error_terms)
+import tiny_runs
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 TARGETS = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
@@ -96,15 +95,7 @@ def tiny_config(rank=16, alpha=1.0, targets=TARGETS):
 
 def trained(params):
   """`params` with non-zero LoRA B and head scalars away from their inits."""
-  flat = traverse_util.flatten_dict(jax.device_get(params))
-  rng = np.random.default_rng(1)
-  for path, value in flat.items():
-    if path[-1] == "lora_B":
-      flat[path] = 0.3 * rng.normal(size=value.shape).astype(np.float32)
-  for name, value in HEAD.items():
-    flat[(name,)] = np.float32(value)
-  return traverse_util.unflatten_dict(
-      {p: np.asarray(v, np.float32) for p, v in flat.items()})
+  return tiny_runs.with_trained_lora(params, 0.3, HEAD)
 
 
 def save_converted(directory, model, params, lora, bounds=True):
@@ -317,17 +308,9 @@ def test_missing_bounds_and_non_empty_out_are_refused(source, tmp_path,
 def test_training_run_exports_its_unmerged_lora(tmp_path):
   """A run directory (config.json, a best_recall checkpoint of the trainable
   params, bounds.json) exports its LoRA and head as trained."""
-  config = tiny_config()
-  init_key, step_key = jax.random.split(jax.random.key(config.seed))
-  state = step_lib.create_train_state(config, init_key)
-  state = state.replace(params=trained(state.params))
   run = tmp_path / "run"
-  config_lib.save_config(config, run)
-  checkpoints = ckpt_lib.RunCheckpoints(run)
-  checkpoints.save(3, ckpt_lib.state_tree(state, step_key), {},
-                   {"step": 3}, kind=ckpt_lib.BEST_RECALL)
-  checkpoints.close()
-  safety.save_bounds(BOUNDS, run / "bounds.json")
+  state = tiny_runs.save_run(run, tiny_config(), trained, step=3,
+                             bounds=BOUNDS)
   out = tmp_path / "out"
   assert export.main(["--model", str(run), "--out", str(out), "--format",
                       "release", "orbax"]) == 0

@@ -24,16 +24,7 @@ from hysac_jax.training import loop as loop_lib
 import tiny_runs
 
 ROOT = tiny_runs.ROOT
-# Small enough for seconds per epoch: 4 steps of 4 devices x 8 quadruples.
-OVERRIDES = {
-    "data.synthetic_sizes": (128, 64, 64),
-    "data.batch_size_per_device": 8,
-    "data.eval_batch_size_per_device": 16,
-    "data.num_workers": 0,
-    "train.epochs": 2,
-    "train.log_every": 2,
-    "train.checkpoint_every": 2,
-}
+OVERRIDES = tiny_runs.MICRO_OVERRIDES  # 2 epochs of 4 steps
 
 
 def micro_config(data_dir, **extra):
@@ -44,10 +35,7 @@ def cli_flags(data_dir):
   return tiny_runs.tiny_cli_flags(data_dir, OVERRIDES)
 
 
-def run_env():
-  # conftest's XLA cache and device count reach the subprocesses through
-  # the environment.
-  return dict(os.environ, PYTHONPATH=str(ROOT))
+run_env = tiny_runs.run_env
 
 
 def final_state(workdir):

@@ -1,11 +1,40 @@
-"""Helpers shared by the tests that run the trainer on `configs/tiny.py`."""
+"""Helpers shared by the tests that train, save or serve `configs/tiny.py`
+models: configs, run directories, converted directories."""
 
+import math
+import os
 from pathlib import Path
 
+import jax
+import numpy as np
+from flax import traverse_util
+
 from configs import tiny
+from hysac_jax import checkpoint as ckpt_lib
+from hysac_jax import config as config_lib
+from hysac_jax import convert
+from hysac_jax import safety
 from hysac_jax.data import pipeline
+from hysac_jax.training import step as step_lib
 
 ROOT = Path(__file__).resolve().parents[1]
+# Small enough for seconds per epoch: 4 steps of 4 devices x 8 quadruples
+# per epoch, a checkpoint every 2 steps.
+MICRO_OVERRIDES = {
+    "data.synthetic_sizes": (128, 64, 64),
+    "data.batch_size_per_device": 8,
+    "data.eval_batch_size_per_device": 16,
+    "data.num_workers": 0,
+    "train.epochs": 2,
+    "train.log_every": 2,
+    "train.checkpoint_every": 2,
+}
+
+
+def run_env():
+  """The environment of a train.py / eval.py subprocess: this checkout on
+  the path; conftest's XLA cache and device count come along."""
+  return dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def tiny_config(data_dir, overrides):
@@ -57,3 +86,50 @@ def hook_train_batches(monkeypatch, on_next):
     return it
 
   monkeypatch.setattr(pipeline, "make_dataset", make_dataset)
+
+
+def with_trained_lora(params, lora_b_scale, head):
+  """A HySAC params tree as after training: LoRA B drawn from
+  N(0, lora_b_scale²) (seed 1) and the head's stored logs set from `head`
+  ({"log_curv": ..., ...}). Float32 NumPy leaves."""
+  flat = traverse_util.flatten_dict(jax.device_get(params))
+  rng = np.random.default_rng(1)
+  for path, value in flat.items():
+    if path[-1] == "lora_B":
+      flat[path] = lora_b_scale * rng.normal(size=value.shape)
+  for name, value in head.items():
+    flat[(name,)] = value
+  return traverse_util.unflatten_dict(
+      {p: np.asarray(v, np.float32) for p, v in flat.items()})
+
+
+def save_converted(path, seed, lora_b_scale, curv, alpha, rank=4):
+  """A converted tiny HySAC directory (LoRA rank `rank` with non-zero B,
+  curvature `curv`, both feature scales `alpha`), without bounds."""
+  c = tiny.get_config()
+  c.model.lora.rank = rank
+  module = step_lib.model_from_config(c)
+  params = with_trained_lora(
+      step_lib.init_model_params(module, jax.random.key(seed)), lora_b_scale,
+      {"log_curv": math.log(curv), "log_alpha_image": math.log(alpha),
+       "log_alpha_text": math.log(alpha)})
+  convert.save_pretrained(path, module.clip, params, lora=module.lora)
+  return path
+
+
+def save_run(workdir, config, transform=None, step=4, bounds=None):
+  """A run directory as train.py leaves it: config.json, a best_recall
+  checkpoint of the trainable params (`transform`ed, e.g. with
+  `with_trained_lora`) and, when given, bounds.json. Returns the state."""
+  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  state = step_lib.create_train_state(config, init_key)
+  if transform is not None:
+    state = state.replace(params=transform(state.params))
+  config_lib.save_config(config, workdir)
+  checkpoints = ckpt_lib.RunCheckpoints(workdir)
+  checkpoints.save(step, ckpt_lib.state_tree(state, step_key), {},
+                   {"step": step}, kind=ckpt_lib.BEST_RECALL)
+  checkpoints.close()
+  if bounds is not None:
+    safety.save_bounds(bounds, Path(workdir) / "bounds.json")
+  return state
