@@ -48,11 +48,7 @@ def trained(params):
 
 
 def inputs(n=7):
-  rng = np.random.default_rng(0)
-  ids = rng.integers(1, 49406, size=(n, 77)).astype(np.int32)
-  ids[np.arange(n), rng.integers(3, 40, size=n)] = 49407
-  pixels = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
-  return ids, pixels
+  return tiny_runs.random_inputs(n)
 
 
 def bounds_with_threshold(curv, target):

@@ -145,11 +145,7 @@ def with_lora(params, rank):
 
 
 def inputs(n=3):
-  rng = np.random.default_rng(0)
-  ids = rng.integers(1, 49406, size=(n, 77)).astype(np.int32)
-  ids[np.arange(n), rng.integers(3, 40, size=n)] = 49407
-  pixels = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
-  return ids, pixels
+  return tiny_runs.random_inputs(n)
 
 
 def test_export_then_import_gives_identical_params(released):

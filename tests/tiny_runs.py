@@ -88,6 +88,16 @@ def hook_train_batches(monkeypatch, on_next):
   monkeypatch.setattr(pipeline, "make_dataset", make_dataset)
 
 
+def random_inputs(n):
+  """n token-id rows (end of text at varied positions) and n NHWC 32x32
+  images, the tiny towers' inputs (seed 0)."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 49406, size=(n, 77)).astype(np.int32)
+  ids[np.arange(n), rng.integers(3, 40, size=n)] = 49407
+  pixels = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
+  return ids, pixels
+
+
 def with_trained_lora(params, lora_b_scale, head):
   """A HySAC params tree as after training: LoRA B drawn from
   N(0, lora_b_scale²) (seed 1) and the head's stored logs set from `head`
