@@ -23,6 +23,7 @@ code   meaning
 reject (unknown flag or ``--config.FIELD``, bad value, missing config file).
 """
 
+import re
 import sys
 
 EXIT_OK = 0
@@ -74,20 +75,48 @@ def run_guarded(prog, fn, *args, expected=(), **kwargs):
     return fail(prog, e, EXIT_ERROR)
 
 
-def _config_field_error(error, argv):
-  """One line for ml_collections' unknown-field error (an AttributeError
-  holding the repr of a KeyError: "'modee'\\nDid you mean ...")."""
+def _config_field_error(error, argv, config=None):
+  """One line for ml_collections' unknown-field error: an AttributeError (an
+  unknown last field, ``--config.model.modee``) or a KeyError (an unknown
+  group, ``--config.training.x``), each holding the repr of a message such
+  as "'modee'\\nDid you mean ...". Without such a hint, and given the
+  loaded `config`, the line lists the fields the group does have."""
   text = str(error).strip()
   for _ in range(2):  # Unwrap the repr(s) around the KeyError's message.
     if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
       text = text[1:-1].encode().decode("unicode_escape")
+  not_a_group = re.search(r"Attribute <class '(\w+)'>\.(\w+) does not exist.*"
+                          r"lookup: ([\w.]+)", text)
+  if not_a_group:
+    kind, key, path = not_a_group.groups()
+    parent = path[:-len(key) - 1]
+    return (f"--config.{path}: config.{parent} is a value ({kind}), not a "
+            f"group of fields, so it has no field {key!r}")
   key, _, hint = text.partition("\n")
   key = key.strip("'\"")
   flag = next((a.split("=")[0] for a in argv
                if a.startswith("--config.") and
                key in a.split("=")[0].split(".")), None)
   where = f"{flag}: " if flag else ""
-  return f"{where}unknown config field {key!r}. {hint.strip()}".strip()
+  hint = hint.strip()
+  if not hint and flag and config is not None:
+    hint = _fields_beside(config, flag, key)
+  return f"{where}unknown config field {key!r}. {hint}".strip()
+
+
+def _fields_beside(config, flag, key):
+  """"config.GROUP has: a, b, c" for the group that lacks `key` in `flag`
+  (--config.GROUP.KEY...), or "" when the path cannot be followed."""
+  path = flag[2:].split(".")[1:]
+  group, name = config, "config"
+  for part in path[:path.index(key)]:
+    try:
+      group, name = group[part], f"{name}.{part}"
+    except (KeyError, TypeError):
+      return ""
+  if not hasattr(group, "keys"):
+    return ""
+  return f"{name} has: {', '.join(sorted(group.keys()))}"
 
 
 class _ConfigFileError(Exception):
@@ -110,6 +139,30 @@ def _load_config_files(flag_values):
             f"the config file: {lines[-1].strip(chr(34)) if lines else error!r}")
 
 
+def _loaded_config(flag_values, argv):
+  """The --config file of `argv` loaded afresh (without its overrides), or
+  None. Used only to list a group's fields in an error line."""
+  args = list(argv[1:])
+  path = next((a.partition("=")[2] for a in args if a.startswith("--config=")),
+              None)
+  if path is None and "--config" in args[:-1]:
+    path = args[args.index("--config") + 1]
+  try:
+    return flag_values["config"].parser.parse(path) if path else None
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _without_traceback(message):
+  """absl's message for a config file whose get_config raised holds the
+  whole traceback: keep the text before it and its last line."""
+  head, marker, tail = message.partition("Traceback (most recent call last):")
+  if not marker:
+    return message
+  last = [l.strip() for l in tail.splitlines() if l.strip()]
+  return f"{head.strip()} {last[-1] if last else ''}".strip()
+
+
 def absl_flags_parser(prog):
   """A `flags_parser` for `absl.app.run` that reports bad command lines in
   one line with EXIT_USAGE: unknown flags, bad values, missing required
@@ -123,12 +176,12 @@ def absl_flags_parser(prog):
       _load_config_files(flags.FLAGS)
       return rest
     except flags.Error as e:
-      message = str(e)
+      message = _without_traceback(str(e))
       if "Unknown command line flag 'config." in message and not any(
           a.startswith("--config=") or a == "--config" for a in argv[1:]):
         message += " (a --config.FIELD override needs --config FILE)"
-    except AttributeError as e:
-      message = _config_field_error(e, argv)
+    except (AttributeError, KeyError) as e:
+      message = _config_field_error(e, argv, _loaded_config(flags.FLAGS, argv))
     except _ConfigFileError as e:
       message = str(e)
     except (SyntaxError, ImportError, NameError) as e:

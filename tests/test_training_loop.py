@@ -122,6 +122,9 @@ def test_cli_bad_input_ends_in_one_line(case, tmp_path):
     out = train_cli(flags + ["--config.model.modee=hyp"])
     assert_one_line_error(out, cli.EXIT_USAGE, "--config.model.modee",
                           'Did you mean "mode"')
+    out = train_cli(flags + ["--config.training.epochs=1"])  # a group
+    assert_one_line_error(out, cli.EXIT_USAGE, "--config.training.epochs",
+                          'Did you mean "train"')
   elif case == "config_file":
     out = train_cli([f"--config={tmp_path / 'nope.py'}",
                      f"--workdir={tmp_path / 'run'}"])
