@@ -55,7 +55,9 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 
 import jax
@@ -349,13 +351,56 @@ def export_stablehlo(src, out_dir, platforms=DEFAULT_PLATFORMS):
   return out_dir
 
 
+class ExportExistsError(ValueError):
+  """An export would replace a non-empty directory without `overwrite`."""
+
+
+def check_out(out, formats, overwrite=False):
+  """Refuses, before anything is written, an `out` or `out/<format>` that is
+  a file, and a non-empty `out/<format>` unless `overwrite`."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ExportExistsError(f"--out {out} is a file, not a directory")
+  for fmt in formats:
+    sub = os.path.join(out, fmt)
+    if os.path.exists(sub) and not os.path.isdir(sub):
+      raise ExportExistsError(f"{sub} is a file, not a directory")
+    if os.path.isdir(sub) and os.listdir(sub) and not overwrite:
+      raise ExportExistsError(
+          f"{sub} is not empty: pass --overwrite to replace it (an earlier "
+          "export?), or choose another --out")
+
+
+def _write_in_place(final, writer):
+  """Runs `writer(dir)` on a fresh sibling of `final`, then moves it to
+  `final`, replacing what was there. A failed or interrupted export leaves
+  `final` as it was (and at most a `.NAME.partial-*` directory)."""
+  parent, name = os.path.split(os.path.abspath(final))
+  os.makedirs(parent, exist_ok=True)
+  partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+  try:
+    writer(partial)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  if os.path.lexists(final):
+    old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+    os.rename(final, os.path.join(old, name))
+    os.rename(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(partial, final)
+  return final
+
+
 def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS,
            overwrite=False):
   """Exports `src` in each of `formats` to `out/<format>/`.
 
   `src` may hold unmerged LoRA (`src.lora`): the serving formats get it
-  merged, "release" gets it as is. `overwrite` lets "release" replace a
-  non-empty `out/release`.
+  merged, "release" gets it as is. A non-empty `out/<format>` is refused
+  (`ExportExistsError`) unless `overwrite`; every check runs before any
+  format is written, and each format is written beside its place and then
+  moved there, so an export that fails leaves the old one whole.
 
   Returns:
     {format: directory}.
@@ -365,8 +410,9 @@ def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS,
   if unknown:
     raise ValueError(f"unknown export formats {unknown}; known: "
                      f"{WRITE_FORMATS}")
-  if "release" in formats:  # refuse before writing any format
-    release_format.check_source(src, os.path.join(out, "release"), overwrite)
+  check_out(out, formats, overwrite)
+  if "release" in formats:
+    release_format.check_source(src)
   merged = src
   if src.lora is not None and any(f != "release" for f in formats):
     merged = copy.copy(src)
@@ -375,9 +421,9 @@ def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS,
   writers = {"hf": lambda d: export_hf(merged, d),
              "orbax": lambda d: export_orbax(merged, d),
              "stablehlo": lambda d: export_stablehlo(merged, d, platforms),
-             "release": lambda d: release_format.export_release(
-                 src, d, overwrite)}
-  return {f: writers[f](os.path.join(out, f)) for f in formats}
+             "release": lambda d: release_format.export_release(src, d)}
+  return {f: _write_in_place(os.path.join(out, f), writers[f])
+          for f in formats}
 
 
 def load_model(directory, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
@@ -420,18 +466,13 @@ def main(argv=None):
                            "config.eval.traversal_alpha; 0.8 for a "
                            "converted model)")
   parser.add_argument("--overwrite", action="store_true",
-                      help="let --format release replace the files of a "
-                           "non-empty OUT/release")
+                      help="replace a non-empty OUT/<format> (refused "
+                           "without it)")
   args = parser.parse_args(argv)
   prog = parser.prog
   out = os.path.expanduser(args.out)
-  if os.path.exists(out) and not os.path.isdir(out):
-    return cli.fail(prog, f"--out {out} is a file, not a directory")
-  for fmt in args.format:
-    sub = os.path.join(out, fmt)
-    if os.path.exists(sub) and not os.path.isdir(sub):
-      return cli.fail(prog, f"{sub} is a file, not a directory")
   try:
+    check_out(out, args.format, args.overwrite)  # before the model loads
     src = load_source(args.model, args.bounds, args.checkpoint,
                       args.traversal_alpha,
                       merge="release" not in args.format)

@@ -201,17 +201,16 @@ def base_clip_params(params):
 # Writing.
 
 
-def check_source(src, out_dir, overwrite=False):
-  """Everything that can refuse a release export, checked before writing.
+def check_source(src):
+  """Everything about the model that can refuse a release export, checked
+  before anything is written (`export.check_out` checks the directory).
 
   Args:
     src: a `serving.Model`, LoRA unmerged (`export.load_source(merge=False)`).
-    out_dir: the `OUT/release` directory.
-    overwrite: allow a non-empty `out_dir`.
 
   Raises:
-    ReleaseFormatError: a Euclidean model, no bounds, a LoRA other than the
-      release's, or a non-empty `out_dir` without `overwrite`.
+    ReleaseFormatError: a Euclidean model, no bounds, or a LoRA other than
+      the release's.
   """
   if src.mode != "hyp":
     raise ReleaseFormatError(
@@ -223,27 +222,22 @@ def check_source(src, out_dir, overwrite=False):
         "release's HySAC loads): pass --bounds FILE (the run's bounds.json, "
         "written by eval.py)")
   check_lora(src.lora)
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise ReleaseFormatError(f"{out_dir} is a file, not a directory")
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise ReleaseFormatError(f"{out_dir} exists and is not empty: pass "
-                             "--overwrite to replace its files")
 
 
-def export_release(src, out_dir, overwrite=False):
-  """Writes `hysac_model.pth`, `hysac_bounds.json` and `clip/` to `out_dir`.
+def export_release(src, out_dir):
+  """Writes `hysac_model.pth`, `hysac_bounds.json` and `clip/` to `out_dir`
+  (created; `export.export` gives it a fresh one and checks the old).
 
   Args:
     src: a `serving.Model` with LoRA unmerged (`src.lora` its config) or
       without LoRA.
-    out_dir: the directory (created).
-    overwrite: replace the files of a non-empty `out_dir`.
+    out_dir: the directory.
 
   Returns:
     `out_dir`.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  check_source(src, out_dir, overwrite)
+  check_source(src)
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:

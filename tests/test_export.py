@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -300,3 +301,38 @@ def test_exporting_an_export_is_refused(exported, capsys, tmp_path):
   assert export.main(["--model", str(dirs["orbax"]), "--out", str(tmp_path),
                       "--format", "hf"]) == 1
   assert "already an export (orbax)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_earlier_export_is_kept_unless_overwrite(exported, capsys,
+                                                     tmp_path):
+  src, _, _ = exported
+  out = tmp_path / "out"
+  (out / "hf").mkdir(parents=True)
+  (out / "hf" / "stale.txt").write_text("earlier")
+  args = ["--model", str(src), "--out", str(out), "--format", "orbax", "hf"]
+  assert export.main(args) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"{out / 'hf'} is not empty: pass --overwrite" \
+      in err[0], err
+  assert not (out / "orbax").exists()  # refused before any format was written
+  assert (out / "hf" / "stale.txt").read_text() == "earlier"
+  assert export.main(args + ["--overwrite"]) == 0
+  assert (out / "hf" / "model.safetensors").is_file()
+  assert not (out / "hf" / "stale.txt").exists()  # replaced, not mixed
+  assert sorted(p.name for p in out.iterdir()) == ["hf", "orbax"]
+
+
+def test_a_failed_export_leaves_the_earlier_one_whole(tmp_path):
+  final = tmp_path / "hf"
+  final.mkdir()
+  (final / "model.safetensors").write_text("earlier")
+
+  def fails_half_way(directory):
+    (Path(directory) / "model.safetensors").write_text("half")
+    raise OSError("No space left on device")
+
+  with pytest.raises(OSError, match="No space left"):
+    export._write_in_place(str(final), fails_half_way)
+  assert (final / "model.safetensors").read_text() == "earlier"
+  assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no partial left
