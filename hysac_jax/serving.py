@@ -100,6 +100,12 @@ def detect_kind(path):
         f"--clip {os.path.join(path, 'clip')} --hysac-checkpoint "
         f"{release} --out DIR)")
   if not os.path.isfile(cfg_file):
+    inside = sorted(d for d in os.listdir(path)
+                    if os.path.isfile(os.path.join(path, d, HEAD_FILE)))
+    if inside:  # `export --out` itself, not one of its formats
+      raise ModelDirError(
+          f"{path} holds exports, not a model: pass one of them, e.g. "
+          f"{os.path.join(path, inside[0])} (found: {', '.join(inside)})")
     raise ModelDirError(f"{path} has neither {HEAD_FILE} nor config.json: "
                         f"{expected}")
   meta = _read_json(cfg_file)

@@ -285,6 +285,8 @@ def test_export_of_a_training_run_uses_its_checkpoint_and_bounds(tmp_path):
      and d, "plain Hugging Face CLIP"),
     (lambda d: (d / "config.json").write_text('{"model": {}, "train": {}}')
      and d, "no checkpoints"),
+    (lambda d: (d / "hf").mkdir() or (d / "hf" / "hysac_head.json").write_text(
+        "{}") and d, "holds exports, not a model: pass one of them"),
 ])
 def test_model_dir_of_the_wrong_kind_is_refused_by_name(tmp_path, capsys,
                                                         make, message):
