@@ -6,8 +6,10 @@
 
 Every config field can be overridden with --config.FIELD=VALUE. The resolved
 config is saved as WORKDIR/config.json. A workdir that already holds
-checkpoints is resumed (exactly: same batches, same dropout keys); --noresume
-refuses it, --overwrite moves it to WORKDIR.old-<time>/ and starts afresh.
+checkpoints is resumed (exactly: same batches, same dropout keys) when the
+config keeps the fields that define the run (config.RESUME_MAY_CHANGE lists
+those that may change); --noresume refuses it, --overwrite moves it to
+WORKDIR.old-<time>/ and starts afresh.
 WORKDIR/.lock keeps a second train.py off the same run.
 
 Exit codes (hysac_jax/cli.py): 0 done, 1 an expected error (one line naming

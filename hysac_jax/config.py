@@ -182,6 +182,46 @@ def check_config(config):
   _check_training(config.optim, config.loss, config.train)
 
 
+# Fields a resumed run may change: how it runs, where its data lives, how
+# long it trains and how it is evaluated. The per-device batch may change
+# with the topology; the global batch is checked by the saved input position
+# (pipeline `set_state`). Every other field defines the run (model, loss,
+# optimiser, data, seed) and must stay as saved.
+RESUME_MAY_CHANGE = ("train.", "eval.", "data.data_dir", "data.manual_dir",
+                     "data.num_workers", "data.batch_size_per_device",
+                     "data.eval_batch_size_per_device", "model.dtype",
+                     "model.remat", "model.attention")
+
+
+def _flat(config, prefix=""):
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def resume_conflicts(saved, config):
+  """The fields in which `config` differs from a run's `saved` config and
+  that a resumed run must keep, each as "FIELD SAVED (now NEW)".
+
+  `train.epochs` may change (to train longer) unless the learning-rate
+  schedule depends on the run's length (`optim.schedule` warmup_cosine).
+  """
+  old, new = _flat(saved), _flat(config)
+  conflicts = []
+  for field in sorted(set(old) | set(new)):
+    if old.get(field) == new.get(field):
+      continue
+    fixed_length = (field == "train.epochs"
+                    and new.get("optim.schedule") != "constant")
+    if fixed_length or not field.startswith(RESUME_MAY_CHANGE):
+      conflicts.append(f"{field} {old.get(field)!r} (now {new.get(field)!r})")
+  return conflicts
+
+
 def save_config(config, workdir):
   """Writes the resolved config as workdir/config.json (process 0)."""
   if jax.process_index() == 0:

@@ -163,6 +163,28 @@ def test_noresume_refuses_and_overwrite_moves_the_run_aside(tmp_path):
 # ------------------------------------------------------ early stopping ---
 
 
+def test_resume_refuses_a_config_that_changes_the_run(finished_run,
+                                                      data_dir):
+  """Resuming a run with another model, loss, optimiser or data would mix
+  two runs in one: refused before anything is written, config.json kept."""
+  workdir, _ = finished_run
+  saved = (workdir / "config.json").read_text()
+  changed = micro_config(data_dir, **{"model.mode": "euc",
+                                      "loss.entail_weight": 0.5,
+                                      "train.epochs": 3})
+  with pytest.raises(ValueError) as raised:
+    loop_lib.train_and_evaluate(changed, workdir)
+  message = str(raised.value)
+  assert "loss.entail_weight 1.0 (now 0.5)" in message, message
+  assert "model.mode 'hyp' (now 'euc')" in message, message
+  assert "train.epochs" not in message  # may change: train longer
+  assert (workdir / "config.json").read_text() == saved
+  loop_lib.check_resume_config(  # how it runs may change
+      micro_config(data_dir, **{"train.epochs": 9, "model.remat": "full",
+                                "eval.traversal_alpha": 2.0,
+                                "data.batch_size_per_device": 4}), workdir)
+
+
 def test_early_stopping_follows_the_release_rule():
   stop = loop_lib.EarlyStopping(patience=2)
   assert stop.update(1.0, 0.5) == (True, True, False)

@@ -220,6 +220,25 @@ def open_run_dir(workdir, resume=None, overwrite=False):
   return lock
 
 
+def check_resume_config(config, workdir):
+  """Refuses to resume a run in `workdir` with a config that changes what
+  defines it (`config_lib.resume_conflicts`), naming each such field.
+
+  A workdir without checkpoints, or without config.json, starts afresh.
+  """
+  if (not ckpt_lib.saved_steps(workdir) or not os.path.exists(
+      os.path.join(workdir, config_lib.CONFIG_FILE))):
+    return
+  conflicts = config_lib.resume_conflicts(
+      config_lib.load_run_config(workdir), config)
+  if conflicts:
+    raise ValueError(
+        f"{workdir} was trained with other settings, and a resumed run "
+        f"keeps them: {'; '.join(conflicts)}. Rerun with the run's settings "
+        f"(its {config_lib.CONFIG_FILE}) to resume it, or start afresh with "
+        "another --workdir or with --overwrite (moves this run aside)")
+
+
 def _restore_latest(checkpoints, abstract_tree, fallback):
   """(state, data, meta) of the newest readable checkpoint in checkpoints/.
 
@@ -303,6 +322,8 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None,
   workdir = os.path.abspath(os.path.expanduser(workdir))
   lock = open_run_dir(workdir, resume, overwrite)
   try:
+    if not overwrite and resume is not False:
+      check_resume_config(config, workdir)
     return _train_and_evaluate(config, workdir,
                                resume=None if overwrite else resume,
                                fallback_checkpoint=fallback_checkpoint,

@@ -1,0 +1,54 @@
+"""The run config schema (hysac_jax/config.py): saved configs, resume rules."""
+
+import pytest
+
+from hysac_jax import config as config_lib
+
+
+def _config(**fields):
+  c = config_lib.base_config()
+  for field, value in fields.items():
+    group, _, name = field.rpartition(".")
+    target = c
+    for part in filter(None, group.split(".")):
+      target = target[part]
+    target[name] = value
+  return c
+
+
+@pytest.mark.parametrize("field,value", [
+    ("seed", 1), ("model.mode", "euc"), ("model.clip", "other/clip"),
+    ("model.lora.rank", 8), ("model.lora.targets", ("k_proj",)),
+    ("loss.local_negatives", True), ("optim.lr", 3e-4),
+    ("data.name", "synthetic_visu"), ("data.synthetic_sizes", (8, 8, 8)),
+    ("data.augment", True)])
+def test_fields_that_define_the_run_conflict_on_resume(field, value):
+  conflicts = config_lib.resume_conflicts(_config(), _config(**{field: value}))
+  assert len(conflicts) == 1 and conflicts[0].startswith(f"{field} "), \
+      conflicts
+  assert conflicts[0].endswith(f"(now {value!r})")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("train.epochs", 80), ("train.patience", 9), ("train.keep_last", 5),
+    ("eval.traversal_alpha", 2.0), ("data.data_dir", "/elsewhere"),
+    ("data.num_workers", 2), ("data.batch_size_per_device", 256),
+    ("model.dtype", "float32"), ("model.remat", "full"),
+    ("model.attention", "einsum")])
+def test_how_a_run_runs_may_change_on_resume(field, value):
+  assert config_lib.resume_conflicts(_config(),
+                                     _config(**{field: value})) == []
+
+
+def test_epochs_are_fixed_when_the_schedule_depends_on_them():
+  cosine = {"optim.schedule": "warmup_cosine", "optim.warmup_steps": 10}
+  conflicts = config_lib.resume_conflicts(
+      _config(**cosine), _config(**cosine, **{"train.epochs": 80}))
+  assert conflicts == ["train.epochs 50 (now 80)"]
+
+
+def test_a_saved_config_compares_equal_to_the_config_it_came_from(tmp_path):
+  c = _config(**{"model.lora.targets": ("k_proj", "v_proj")})
+  config_lib.save_config(c, tmp_path)  # tuples come back from JSON lists
+  assert config_lib.resume_conflicts(config_lib.load_run_config(tmp_path),
+                                     c) == []
