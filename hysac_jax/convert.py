@@ -38,6 +38,7 @@ import numpy as np
 from flax import traverse_util
 
 from hysac_jax import cli
+from hysac_jax import outdir
 from hysac_jax.models.clip import (CLIPConfig, CLIPModel, LoRAConfig,
                                    dummy_inputs)
 from hysac_jax.models.lora import LORA_A, LORA_B
@@ -190,8 +191,10 @@ def _load_torch_file(path):
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pickle errors have many types
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    first = first.split(". ")[0]  # torch's weights_only advice runs on
     raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
-                          f"{type(e).__name__}: {e}") from e
+                          f"{type(e).__name__}: {first}") from e
   return _state_dict_to_numpy(obj, path)
 
 
@@ -590,28 +593,59 @@ def check_preprocess(path, pp):
           f"{[float(v) for v in want]}")
 
 
+def _hf_export_head(clip):
+  """The hysac_head.json of an `export --format hf` directory `clip`, or None
+  (a plain CLIP directory or hub id). Converting such an export keeps its
+  head: curvature, feature scales, logit scale, mode and bounds."""
+  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.expanduser(os.fspath(clip)), serving.HEAD_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    head = json.load(f)
+  if head.get("format") != serving.EXPORT_FORMAT or head.get("kind") != "hf":
+    raise ValueError(f"{path} is not the head of a hysac_jax hf export "
+                     f"(format {head.get('format')!r}, kind "
+                     f"{head.get('kind')!r})")
+  return head
+
+
 def convert(clip, out, hysac_checkpoint=None, merge=False, curv_init=1.0,
             lora_alpha=1.0):
   """Converts CLIP (and optionally a HySAC release checkpoint) to `out`.
 
   Without `hysac_checkpoint` the head scalars take their initial values, so
-  the directory is the HySAC starting point (CLIP lifted to the hyperboloid).
+  the directory is the HySAC starting point (CLIP lifted to the hyperboloid),
+  unless `clip` is an `export --format hf` directory: then its head (and
+  bounds) are kept, with its own `curv_init`.
 
   Returns:
     The `out` directory.
   """
+  mode = "hyp"
   if hysac_checkpoint:
     config, lora, params = hysac_params_from_pytorch(
         hysac_checkpoint, clip, lora_alpha=lora_alpha)
   else:
     config, clip_params = clip_params_from_hf(clip)
     lora = None
-    params = {"clip": clip_params, **initial_head(config, curv_init)}
+    head = _hf_export_head(clip)
+    if head is None:
+      params = {"clip": clip_params, **initial_head(config, curv_init)}
+    else:  # keep its trained head, not the initial one
+      mode, curv_init = head["mode"], head["curv_init"]
+      params = {"clip": clip_params,
+                **{k: np.float32(v) for k, v in head["stored_logs"].items()}}
+      if head.get("bounds"):
+        from hysac_jax import safety  # pylint: disable=g-import-not-at-top
+        os.makedirs(out, exist_ok=True)
+        safety.save_bounds(head["bounds"], os.path.join(out, "bounds.json"))
   if merge and lora is not None:
     from hysac_jax.models.lora import merge_lora  # pylint: disable=g-import-not-at-top
     params = merge_lora(params, lora)
     lora = None
-  save_pretrained(out, config, params, lora=lora, curv_init=curv_init,
+  save_pretrained(out, config, params, lora=lora, mode=mode,
+                  curv_init=curv_init,
                   source={"clip": os.fspath(clip),
                           "hysac_checkpoint": hysac_checkpoint and
                                               os.fspath(hysac_checkpoint),
@@ -639,6 +673,8 @@ def main(argv=None):
   parser.add_argument("--hysac-checkpoint", default=None,
                       help="HySAC release checkpoint (hysac_model.pth)")
   parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace a non-empty --out (refused without it)")
   parser.add_argument("--merge-lora", action="store_true",
                       help="fold LoRA into the base weights")
   parser.add_argument("--curv-init", type=float, default=1.0)
@@ -646,8 +682,10 @@ def main(argv=None):
                       help="LoRA alpha of the checkpoint (release: 1)")
   args = parser.parse_args(argv)
   out = os.path.expanduser(args.out)
-  if os.path.exists(out) and not os.path.isdir(out):
-    return cli.fail(parser.prog, f"--out {out} is a file, not a directory")
+  try:
+    outdir.check(out, args.overwrite)
+  except outdir.OutputExistsError as e:
+    return cli.fail(parser.prog, e)
   if args.open_clip is not None:
     return _main_open_clip(parser, args, out)
   if args.checkpoint or args.force_quick_gelu:
@@ -655,9 +693,9 @@ def main(argv=None):
                     "with --open-clip (for --clip use --hysac-checkpoint)",
                     cli.EXIT_USAGE)
   try:
-    out = convert(args.clip, out, args.hysac_checkpoint,
-                  merge=args.merge_lora, curv_init=args.curv_init,
-                  lora_alpha=args.lora_alpha)
+    outdir.write_in_place(out, lambda d: convert(
+        args.clip, d, args.hysac_checkpoint, merge=args.merge_lora,
+        curv_init=args.curv_init, lora_alpha=args.lora_alpha))
   except (CheckpointError, ValueError, OSError, ImportError) as e:
     # ValueError: a bad config.json; OSError: missing or unwritable files;
     # ImportError: torch, needed for .pth / .bin checkpoints.
@@ -676,10 +714,13 @@ def _main_open_clip(parser, args, out):
   if args.hysac_checkpoint or args.merge_lora:
     return cli.fail(parser.prog, "--hysac-checkpoint and --merge-lora go "
                     "with --clip, not --open-clip", cli.EXIT_USAGE)
+  def write(directory):
+    return openclip_import.convert_openclip(
+        args.open_clip, args.checkpoint, directory, curv_init=args.curv_init,
+        force_quick_gelu=args.force_quick_gelu)[1]
+
   try:
-    out, model = openclip_import.convert_openclip(
-        args.open_clip, args.checkpoint, out, curv_init=args.curv_init,
-        force_quick_gelu=args.force_quick_gelu)
+    model = outdir.write_in_place(out, write)
   except (CheckpointError, ValueError, OSError, ImportError) as e:
     # ValueError: a config the Flax CLIP cannot reproduce (names the field).
     return cli.fail(parser.prog, e)

@@ -55,9 +55,7 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 
 import jax
@@ -68,6 +66,7 @@ from flax import traverse_util
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
 from hysac_jax import convert
+from hysac_jax import outdir
 from hysac_jax import safety
 from hysac_jax import serving
 from hysac_jax.models import hysac as hysac_lib
@@ -351,45 +350,12 @@ def export_stablehlo(src, out_dir, platforms=DEFAULT_PLATFORMS):
   return out_dir
 
 
-class ExportExistsError(ValueError):
-  """An export would replace a non-empty directory without `overwrite`."""
-
-
 def check_out(out, formats, overwrite=False):
   """Refuses, before anything is written, an `out` or `out/<format>` that is
   a file, and a non-empty `out/<format>` unless `overwrite`."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ExportExistsError(f"--out {out} is a file, not a directory")
+  outdir.check(out, overwrite=True)
   for fmt in formats:
-    sub = os.path.join(out, fmt)
-    if os.path.exists(sub) and not os.path.isdir(sub):
-      raise ExportExistsError(f"{sub} is a file, not a directory")
-    if os.path.isdir(sub) and os.listdir(sub) and not overwrite:
-      raise ExportExistsError(
-          f"{sub} is not empty: pass --overwrite to replace it (an earlier "
-          "export?), or choose another --out")
-
-
-def _write_in_place(final, writer):
-  """Runs `writer(dir)` on a fresh sibling of `final`, then moves it to
-  `final`, replacing what was there. A failed or interrupted export leaves
-  `final` as it was (and at most a `.NAME.partial-*` directory)."""
-  parent, name = os.path.split(os.path.abspath(final))
-  os.makedirs(parent, exist_ok=True)
-  partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
-  try:
-    writer(partial)
-  except BaseException:
-    shutil.rmtree(partial, ignore_errors=True)
-    raise
-  if os.path.lexists(final):
-    old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
-    os.rename(final, os.path.join(old, name))
-    os.rename(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(partial, final)
-  return final
+    outdir.check(os.path.join(out, fmt), overwrite, what="export")
 
 
 def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS,
@@ -398,7 +364,7 @@ def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS,
 
   `src` may hold unmerged LoRA (`src.lora`): the serving formats get it
   merged, "release" gets it as is. A non-empty `out/<format>` is refused
-  (`ExportExistsError`) unless `overwrite`; every check runs before any
+  (`outdir.OutputExistsError`) unless `overwrite`; every check runs before any
   format is written, and each format is written beside its place and then
   moved there, so an export that fails leaves the old one whole.
 
@@ -422,8 +388,9 @@ def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS,
              "orbax": lambda d: export_orbax(merged, d),
              "stablehlo": lambda d: export_stablehlo(merged, d, platforms),
              "release": lambda d: release_format.export_release(src, d)}
-  return {f: _write_in_place(os.path.join(out, f), writers[f])
-          for f in formats}
+  for f in formats:
+    outdir.write_in_place(os.path.join(out, f), writers[f])
+  return {f: os.path.join(out, f) for f in formats}
 
 
 def load_model(directory, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,

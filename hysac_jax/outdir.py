@@ -1,0 +1,51 @@
+"""Output directories of the command-line tools: never replace by accident.
+
+`check` refuses, before any work, an output that is a file or a non-empty
+directory (unless `overwrite`). `write_in_place` writes a directory beside
+its place and moves it there when complete, so a failed or interrupted
+write leaves the earlier directory whole, and an overwrite leaves no stale
+file of the old one in the new one.
+"""
+
+import os
+import shutil
+import tempfile
+
+
+class OutputExistsError(ValueError):
+  """An output that is a file, or a non-empty directory without overwrite."""
+
+
+def check(path, overwrite=False, what="--out"):
+  """Raises `OutputExistsError` if `path` is a file, or a non-empty
+  directory and not `overwrite`. `what` names the path in the message."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise OutputExistsError(f"{what} {path} is a file, not a directory")
+  if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    raise OutputExistsError(
+        f"{what} {path} is not empty: pass --overwrite to replace it (an "
+        "earlier output?), or choose another directory")
+
+
+def write_in_place(final, writer):
+  """Runs `writer(directory)` on a fresh sibling of `final`, then moves it
+  to `final`, replacing what was there. Returns what `writer` returns.
+
+  A failure leaves `final` as it was, and no `.NAME.partial-*` directory.
+  """
+  parent, name = os.path.split(os.path.abspath(final))
+  os.makedirs(parent, exist_ok=True)
+  partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+  try:
+    result = writer(partial)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  if os.path.lexists(final):
+    old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+    os.rename(final, os.path.join(old, name))
+    os.rename(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(partial, final)
+  return result
