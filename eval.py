@@ -103,7 +103,10 @@ def main(argv):
   from hysac_jax import compilation_cache
   from hysac_jax import distributed
   from hysac_jax import config as config_lib
+  from hysac_jax import outdir
   try:
+    if _OUT.value:  # before any work, not after it
+      outdir.check_writable(_OUT.value)
     config = _CONFIG.value
     if config is None and _WORKDIR.value:
       config = config_lib.load_run_config(_WORKDIR.value)

@@ -1,7 +1,8 @@
 """Output directories of the command-line tools: never replace by accident.
 
-`check` refuses, before any work, an output that is a file or a non-empty
-directory (unless `overwrite`). `write_in_place` writes a directory beside
+`check` refuses, before any work, an output that is a file, cannot be
+created or written, or is a non-empty directory (unless `overwrite`);
+`check_writable` only the first three (eval.py, whose reports are rewritten). `write_in_place` writes a directory beside
 its place and moves it there when complete, so a failed or interrupted
 write leaves the earlier directory whole, and an overwrite leaves no stale
 file of the old one in the new one.
@@ -16,11 +17,28 @@ class OutputExistsError(ValueError):
   """An output that is a file, or a non-empty directory without overwrite."""
 
 
-def check(path, overwrite=False, what="--out"):
-  """Raises `OutputExistsError` if `path` is a file, or a non-empty
-  directory and not `overwrite`. `what` names the path in the message."""
+def check_writable(path, what="--out"):
+  """Raises `OutputExistsError` unless the directory `path` exists or can
+  be created: it, or its nearest existing ancestor, must be a writable
+  directory. Creates nothing, so a command can check before its work."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise OutputExistsError(f"{what} {path} is a file, not a directory")
+  parent = os.path.abspath(os.path.expanduser(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise OutputExistsError(f"{what} {path} cannot be created: {parent} is "
+                            "a file")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise OutputExistsError(f"{what} {path} cannot be written: no write "
+                            f"permission in {parent}")
+
+
+def check(path, overwrite=False, what="--out"):
+  """Raises `OutputExistsError` if `path` cannot be written (see
+  `check_writable`), or is a non-empty directory and not `overwrite`.
+  `what` names the path in the message."""
+  check_writable(path, what)
   if os.path.isdir(path) and os.listdir(path) and not overwrite:
     raise OutputExistsError(
         f"{what} {path} is not empty: pass --overwrite to replace it (an "

@@ -191,6 +191,8 @@ def test_eval_predict_and_export_flag_the_same_items_with_the_runs_alpha(
     (["--split=nonsense"], 2, "--split"),
     (["--config=/no/such/config.py"], 2,
      "--config=/no/such/config.py: cannot load the config file"),
+    (["--out=/dev/null/report"], 1,
+     "--out /dev/null/report cannot be created: /dev/null is a file"),
 ])
 def test_eval_bad_flags_give_one_line_before_any_work(run_dir, tmp_path,
                                                       flags, exit_code,

@@ -51,3 +51,12 @@ def test_a_failed_write_leaves_the_earlier_directory_whole(tmp_path):
     outdir.write_in_place(str(final), fails_half_way)
   assert (final / "model.safetensors").read_text() == "earlier"
   assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no partial left
+
+
+def test_an_output_under_a_file_cannot_be_created(tmp_path):
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(outdir.OutputExistsError,
+                     match=f"cannot be created: {tmp_path / 'f'} is a file"):
+    outdir.check_writable(tmp_path / "f" / "sub" / "out")
+  outdir.check_writable(tmp_path / "new" / "deeper")  # creatable
+  assert not (tmp_path / "new").exists()  # and nothing was created
