@@ -155,6 +155,9 @@ def save_pool(pool, path):
 def load_pool(path, model):
   """A caption file (embedded now) or a saved `.npz` pool, checked against
   `model` (embedding width, curvature)."""
+  if os.path.isdir(path):
+    raise PoolError(f"pool {path} is a directory: expected a caption file "
+                    "(one caption per line) or a .npz pool (--save-pool)")
   if not os.path.isfile(path):
     raise PoolError(f"pool file not found: {path}")
   if path.endswith(".npz"):

@@ -284,6 +284,10 @@ def test_corrupt_or_truncated_npz_pool_gives_one_error_line(capsys, model_dir,
     assert rec["error"].startswith(f"pool {bad} is not a readable .npz")
     (line,) = err
     assert line.startswith("python -m hysac_jax.predict: error: pool ")
+  code, (rec,), _ = run_failing(capsys, "--model", model_dir, "--pool",
+                                tmp_path, "--text", "a cat")
+  assert code == 1 and rec["error"].startswith(f"pool {tmp_path} is a "
+                                               "directory: expected a caption")
 
 
 def test_encode_batched_pads_to_few_shapes_and_keeps_order():
