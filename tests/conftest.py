@@ -10,7 +10,12 @@
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Four simulated CPU devices, kept when the caller sets other XLA_FLAGS
+# (e.g. --xla_cpu_multi_thread_eigen=false): the tests assume four devices.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
+                                                                 ""):
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, (
+      os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=4")))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
