@@ -8,7 +8,8 @@ Each format goes to its own directory, `OUT/<format>/`, and every one holds
 all clamped; and the stored logarithms), the mode, the bounds when known
 (SPEC §4) with the derived thresholds b', and the CLIP config. LoRA is always
 merged into the base weights first (`merge_lora`), so no format carries
-adapters or optimizer state.
+adapters or optimizer state. A non-empty `OUT/<format>/` is refused unless
+`--overwrite`; each format is written beside it and moved in when complete.
 
 | format | files | read back with |
 | --- | --- | --- |
