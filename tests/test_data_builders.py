@@ -465,3 +465,16 @@ def test_synthetic_follows_image_size():
   ex = synthetic.make_quadruple(0, "train", 0, 56)
   assert ex["safe_image"].shape == ex["unsafe_image"].shape == (56, 56, 3)
   assert ex["safe_image"].dtype == np.uint8
+
+
+@pytest.mark.parametrize("msg,args,kept", [
+    ("Using custom data configuration %s", ("px32",), False),
+    ("Variant folder %s has no %s", ("/d/1.0.0", "dataset_info.json"), False),
+    ("Variant folder %s has no %s", ("/d/1.0.0", "features.json"), True),
+    ("Dataset %s is corrupt", ("visu",), True)])
+def test_only_tfds_warnings_with_nothing_to_act_on_are_dropped(msg, args,
+                                                                kept):
+  import logging  # pylint: disable=g-import-not-at-top
+  record = logging.LogRecord("absl", logging.WARNING, "file_utils.py", 394,
+                             msg, args, None)
+  assert build._QuietTFDS().filter(record) == kept

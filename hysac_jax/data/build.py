@@ -47,19 +47,28 @@ def _builder_class(name):
   raise ValueError(f"unknown dataset {name!r}; expected one of {BUILDERS}")
 
 
-class _QuietCustomConfig(logging.Filter):
-  """Drops TFDS's "Using custom data configuration ..." warning: logged at
-  every builder made from a config object (each validation of a run, over
-  the progress bar), it says nothing the config does not."""
+class _QuietTFDS(logging.Filter):
+  """Drops two TFDS warnings that say nothing to act on:
+
+  - "Using custom data configuration ...": logged at every builder made from
+    a config object (each validation of a run, over the progress bar);
+  - "Variant folder ... has no dataset_info.json": logged while a first
+    build is under way (the folder is complete once the build ends).
+  """
 
   def filter(self, record):
-    return not str(record.msg).startswith("Using custom data configuration")
+    try:
+      msg = record.getMessage()
+    except (TypeError, ValueError):  # arguments that do not fit the format
+      msg = str(record.msg)
+    return not (msg.startswith("Using custom data configuration") or (
+        msg.startswith("Variant folder") and "has no dataset_info.json" in msg))
 
 
-def _quiet_custom_config():
+def _quiet_tfds():
   absl_logger = logging.getLogger("absl")
-  if not any(isinstance(f, _QuietCustomConfig) for f in absl_logger.filters):
-    absl_logger.addFilter(_QuietCustomConfig())
+  if not any(isinstance(f, _QuietTFDS) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietTFDS())
 
 
 def get_builder(name, data_dir, **builder_kwargs):
@@ -72,7 +81,7 @@ def get_builder(name, data_dir, **builder_kwargs):
       `split_files={...}` (visu), `text_files={...}` (visu_text),
       `config=synthetic.synthetic_config(...)` (synthetic_visu).
   """
-  _quiet_custom_config()
+  _quiet_tfds()
   data_dir = os.path.expanduser(os.fspath(data_dir))
   cls = _builder_class(name)
   config = builder_kwargs.get("config")
