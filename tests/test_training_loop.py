@@ -185,6 +185,33 @@ def test_resume_refuses_a_config_that_changes_the_run(finished_run,
                                 "data.batch_size_per_device": 4}), workdir)
 
 
+@pytest.mark.parametrize("files,what", [
+    ({"hysac_head.json": "{}", "model.safetensors": "w"}, "an export"),
+    ({"config.json": '{"format": "hysac_jax.pretrained"}',
+      "params.safetensors": "w"}, "a converted model"),
+    ({"hysac_model.pth": "w"}, "a model in the release's format"),
+    ({"config.json": '{"model_type": "clip"}'}, "a config.json of another"),
+    ({"config.json": "{not json"}, "a config.json that is not valid JSON")])
+def test_a_model_directory_is_not_trained_into(tmp_path, files, what):
+  """--workdir on a converted model or an export would overwrite its
+  config.json and bounds: refused, every file kept."""
+  for name, text in files.items():
+    (tmp_path / name).write_text(text)
+  with pytest.raises(FileExistsError, match=f"holds {what}.*not a training "
+                                            "run"):
+    loop_lib.open_run_dir(str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
+  for name, text in files.items():
+    assert (tmp_path / name).read_text() == text
+
+
+def test_a_directory_with_other_files_or_a_run_opens(tmp_path):
+  (tmp_path / "slurm-1234.out").write_text("log")  # the scheduler's own log
+  loop_lib.open_run_dir(str(tmp_path)).release()
+  (tmp_path / "config.json").write_text('{"model": {}, "train": {}}')
+  loop_lib.open_run_dir(str(tmp_path)).release()  # a run (no step saved yet)
+
+
 def test_early_stopping_follows_the_release_rule():
   stop = loop_lib.EarlyStopping(patience=2)
   assert stop.update(1.0, 0.5) == (True, True, False)

@@ -14,6 +14,7 @@ checkpoint continues with exactly the batches and keys it would have used.
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -176,6 +177,31 @@ def _move_run_aside(workdir):
   return target
 
 
+def _other_kind_of_directory(workdir):
+  """What `workdir` holds when it is a model directory of another kind (an
+  export, a converted model, the release's format), which training would
+  overwrite; None for a run, an empty or a new directory, or other files."""
+  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
+  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(os.path.join(workdir, serving.HEAD_FILE)):
+    return f"an export ({serving.HEAD_FILE})"
+  if os.path.isfile(os.path.join(workdir, "hysac_model.pth")):
+    return "a model in the release's format (hysac_model.pth)"
+  path = os.path.join(workdir, config_lib.CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (ValueError, OSError):  # JSONDecodeError, UnicodeDecodeError
+    return f"a {config_lib.CONFIG_FILE} that is not valid JSON"
+  if isinstance(meta, dict) and "model" in meta and "train" in meta:
+    return None
+  if isinstance(meta, dict) and meta.get("format") == convert.FORMAT:
+    return "a converted model"
+  return f"a {config_lib.CONFIG_FILE} of another kind"
+
+
 def open_run_dir(workdir, resume=None, overwrite=False):
   """Locks a run directory for training and applies --noresume/--overwrite.
 
@@ -195,6 +221,12 @@ def open_run_dir(workdir, resume=None, overwrite=False):
                              "directory")
   if overwrite and resume:
     raise ValueError("--overwrite starts afresh: drop --resume")
+  other = None if overwrite else _other_kind_of_directory(workdir)
+  if other:  # checked before the lock, so nothing is written into it
+    raise FileExistsError(
+        f"--workdir {workdir} holds {other}, not a training run, and "
+        "training would overwrite its files: choose another --workdir "
+        "(--init_from DIR starts a run from a converted model)")
   lock = None
   if jax.process_index() == 0:
     lock = run_lock.RunLock(workdir).acquire()
