@@ -102,21 +102,22 @@ def main(argv):
                     cli.EXIT_USAGE)
   from hysac_jax import compilation_cache
   from hysac_jax import distributed
-  from hysac_jax import config as config_lib
   from hysac_jax import outdir
   try:
     if _OUT.value:  # before any work, not after it
       outdir.check_writable(_OUT.value)
     config = _CONFIG.value
-    if config is None and _WORKDIR.value:
-      config = config_lib.load_run_config(_WORKDIR.value)
+    if config is None:  # a run's own config, --workdir or --model
+      config = evaluate_run.saved_config(
+          _WORKDIR.value or _MODEL.value,
+          "--workdir" if _WORKDIR.value else "--model")
     compilation_cache.enable(compilation_cache.DEFAULT_DIR if config is None
                              else config.train.compilation_cache_dir)
     distributed.initialize()  # Multi-host under Slurm, Open MPI, TPU pods.
     if _TASK.value != "report":
       return _run_task(config)
     report, out_dir = evaluate_run.run(
-        config=_CONFIG.value, workdir=_WORKDIR.value, model_dir=_MODEL.value,
+        config=config, workdir=_WORKDIR.value, model_dir=_MODEL.value,
         split=_SPLIT.value, checkpoint=_CHECKPOINT.value, out_dir=_OUT.value,
         traversal_alpha=_ALPHA.value)
   except (ValueError, OSError, ConnectionError) as e:

@@ -31,6 +31,26 @@ def quadruple_encoder(model):
   return encode
 
 
+def saved_config(directory, flag):
+  """The config a training run saved in `directory`, or None for another
+  kind of model directory passed as --model (whose data config comes from
+  --config). `flag` ("--workdir" or "--model") names it in errors: a
+  --workdir must be a training run."""
+  try:
+    kind = serving.detect_kind(os.path.expanduser(directory))
+  except serving.ModelDirError:
+    if flag == "--workdir":  # load_run_config names what is missing
+      return config_lib.load_run_config(directory)
+    raise
+  if kind == "run":
+    return config_lib.load_run_config(directory)
+  if flag == "--workdir":
+    raise ValueError(f"--workdir {directory} holds a model of kind {kind!r}, "
+                     f"not a training run: evaluate it with --model "
+                     f"{directory} --config FILE (FILE gives the dataset)")
+  return None
+
+
 def _check_inputs(config, workdir, model_dir, split):
   """(source directory, config): everything checked before the restore."""
   from hysac_jax.data import pipeline  # pylint: disable=g-import-not-at-top

@@ -87,6 +87,7 @@ ORBAX_PARAMS_DIR = serving.ORBAX_PARAMS_DIR
 STABLEHLO_PARAMS_FILE = serving.STABLEHLO_PARAMS_FILE
 STABLEHLO_SUFFIX = serving.STABLEHLO_SUFFIX
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's lowering platforms
 # OpenAI CLIP configs say eos_token_id=2, which Hugging Face reads as "pool at
 # the highest token id" (our `eos_token_id=None`).
 _HF_ARGMAX_EOS = 2
@@ -426,6 +427,7 @@ def main(argv=None):
                       choices=ckpt_lib.KINDS,
                       help="which checkpoint of a training run")
   parser.add_argument("--platforms", nargs="+", default=list(DEFAULT_PLATFORMS),
+                      choices=PLATFORMS,
                       help="stablehlo lowering platforms (default: "
                            "%(default)s)")
   parser.add_argument("--traversal-alpha", type=float, default=None,

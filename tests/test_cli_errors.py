@@ -209,6 +209,33 @@ def test_eval_bad_flags_give_one_line_before_any_work(run_dir, tmp_path,
   assert not data_dir.exists()  # nothing built or embedded
 
 
+def test_eval_takes_a_runs_own_config_and_sends_other_models_to_model(
+    tmp_path):
+  export_dir = tmp_path / "hf"
+  export_dir.mkdir()
+  (export_dir / "hysac_head.json").write_text(json.dumps(
+      {"format": serving.EXPORT_FORMAT, "kind": "hf"}))
+  with pytest.raises(ValueError, match=f"--workdir {export_dir} holds a model "
+                     "of kind 'hf', not a training run: evaluate it with "
+                     f"--model {export_dir} --config FILE"):
+    evaluate_run.saved_config(str(export_dir), "--workdir")
+  assert evaluate_run.saved_config(str(export_dir), "--model") is None
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps({"model": {"mode": "euc"},
+                                               "train": {}}))
+  for flag in ("--workdir", "--model"):  # a run passed as --model, too
+    assert evaluate_run.saved_config(str(run), flag).model.mode == "euc"
+
+
+def test_export_platforms_are_checked_by_the_command_line(capsys):
+  with pytest.raises(SystemExit) as raised:
+    export.main(["--model", "m", "--out", "o", "--format", "stablehlo",
+                 "--platforms", "gpu"])
+  assert raised.value.code == cli.EXIT_USAGE
+  assert "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_eval_of_a_corrupt_bounds_file_fails_before_embedding(tmp_path):
   data_dir = tmp_path / "tfds"
