@@ -287,6 +287,58 @@ def _preprocess(preprocess_cfg, source):
   return stats["mean"], stats["std"], where
 
 
+def _vision_config(v, vw, act):
+  """`VisionConfig` of open_clip's `vision_cfg` `v` (CLIPVisionCfg defaults
+  where a field is absent); `vw` names it in errors."""
+  layers = v.get("layers", 12)
+  if not isinstance(layers, int):
+    raise OpenCLIPConfigError(f"{vw}.layers is {layers!r}: a list of stage "
+                              "depths is a ModifiedResNet, not supported")
+  width = v.get("width", 768)
+  head_width = v.get("head_width", 64)
+  if width % head_width:
+    raise OpenCLIPConfigError(f"{vw}.head_width {head_width} does not "
+                              f"divide width {width}")
+  image = _square(v.get("image_size", 224), f"{vw}.image_size")
+  patch = _square(v.get("patch_size", 16), f"{vw}.patch_size")
+  if image % patch:
+    raise OpenCLIPConfigError(f"{vw}.image_size {image} is not a multiple "
+                              f"of patch_size {patch}")
+  return VisionConfig(
+      image_size=image, patch_size=patch, hidden_size=width,
+      intermediate_size=_mlp_width(v, width, vw), num_hidden_layers=layers,
+      num_attention_heads=width // head_width, hidden_act=act,
+      layer_norm_eps=_eps(v, vw))
+
+
+def _text_config(t, tw, act):
+  """`TextConfig` of open_clip's `text_cfg` `t` (CLIPTextCfg defaults where
+  a field is absent); `tw` names it in errors."""
+  pool = t.get("pool_type", "argmax")
+  eos = t.get("eos_id", 2)
+  if pool == "argmax":
+    eos_token_id = None  # ours: the position of the largest id
+  elif pool == "eos":
+    if eos is None or eos == 2:
+      # Our pool_positions reads eos 2 as OpenAI's "largest id" rule.
+      raise OpenCLIPConfigError(f"{tw}.eos_id is {eos!r}: pooling at the "
+                                "first eos_id needs an id other than 2")
+    eos_token_id = int(eos)
+  else:
+    raise OpenCLIPConfigError(f"{tw}.pool_type is {pool!r}: only 'argmax' "
+                              "and 'eos' are supported")
+  twidth, heads = t.get("width", 512), t.get("heads", 8)
+  if twidth % heads:
+    raise OpenCLIPConfigError(f"{tw}.heads {heads} does not divide width "
+                              f"{twidth}")
+  return TextConfig(
+      vocab_size=t.get("vocab_size", 49408), hidden_size=twidth,
+      intermediate_size=_mlp_width(t, twidth, tw),
+      num_hidden_layers=t.get("layers", 12), num_attention_heads=heads,
+      max_position_embeddings=t.get("context_length", 77), hidden_act=act,
+      layer_norm_eps=_eps(t, tw), eos_token_id=eos_token_id)
+
+
 def config_from_openclip(model_cfg, source="OpenCLIP config",
                          preprocess_cfg=None, force_quick_gelu=False):
   """The Flax CLIP an OpenCLIP model config describes.
@@ -317,52 +369,8 @@ def config_from_openclip(model_cfg, source="OpenCLIP config",
   _check_fields(v, _VISION_FIELDS, f"{vw}.")
   _check_fields(t, _TEXT_FIELDS, f"{tw}.")
   act = _activation(model_cfg, source, force_quick_gelu)
-
-  # Vision: open_clip's CLIPVisionCfg defaults where a field is absent.
-  layers = v.get("layers", 12)
-  if not isinstance(layers, int):
-    raise OpenCLIPConfigError(f"{vw}.layers is {layers!r}: a list of stage "
-                              "depths is a ModifiedResNet, not supported")
-  width = v.get("width", 768)
-  head_width = v.get("head_width", 64)
-  if width % head_width:
-    raise OpenCLIPConfigError(f"{vw}.head_width {head_width} does not "
-                              f"divide width {width}")
-  image = _square(v.get("image_size", 224), f"{vw}.image_size")
-  patch = _square(v.get("patch_size", 16), f"{vw}.patch_size")
-  if image % patch:
-    raise OpenCLIPConfigError(f"{vw}.image_size {image} is not a multiple "
-                              f"of patch_size {patch}")
-  vision = VisionConfig(
-      image_size=image, patch_size=patch, hidden_size=width,
-      intermediate_size=_mlp_width(v, width, vw), num_hidden_layers=layers,
-      num_attention_heads=width // head_width, hidden_act=act,
-      layer_norm_eps=_eps(v, vw))
-
-  # Text: open_clip's CLIPTextCfg defaults where a field is absent.
-  pool = t.get("pool_type", "argmax")
-  eos = t.get("eos_id", 2)
-  if pool == "argmax":
-    eos_token_id = None  # ours: the position of the largest id
-  elif pool == "eos":
-    if eos is None or eos == 2:
-      # Our pool_positions reads eos 2 as OpenAI's "largest id" rule.
-      raise OpenCLIPConfigError(f"{tw}.eos_id is {eos!r}: pooling at the "
-                                "first eos_id needs an id other than 2")
-    eos_token_id = int(eos)
-  else:
-    raise OpenCLIPConfigError(f"{tw}.pool_type is {pool!r}: only 'argmax' "
-                              "and 'eos' are supported")
-  twidth, heads = t.get("width", 512), t.get("heads", 8)
-  if twidth % heads:
-    raise OpenCLIPConfigError(f"{tw}.heads {heads} does not divide width "
-                              f"{twidth}")
-  text = TextConfig(
-      vocab_size=t.get("vocab_size", 49408), hidden_size=twidth,
-      intermediate_size=_mlp_width(t, twidth, tw),
-      num_hidden_layers=t.get("layers", 12), num_attention_heads=heads,
-      max_position_embeddings=t.get("context_length", 77), hidden_act=act,
-      layer_norm_eps=_eps(t, tw), eos_token_id=eos_token_id)
+  vision = _vision_config(v, vw, act)
+  text = _text_config(t, tw, act)
   mean, std, where = _preprocess(preprocess_cfg, source)
   return OpenCLIPModel(
       CLIPConfig(text=text, vision=vision,
