@@ -119,9 +119,8 @@ def _check_model(m):
       sizes.get_clip_config(m.size)
     except (KeyError, ValueError):
       _bad("model.size", m.size, "a named size of hysac_jax.models.sizes")
-  if m.init_from and not os.path.isdir(os.path.expanduser(m.init_from)):
-    _bad("model.init_from", m.init_from,
-         "a converted directory (python -m hysac_jax.convert)")
+  if m.init_from:
+    _check_init_from(m.init_from)
   if not isinstance(m.remat, bool) and m.remat not in clip_lib.REMAT_POLICIES:
     _bad("model.remat", m.remat, f"one of {clip_lib.REMAT_POLICIES}")
   if m.attention not in clip_lib.ATTENTION_IMPLEMENTATIONS:
@@ -133,6 +132,31 @@ def _check_model(m):
     _bad("model.lora.dropout", m.lora.dropout, "a rate in [0, 1)")
   if not m.curv_init > 0:
     _bad("model.curv_init", m.curv_init, "a positive curvature")
+
+
+def _check_init_from(path):
+  """`model.init_from` must be a converted directory; a run or an export
+  gets the commands that make one from it."""
+  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
+  expected = "a converted directory (python -m hysac_jax.convert)"
+  if not os.path.isdir(os.path.expanduser(path)):
+    _bad("model.init_from", path, f"{expected}; there is no directory "
+         f"{path}")
+  try:
+    kind = serving.detect_kind(os.path.expanduser(path))
+  except serving.ModelDirError as e:
+    _bad("model.init_from", path, f"{expected}; {e}")
+  make = ("export it as hf (python -m hysac_jax.export --format hf --out "
+          "OUT) and convert that (python -m hysac_jax.convert --clip OUT/hf "
+          "--out DIR; its head is kept)")
+  hints = {"run": f"this is a training run: to start from its weights, "
+                  f"{make}",
+           "hf": "this is an hf export: convert it (python -m "
+                 "hysac_jax.convert --clip PATH --out DIR; its head is kept)",
+           "orbax": f"this is an orbax export: from its run, {make}",
+           "stablehlo": f"this is a stablehlo export: from its run, {make}"}
+  if kind != "converted":
+    _bad("model.init_from", path, f"{expected}; {hints[kind]}")
 
 
 def _check_data(d):

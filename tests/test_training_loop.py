@@ -76,6 +76,29 @@ def test_bad_config_value_names_the_field(field, value, tmp_path):
     config_lib.check_config(c)
 
 
+def test_init_from_names_what_it_is_and_how_to_convert_it(tmp_path):
+  export_dir = tmp_path / "hf"
+  export_dir.mkdir()
+  (export_dir / "hysac_head.json").write_text(
+      '{"format": "hysac_jax.export", "kind": "hf"}')
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text('{"model": {}, "train": {}}')
+  for path, says in ((tmp_path / "missing", "there is no directory"),
+                     (export_dir, "this is an hf export: convert it"),
+                     (run, "this is a training run: to start from its "
+                           "weights, export it as hf")):
+    c = micro_config(tmp_path, **{"model.init_from": str(path)})
+    with pytest.raises(ValueError, match="config.model.init_from=.*expected "
+                       f"a converted directory.*; {says}"):
+      config_lib.check_config(c)
+  workdir = tmp_path / "new_run"
+  with pytest.raises(ValueError, match="this is an hf export"):
+    loop_lib.train_and_evaluate(micro_config(tmp_path), workdir,
+                                init_from=str(export_dir))
+  assert not workdir.exists()  # checked before the run directory is made
+
+
 def test_visu_without_manual_dir_says_what_to_set(tmp_path):
   c = micro_config(tmp_path, **{"data.name": "visu", "data.manual_dir": ""})
   with pytest.raises(ValueError, match="config.data.manual_dir"):

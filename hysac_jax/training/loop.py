@@ -349,8 +349,8 @@ def train_and_evaluate(config, workdir, *, init_from=None, resume=None,
     dict with "steps", "epochs", "stopped_early", "best" metrics, "bounds",
     "preempted" and, when preempted, "signal".
   """
-  config_lib.check_config(config)
   config = _with_absolute_model_paths(config, init_from)
+  config_lib.check_config(config)  # --init_from too, before the workdir
   workdir = os.path.abspath(os.path.expanduser(workdir))
   lock = open_run_dir(workdir, resume, overwrite)
   try:
