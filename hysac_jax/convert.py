@@ -593,23 +593,6 @@ def check_preprocess(path, pp):
           f"{[float(v) for v in want]}")
 
 
-def _hf_export_head(clip):
-  """The hysac_head.json of an `export --format hf` directory `clip`, or None
-  (a plain CLIP directory or hub id). Converting such an export keeps its
-  head: curvature, feature scales, logit scale, mode and bounds."""
-  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.expanduser(os.fspath(clip)), serving.HEAD_FILE)
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    head = json.load(f)
-  if head.get("format") != serving.EXPORT_FORMAT or head.get("kind") != "hf":
-    raise ValueError(f"{path} is not the head of a hysac_jax hf export "
-                     f"(format {head.get('format')!r}, kind "
-                     f"{head.get('kind')!r})")
-  return head
-
-
 def convert(clip, out, hysac_checkpoint=None, merge=False, curv_init=1.0,
             lora_alpha=1.0):
   """Converts CLIP (and optionally a HySAC release checkpoint) to `out`.
@@ -622,24 +605,25 @@ def convert(clip, out, hysac_checkpoint=None, merge=False, curv_init=1.0,
   Returns:
     The `out` directory.
   """
-  mode = "hyp"
+  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
+  mode, lora = "hyp", None
   if hysac_checkpoint:
     config, lora, params = hysac_params_from_pytorch(
         hysac_checkpoint, clip, lora_alpha=lora_alpha)
+  elif os.path.isfile(os.path.join(os.path.expanduser(os.fspath(clip)),
+                                   serving.HEAD_FILE)):
+    # An hf export: its trained head (serving reads and checks it), not the
+    # initial one, and its bounds.
+    export = serving.load_model(clip)
+    config, params = export.config, export.params
+    mode, curv_init = export.mode, export.curv_init
+    if export.bounds:
+      from hysac_jax import safety  # pylint: disable=g-import-not-at-top
+      os.makedirs(out, exist_ok=True)
+      safety.save_bounds(export.bounds, os.path.join(out, "bounds.json"))
   else:
     config, clip_params = clip_params_from_hf(clip)
-    lora = None
-    head = _hf_export_head(clip)
-    if head is None:
-      params = {"clip": clip_params, **initial_head(config, curv_init)}
-    else:  # keep its trained head, not the initial one
-      mode, curv_init = head["mode"], head["curv_init"]
-      params = {"clip": clip_params,
-                **{k: np.float32(v) for k, v in head["stored_logs"].items()}}
-      if head.get("bounds"):
-        from hysac_jax import safety  # pylint: disable=g-import-not-at-top
-        os.makedirs(out, exist_ok=True)
-        safety.save_bounds(head["bounds"], os.path.join(out, "bounds.json"))
+    params = {"clip": clip_params, **initial_head(config, curv_init)}
   if merge and lora is not None:
     from hysac_jax.models.lora import merge_lora  # pylint: disable=g-import-not-at-top
     params = merge_lora(params, lora)

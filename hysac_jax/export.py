@@ -355,7 +355,7 @@ def export_stablehlo(src, out_dir, platforms=DEFAULT_PLATFORMS):
 def check_out(out, formats, overwrite=False):
   """Refuses, before anything is written, an `out` or `out/<format>` that is
   a file, and a non-empty `out/<format>` unless `overwrite`."""
-  outdir.check(out, overwrite=True)
+  outdir.check_writable(out)
   for fmt in formats:
     outdir.check(os.path.join(out, fmt), overwrite, what="export")
 
