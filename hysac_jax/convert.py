@@ -614,6 +614,11 @@ def convert(clip, out, hysac_checkpoint=None, merge=False, curv_init=1.0,
                                    serving.HEAD_FILE)):
     # An hf export: its trained head (serving reads and checks it), not the
     # initial one, and its bounds.
+    kind = serving.detect_kind(os.path.expanduser(os.fspath(clip)))
+    if kind != "hf":
+      raise ValueError(f"{clip} is a {kind} export: --clip takes a Hugging "
+                       "Face CLIP directory or an hf export (export the run "
+                       "with --format hf)")
     export = serving.load_model(clip)
     config, params = export.config, export.params
     mode, curv_init = export.mode, export.curv_init

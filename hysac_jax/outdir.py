@@ -54,6 +54,9 @@ def write_in_place(final, writer):
   parent, name = os.path.split(os.path.abspath(final))
   os.makedirs(parent, exist_ok=True)
   partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(partial, 0o777 & ~umask)  # as os.makedirs would (mkdtemp: 0700)
   try:
     result = writer(partial)
   except BaseException:

@@ -363,11 +363,12 @@ def _load_stablehlo(directory, dtype):
                         bounds_source=os.path.join(directory, HEAD_FILE))
 
 
-def _load_run(directory, checkpoint, dtype, merge_lora):
+def _load_run(directory, checkpoint, dtype, merge_lora, bounds_path):
   from hysac_jax.models.lora import merge_lora as merge  # pylint: disable=g-import-not-at-top
-  # Before the restore: a bad bounds file fails in a second, not a minute.
+  # Before the restore: a bad bounds file fails in a second, not a minute;
+  # an explicit one is the only one read.
   bounds, bounds_source = find_bounds(
-      [directory, os.path.join(directory, checkpoint)])
+      [directory, os.path.join(directory, checkpoint)], bounds_path)
   config, state = ckpt_lib.restore_run(directory, checkpoint)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32),
                         jax.device_get(state.params))
@@ -382,10 +383,10 @@ def _load_run(directory, checkpoint, dtype, merge_lora):
       source={"run": directory, "checkpoint": checkpoint})
 
 
-def _load_converted(directory, dtype, merge_lora):
+def _load_converted(directory, dtype, merge_lora, bounds_path):
   from hysac_jax import convert  # pylint: disable=g-import-not-at-top
   from hysac_jax.models.lora import merge_lora as merge  # pylint: disable=g-import-not-at-top
-  bounds, bounds_source = find_bounds([directory])
+  bounds, bounds_source = find_bounds([directory], bounds_path)
   converted = convert.read_converted(directory)
   # Its images would be normalised with OpenAI's mean/std here: refuse
   # another (an OpenCLIP import) rather than embed them wrongly.
@@ -418,15 +419,15 @@ def load_model(path, *, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
     if checkpoint not in ckpt_lib.KINDS:
       raise ValueError(f"checkpoint {checkpoint!r}: expected one of "
                        f"{ckpt_lib.KINDS}")
-    model = _load_run(directory, checkpoint, dtype, merge_lora)
+    model = _load_run(directory, checkpoint, dtype, merge_lora, bounds_path)
   elif kind == "converted":
-    model = _load_converted(directory, dtype, merge_lora)
+    model = _load_converted(directory, dtype, merge_lora, bounds_path)
   else:
     loaders = {"hf": _load_hf, "orbax": _load_orbax,
                "stablehlo": _load_stablehlo}
     model = loaders[kind](directory, dtype)
-  if bounds_path:
-    model.bounds, model.bounds_source = find_bounds([], bounds_path)
+    if bounds_path:  # instead of the head's
+      model.bounds, model.bounds_source = find_bounds([], bounds_path)
   if traversal_alpha is not None:
     model.traversal_alpha = float(traversal_alpha)
   return model

@@ -348,3 +348,30 @@ def test_an_earlier_export_is_kept_unless_overwrite(exported, capsys,
   assert not (out / "hf" / "stale.txt").exists()  # replaced, not mixed
   assert sorted(p.name for p in out.iterdir()) == ["hf", "orbax"]
 
+
+def test_an_explicit_bounds_file_replaces_a_broken_own_one(tmp_path):
+  """--bounds is the only bounds file read: the model's own, broken one
+  does not stop the load."""
+  src = tiny_runs.save_converted(tmp_path / "m", seed=0, lora_b_scale=0.1,
+                                 curv=0.7, alpha=0.3)
+  (src / "bounds.json").write_text('{"S": {"avg"')
+  with pytest.raises(ValueError):
+    serving.load_model(src)
+  bounds = bounds_with_threshold(0.7, 1.0)
+  safety.save_bounds(bounds, tmp_path / "given.json")
+  model = serving.load_model(src, bounds_path=tmp_path / "given.json")
+  assert model.bounds == bounds
+  assert model.bounds_source == str(tmp_path / "given.json")
+
+
+def test_convert_refuses_an_export_other_than_hf(tmp_path, capsys):
+  stablehlo = tmp_path / "stablehlo"
+  stablehlo.mkdir()
+  (stablehlo / "hysac_head.json").write_text(json.dumps(
+      {"format": serving.EXPORT_FORMAT, "kind": "stablehlo"}))
+  assert convert.main(["--clip", str(stablehlo), "--out",
+                       str(tmp_path / "out")]) == 1
+  assert f"{stablehlo} is a stablehlo export: --clip takes" in \
+      capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+

@@ -1,5 +1,7 @@
 """Output directories of the CLIs (hysac_jax/outdir.py)."""
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,9 @@ def test_a_complete_write_replaces_the_old_directory_whole(tmp_path):
 
   assert outdir.write_in_place(str(final), writes) == "result"
   assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+  umask = os.umask(0)
+  os.umask(umask)  # readable by others as a plain mkdir would make it
+  assert stat.S_IMODE(final.stat().st_mode) == 0o777 & ~umask
   assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
