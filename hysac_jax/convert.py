@@ -525,14 +525,10 @@ def load_pretrained(path, dtype=jnp.float32, merge=False):
 def converted_clip_config(path):
   """The `CLIPConfig` of a converted directory, or None if `path` is not one
   (e.g. a Hugging Face CLIP directory or hub id)."""
-  cfg_file = os.path.join(os.fspath(path), CONFIG_FILE)
-  if not os.path.isfile(cfg_file):
+  try:
+    return CLIPConfig.from_dict(_read_meta(path)["clip"])
+  except (FileNotFoundError, CheckpointError):
     return None
-  with open(cfg_file) as f:
-    meta = json.load(f)
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    return None
-  return CLIPConfig.from_dict(meta["clip"])
 
 
 def _same_pooling(a, b, vocab_size):

@@ -44,12 +44,12 @@ import numpy as np
 from flax import traverse_util
 
 from hysac_jax import convert
+from hysac_jax.data import preprocess
 from hysac_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
 
 # OpenCLIP's `PreprocessCfg` defaults (open_clip/constants.py): OpenAI's
 # dataset statistics, used by open_clip when a config names none.
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_MEAN, OPENAI_STD = preprocess.OPENAI_MEAN, preprocess.OPENAI_STD
 
 # The hub's open_clip_config.json (model_cfg + preprocess_cfg).
 HUB_CONFIG_FILE = "open_clip_config.json"

@@ -24,8 +24,12 @@ import math
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+# OpenAI CLIP's image normalisation, exactly as published (OpenCLIP's
+# OPENAI_DATASET_MEAN/STD), and as the float32 arrays the pipeline applies.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = np.array(OPENAI_MEAN, np.float32)
+CLIP_STD = np.array(OPENAI_STD, np.float32)
 
 
 def decode_image(data, draft_size=None):
