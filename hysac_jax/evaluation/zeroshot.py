@@ -19,15 +19,14 @@ their images predicted correctly at top-1).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hysac_jax import lorentz
 from hysac_jax.evaluation import report as report_lib
+from hysac_jax.evaluation import retrieval
 from hysac_jax.models import hysac as hysac_lib
 
 DEFAULT_K = (1, 5)
@@ -79,26 +78,12 @@ def class_embeddings(prompt_embs: Sequence, curv, mode="hyp"):
   return jnp.stack([class_embedding(p, curv, mode) for p in prompt_embs])
 
 
-@functools.partial(jax.jit, static_argnames=("mode",))
-def _chunk_ranks(images, classes, labels, curv, mode):
-  """Rank of the true class and top-1 prediction for a chunk of images."""
-  if mode == "euc":
-    scores = hysac_lib.l2_normalize(images) @ hysac_lib.l2_normalize(classes).T
-  else:
-    scores = -lorentz.pairwise_dist(images, classes, curv)
-  true = jnp.take_along_axis(scores, labels[:, None], axis=1)
-  index = jnp.arange(classes.shape[0])
-  before = (scores > true) | ((scores == true) & (index < labels[:, None]))
-  return (jnp.sum(before, axis=1, dtype=jnp.int32),
-          jnp.argmax(scores, axis=1).astype(jnp.int32))
-
-
 def true_class_ranks(image_emb, class_emb, labels, curv, mode="hyp",
                      chunk_size=DEFAULT_CHUNK):
   """0-based rank of each image's true class, and its top-1 class.
 
-  Scores are `−lorentz.pairwise_dist` (hyp) or cosine (euc), computed one
-  chunk of images at a time (the last chunk padded, so one compile).
+  Scores are −distance (hyp) or cosine (euc), one chunk of images at a
+  time (`retrieval.positive_ranks`).
 
   Args:
     image_emb: (N, D) image embeddings.
@@ -124,21 +109,12 @@ def true_class_ranks(image_emb, class_emb, labels, curv, mode="hyp",
   if n and (labels.min() < 0 or labels.max() >= c):
     raise ValueError(f"labels must lie in [0, {c}), got range "
                      f"[{labels.min()}, {labels.max()}]")
-  curv = jnp.asarray(1.0 if curv is None else curv, images.dtype)
-  chunk = max(1, min(chunk_size, n))
-  ranks, preds = [], []
-  for start in range(0, n, chunk):
-    x, y = images[start:start + chunk], labels[start:start + chunk]
-    real = x.shape[0]
-    if real < chunk:  # pad with the first rows; dropped below
-      x = jnp.concatenate([x, jnp.repeat(x[:1], chunk - real, axis=0)])
-      y = np.concatenate([y, np.repeat(y[:1], chunk - real)])
-    r, p = _chunk_ranks(x, classes, jnp.asarray(y), curv, mode)
-    ranks.append(np.asarray(r)[:real])
-    preds.append(np.asarray(p)[:real])
-  if not ranks:
+  if not n:
     return np.zeros(0, np.int32), np.zeros(0, np.int32)
-  return np.concatenate(ranks), np.concatenate(preds)
+  # Each image's positive is its true class: the retrieval ranking (ties to
+  # the lower index; the Lorentz inner product orders as −distance does).
+  return retrieval.positive_ranks(images, classes, curv, labels, mode,
+                                  chunk_size)
 
 
 def metrics_from_ranks(ranks, predictions, labels, num_classes,
