@@ -31,6 +31,23 @@ def quadruple_encoder(model):
   return encode
 
 
+def embed_quadruples(model, config, split):
+  """{"S", "U", "V", "G": (N, D)} embeddings of the config's `split`.
+
+  `model`'s jitted encoders run on one device per process, so each
+  process's batch is `eval_batch_size_per_device` (not that times the local
+  devices, which would all land on the first one).
+  """
+  from hysac_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.prepare(config.data, model.image_size)
+  batches = pipeline.make_dataset(config.data, split, model.image_size,
+                                  seed=config.seed, train=False,
+                                  local_device_count=1)
+  emb, _ = embed_lib.embed_split(quadruple_encoder(model), batches,
+                                 desc=f"embedding {split}")
+  return emb
+
+
 def saved_config(directory, flag):
   """The config a training run saved in `directory`, or None for another
   kind of model directory passed as --model (whose data config comes from
@@ -88,18 +105,13 @@ def run(config=None, workdir=None, model_dir=None, split="test",
     traversal_alpha: alpha of the traversal threshold; default
       `config.eval.traversal_alpha` (0.8, the release's, when unset).
   """
-  from hysac_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   source, config = _check_inputs(config, workdir, model_dir, split)
   # The model's own bounds (a run's bounds.json, an export's head), read
   # before its weights: a bad bounds file fails before the slow restore.
   model = serving.load_model(source, checkpoint=checkpoint,
                              dtype=config.model.dtype)
   bounds, bounds_path = model.bounds, model.bounds_source
-  pipeline.prepare(config.data, model.image_size)
-  batches = pipeline.make_dataset(config.data, split, model.image_size,
-                                  seed=config.seed, train=False)
-  emb, _ = embed_lib.embed_split(quadruple_encoder(model), batches,
-                                 desc=f"embedding {split}")
+  emb = embed_quadruples(model, config, split)
   if traversal_alpha is None:
     traversal_alpha = config.eval.traversal_alpha
   report = evaluation.evaluate(emb["S"], emb["U"], emb["V"], emb["G"],

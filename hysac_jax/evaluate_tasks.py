@@ -267,19 +267,13 @@ def _visu_groups(model, config, split):
   """{"text": (S, U), "image": (V, G)} embeddings of the config's split."""
   from hysac_jax import evaluate_run
   from hysac_jax.data import pipeline
-  from hysac_jax.evaluation import embed as embed_lib
   if config is None:
     raise ValueError("the ViSU quadruples need a config (--config, or the "
                      "run's config.json); or pass --dataset DIR with safe/ "
                      "and unsafe/ folders")
   config_lib.check_config(config)
   pipeline.check_data(config.data)
-  pipeline.prepare(config.data, model.image_size)
-  batches = pipeline.make_dataset(config.data, split, model.image_size,
-                                  seed=config.seed, train=False)
-  encode = evaluate_run.quadruple_encoder(model)
-  emb, _ = embed_lib.embed_split(encode, batches,
-                                 desc=f"embedding {split}")
+  emb = evaluate_run.embed_quadruples(model, config, split)
   return {"text": (emb["S"], emb["U"]), "image": (emb["V"], emb["G"])}
 
 

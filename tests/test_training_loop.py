@@ -489,10 +489,23 @@ def test_finished_run_writes_logs_checkpoints_and_bounds(finished_run):
 
 
 @pytest.mark.slow
-def test_eval_writes_every_report_file(finished_run, data_dir, caplog):
+def test_eval_writes_every_report_file(finished_run, data_dir, caplog,
+                                       monkeypatch):
   workdir, _ = finished_run
+  rows = []
+  encoder = evaluate_run.quadruple_encoder
+
+  def recording(model):  # the batches the unsharded serving model gets
+    encode = encoder(model)
+    return lambda batch: (rows.append(len(batch["safe_ids"])),
+                          encode(batch))[1]
+
+  monkeypatch.setattr(evaluate_run, "quadruple_encoder", recording)
   with caplog.at_level("WARNING"):
     report, out_dir = evaluate_run.run(workdir=str(workdir), split="test")
+  # One device's batch, not one per simulated device all on the first one.
+  per_device = OVERRIDES["data.eval_batch_size_per_device"]
+  assert jax.local_device_count() == 4 and max(rows) == per_device, rows
   # The data layer mutes TFDS's per-open note for every tool, not just train.
   assert "Using custom data configuration" not in caplog.text
   assert report["n"] == 64 and report["split"] == "test"

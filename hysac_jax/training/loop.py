@@ -101,8 +101,9 @@ def validate(state, config, mesh, eval_step, image_size, desc="validation"):
                                   seed=config.seed)
   emb, metrics = embed_lib.embed_split(state_encoder(state, mesh, eval_step), batches,
                              desc=desc)
-  curv = float(hysac_lib.head_scalars(
-      jax.device_get(state.params), config.model.curv_init)["curv"])
+  head = {k: state.params[k] for k in hysac_lib.HEAD_NAMES}  # not the towers
+  curv = float(hysac_lib.head_scalars(jax.device_get(head),
+                                      config.model.curv_init)["curv"])
   metrics["recall_sum"] = float(evaluation.recall_sum(
       emb["S"], emb["U"], emb["V"], emb["G"], curv, mode=config.model.mode))
   return emb, metrics, curv
@@ -640,6 +641,8 @@ def _final_bounds(run):
   Written to workdir/bounds.json and beside the best checkpoints.
   """
   config, checkpoints = run.config, run.checkpoints
+  if config.model.mode != "hyp":  # no bounds: skip the validation pass
+    return None
   kind = ckpt_lib.BEST_RECALL
   if checkpoints.latest_step(kind) is None:
     kind = ckpt_lib.LAST
@@ -648,8 +651,6 @@ def _final_bounds(run):
   best = ckpt_lib.apply_state_tree(run.state, tree)
   emb, _, curv = validate(best, config, run.mesh, run.eval_step,
                           run.image_size, desc="bounds")
-  if config.model.mode != "hyp":
-    return None
   bounds = safety.compute_bounds(emb["S"], emb["U"], emb["V"], emb["G"],
                                  curv)
   if jax.process_index() == 0:
