@@ -16,6 +16,7 @@ import os
 import jax
 import ml_collections
 
+from hysac_jax import compilation_cache
 from hysac_jax.models.hysac import MODES
 
 DATASETS = ("synthetic_visu", "visu")
@@ -94,7 +95,7 @@ def base_config():
   c.train.use_wandb = False
   # JAX's persistent compilation cache ('' = off); $JAX_COMPILATION_CACHE_DIR,
   # when set, takes precedence.
-  c.train.compilation_cache_dir = "~/.cache/hysac_jax/xla"
+  c.train.compilation_cache_dir = compilation_cache.DEFAULT_DIR
 
   c.eval = ml_collections.ConfigDict()
   # alpha of the traversal threshold b' = b + tanh((b - alpha)/c) + 1 (the
