@@ -120,10 +120,11 @@ def apply_head(features, head, modality):
   return hysac_lib.lift(features, head[f"alpha_{modality}"], head["curv"])
 
 
-def _to_torch(path, array):
-  """Flax layout -> PyTorch layout (inverse of the conversion's transpose)."""
+def to_torch_layout(path, array):
+  """Flax layout -> PyTorch layout (inverse of the conversion's transpose)
+  for kernels and LoRA matrices; other leaves as they are, float32."""
   array = np.asarray(array, np.float32)
-  if path[-1] == "kernel":
+  if path[-1] in ("kernel", LORA_A, LORA_B):
     if array.ndim == 2:  # (in, out) -> (out, in)
       return array.T
     if array.ndim == 4:  # (kh, kw, in, out) -> (out, in, kh, kw)
@@ -147,7 +148,7 @@ def hf_state_dict(clip_params, logit_scale):
       raise ValueError(f"param {'/'.join(path)} is a LoRA leaf: merge LoRA "
                        "(merge_lora) before exporting to Hugging Face")
     state[convert.torch_key(path)] = np.ascontiguousarray(
-        _to_torch(path, value))
+        to_torch_layout(path, value))
   state["logit_scale"] = np.asarray(np.log(logit_scale), np.float32)
   return state
 
@@ -253,17 +254,23 @@ def _write_head(out_dir, src, kind):
     f.write("\n")
 
 
-def export_hf(src, out_dir):
-  """Writes the Hugging Face CLIP layout (+ hysac_head.json) to `out_dir`."""
+def write_hf_clip(out_dir, config, clip_params, logit_scale):
+  """A Hugging Face `CLIPModel` directory (config.json, model.safetensors)
+  of `clip_params` (no LoRA leaves) at `out_dir` (created)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, HF_CONFIG_FILE), "w") as f:
+    json.dump(hf_config(config, logit_scale), f, indent=2)
+    f.write("\n")
+  save_file(hf_state_dict(clip_params, logit_scale),
+            os.path.join(out_dir, HF_WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def export_hf(src, out_dir):
+  """Writes the Hugging Face CLIP layout (+ hysac_head.json) to `out_dir`."""
   logit_scale = float(hysac_lib.head_scalars(
       src.params, src.curv_init)["logit_scale"])
-  with open(os.path.join(out_dir, HF_CONFIG_FILE), "w") as f:
-    json.dump(hf_config(src.config, logit_scale), f, indent=2)
-    f.write("\n")
-  save_file(hf_state_dict(src.params["clip"], logit_scale),
-            os.path.join(out_dir, HF_WEIGHTS_FILE), metadata={"format": "pt"})
+  write_hf_clip(out_dir, src.config, src.params["clip"], logit_scale)
   _write_head(out_dir, src, "hf")
   return out_dir
 

@@ -34,7 +34,6 @@ the release's towers equal the base. A LoRA other than the release's (rank,
 alpha or targets) is refused: the release's module cannot hold it unmerged.
 """
 
-import json
 import os
 
 import numpy as np
@@ -93,17 +92,6 @@ def release_key(path, targets=RELEASE_LORA.targets):
   elif len(path) > 1 and path[-2] in targets:
     key = f"{module}.base_layer.{suffix}"
   return f"{tower}.base_model.model.{key}"
-
-
-def _to_torch_layout(path, array):
-  """Flax layout -> PyTorch layout for kernels and LoRA matrices."""
-  array = np.asarray(array, np.float32)
-  if path[-1] in ("kernel", LORA_A, LORA_B):
-    if array.ndim == 2:  # (in, out) -> (out, in)
-      return array.T
-    if array.ndim == 4:  # (kh, kw, in, out) -> (out, in, kh, kw)
-      return array.transpose(3, 2, 0, 1)
-  return array
 
 
 def check_lora(lora):
@@ -184,7 +172,7 @@ def release_state_dict(config, params, lora, curv_init=1.0):
   towers = {}
   for path, value in with_release_lora(config, params, lora).items():
     towers[release_key(path)] = np.ascontiguousarray(
-        _to_torch_layout(path, value))
+        export_lib.to_torch_layout(path, value))
   for tower in ("visual.", "textual."):
     state.update({k: v for k, v in towers.items() if k.startswith(tower)})
   return state
@@ -236,7 +224,6 @@ def export_release(src, out_dir):
   Returns:
     `out_dir`.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   check_source(src)
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -245,16 +232,11 @@ def export_release(src, out_dir):
                              "'hysac-jax[torch]'") from e
   state = release_state_dict(src.config, src.params, src.lora, src.curv_init)
   clip_dir = os.path.join(out_dir, CLIP_DIR)
-  os.makedirs(clip_dir, exist_ok=True)
+  os.makedirs(out_dir, exist_ok=True)
   torch.save({k: torch.tensor(v) for k, v in state.items()},
              os.path.join(out_dir, MODEL_FILE))
   safety.save_bounds(src.bounds, os.path.join(out_dir, BOUNDS_FILE))
-  logit_scale = float(np.exp(state["logit_scale"]))
-  with open(os.path.join(clip_dir, export_lib.HF_CONFIG_FILE), "w") as f:
-    json.dump(export_lib.hf_config(src.config, logit_scale), f, indent=2)
-    f.write("\n")
-  save_file(export_lib.hf_state_dict(base_clip_params(src.params),
-                                     logit_scale),
-            os.path.join(clip_dir, export_lib.HF_WEIGHTS_FILE),
-            metadata={"format": "pt"})
+  export_lib.write_hf_clip(clip_dir, src.config,
+                           base_clip_params(src.params),
+                           float(np.exp(state["logit_scale"])))
   return out_dir
