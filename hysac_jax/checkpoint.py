@@ -344,15 +344,23 @@ def restore_run(workdir, kind=BEST_RECALL, config=None):
   checkpoints = RunCheckpoints(workdir, config.train.keep_last,
                                read_only=True)
   try:
-    if checkpoints.latest_step(kind) is None:
-      kind = LAST
-    restored = checkpoints.restore(state_tree(state, step_key), kind=kind)
+    restored = restore_into(checkpoints, state, step_key, kind)
   finally:
     checkpoints.close()
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir} (looked in "
-                            f"{BEST_RECALL}/ and {LAST}/)")
-  return config, apply_state_tree(state, restored[0])
+                            f"{kind}/ and {LAST}/)")
+  return config, restored
+
+
+def restore_into(checkpoints, state, step_key, kind=BEST_RECALL):
+  """`state` with the trainable params (and optimizer state) of the newest
+  `kind` checkpoint of `checkpoints`, else of the latest one; None when the
+  run has neither."""
+  if checkpoints.latest_step(kind) is None:
+    kind = LAST
+  restored = checkpoints.restore(state_tree(state, step_key), kind=kind)
+  return None if restored is None else apply_state_tree(state, restored[0])
 
 
 def _json_safe(tree):

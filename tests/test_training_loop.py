@@ -533,3 +533,11 @@ def test_model_paths_are_saved_absolute_and_hub_ids_as_given(tmp_path,
   assert got.model.clip == str(tmp_path / "converted")
   assert got.model.init_from == ""
   assert config.model.clip == "converted"  # the caller's config unchanged
+
+
+def test_restoring_a_run_without_checkpoints_names_the_kind_asked(tmp_path):
+  config_lib.save_config(micro_config(tmp_path), tmp_path)
+  with pytest.raises(FileNotFoundError,
+                     match=f"no checkpoint in {tmp_path} .looked in "
+                           f"{ckpt_lib.BEST_LOSS}/ and {ckpt_lib.LAST}/"):
+    ckpt_lib.restore_run(tmp_path, ckpt_lib.BEST_LOSS)

@@ -643,12 +643,7 @@ def _final_bounds(run):
   config, checkpoints = run.config, run.checkpoints
   if config.model.mode != "hyp":  # no bounds: skip the validation pass
     return None
-  kind = ckpt_lib.BEST_RECALL
-  if checkpoints.latest_step(kind) is None:
-    kind = ckpt_lib.LAST
-  tree, _, _ = checkpoints.restore(
-      ckpt_lib.state_tree(run.state, run.step_key), kind=kind)
-  best = ckpt_lib.apply_state_tree(run.state, tree)
+  best = ckpt_lib.restore_into(checkpoints, run.state, run.step_key)
   emb, _, curv = validate(best, config, run.mesh, run.eval_step,
                           run.image_size, desc="bounds")
   bounds = safety.compute_bounds(emb["S"], emb["U"], emb["V"], emb["G"],
