@@ -52,9 +52,14 @@ def class_embedding(prompt_emb, curv, mode="hyp"):
   x = lorentz.at_least_float32(prompt_emb)
   if x.ndim != 2 or x.shape[0] == 0:
     raise ValueError(f"prompt embeddings must be (P >= 1, D), got {x.shape}")
+  return _mean_prompt(x, curv, mode)
+
+
+def _mean_prompt(x, curv, mode):
+  """(..., P, D) prompt embeddings -> (..., D), averaged over the prompts."""
   if mode == "euc":
-    return hysac_lib.l2_normalize(jnp.mean(hysac_lib.l2_normalize(x), axis=0))
-  return lorentz.exp_map0(jnp.mean(lorentz.log_map0(x, curv), axis=0), curv)
+    return hysac_lib.l2_normalize(jnp.mean(hysac_lib.l2_normalize(x), axis=-2))
+  return lorentz.exp_map0(jnp.mean(lorentz.log_map0(x, curv), axis=-2), curv)
 
 
 def class_embeddings(prompt_embs: Sequence, curv, mode="hyp"):
@@ -70,11 +75,8 @@ def class_embeddings(prompt_embs: Sequence, curv, mode="hyp"):
   hysac_lib.check_mode(mode)
   sizes = {np.shape(p)[0] for p in prompt_embs}
   if len(sizes) == 1 and 0 not in sizes:  # one batched call (ImageNet: 1000)
-    x = lorentz.at_least_float32(jnp.stack([lorentz.at_least_float32(p) for p in prompt_embs]))  # (C, P, D)
-    if mode == "euc":
-      return hysac_lib.l2_normalize(jnp.mean(hysac_lib.l2_normalize(x), axis=1))
-    return lorentz.exp_map0(jnp.mean(lorentz.log_map0(x, curv), axis=1),
-                            curv)
+    x = jnp.stack([lorentz.at_least_float32(p) for p in prompt_embs])
+    return _mean_prompt(x, curv, mode)  # (C, P, D) -> (C, D)
   return jnp.stack([class_embedding(p, curv, mode) for p in prompt_embs])
 
 
