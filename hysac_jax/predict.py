@@ -60,6 +60,7 @@ import numpy as np
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
 from hysac_jax import convert
+from hysac_jax import input_file
 from hysac_jax import lorentz
 from hysac_jax import safety
 from hysac_jax import serving
@@ -91,13 +92,17 @@ def read_image(path, image_size):
 
   Raises:
     InputError: naming the file, for a missing, unreadable, truncated or
-      oversized one (PIL's decompression-bomb limit).
+      oversized one (PIL's decompression-bomb limit, or a file over
+      `input_file.MAX_IMAGE_BYTES`), or one that is no regular file (a FIFO,
+      socket or device).
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    # Regular files only (a FIFO would block), at most MAX_IMAGE_BYTES.
+    data = input_file.read_bytes(path, input_file.MAX_IMAGE_BYTES, "image")
     return preprocess.clip_preprocess(data, image_size)
+  except (input_file.NotRegularFileError, input_file.FileTooLargeError) as e:
+    raise InputError(str(e)) from None
   except FileNotFoundError:
     raise InputError(f"image file not found: {path}") from None
   except IsADirectoryError:
@@ -183,11 +188,13 @@ def load_pool(path, model):
     _check_pool(pool, model, path)
     return pool
   try:
-    with open(path, encoding="utf-8") as f:
-      captions = [line.strip() for line in f if line.strip()]
-  except UnicodeDecodeError as e:
+    text = input_file.read_text(path, input_file.MAX_TEXT_BYTES, "pool")
+  except OSError as e:
+    raise PoolError(str(e)) from None
+  except ValueError as e:
     raise PoolError(f"pool {path} is neither .npz nor UTF-8 text: "
                     f"{e}") from None
+  captions = [line.strip() for line in text.splitlines() if line.strip()]
   if not captions:
     raise PoolError(f"pool {path} holds no captions")
   from hysac_jax.data.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
@@ -392,8 +399,11 @@ def _parser():
   parser.add_argument("--text", nargs="+", default=[], metavar="TEXT",
                       action=_InOrder, help="captions (repeatable)")
   parser.add_argument("--traversal-alpha", type=float, default=None,
-                      help="alpha of the unsafe threshold b' (default: the "
-                           "model's own, see above)")
+                      help="alpha of the unsafe threshold b' = b + "
+                           "tanh((b - alpha)/c) + 1 (default: the model's "
+                           "own: an export's traversal_alpha, a run's "
+                           "config.eval.traversal_alpha, 0.8 for a "
+                           "converted model)")
   parser.add_argument("--bounds", default=None,
                       help="bounds JSON (default: the model's own)")
   parser.add_argument("--checkpoint", default=ckpt_lib.BEST_RECALL,
@@ -405,7 +415,9 @@ def _parser():
                       help="captions (one per line) or a saved .npz pool")
   parser.add_argument("--save-pool", default=None, metavar="FILE.npz",
                       help="save the embedded --pool captions")
-  parser.add_argument("--top-k", type=int, default=5)
+  parser.add_argument("--top-k", type=int, default=5,
+                      help="how many --pool entries each input retrieves "
+                           "(default 5)")
   parser.add_argument("--embedding", action="store_true",
                       help="print the embeddings")
   parser.set_defaults(inputs=[])

@@ -12,6 +12,7 @@ import os
 
 from PIL import Image
 
+from hysac_jax import input_file
 from hysac_jax.data import preprocess
 
 
@@ -33,8 +34,9 @@ def read_image_bytes(path):
   """
   path = os.fspath(path)
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = input_file.read_bytes(path, input_file.MAX_IMAGE_BYTES, "image")
+  except (input_file.NotRegularFileError, input_file.FileTooLargeError) as e:
+    return None, f"image file unreadable: {e}"
   except FileNotFoundError:
     return None, f"image file missing: {path}"
   except OSError as e:

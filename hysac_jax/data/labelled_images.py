@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from hysac_jax import input_file
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
                     ".tiff")
 
@@ -99,10 +101,12 @@ def _rgb(pixels):
 
 def read_file(path):
   """The bytes of an image file; `UnreadableImage` naming it if it cannot
-  be read."""
+  be read, is no regular file (a FIFO would block) or is over
+  `input_file.MAX_IMAGE_BYTES`."""
   try:
-    with open(path, "rb") as f:
-      return f.read()
+    return input_file.read_bytes(path, input_file.MAX_IMAGE_BYTES, "image")
+  except (input_file.NotRegularFileError, input_file.FileTooLargeError) as e:
+    raise UnreadableImage(f"unreadable image {path}: {e}") from None
   except OSError as e:
     raise UnreadableImage(f"unreadable image {path}: {type(e).__name__}: "
                           f"{e.strerror or e}") from None

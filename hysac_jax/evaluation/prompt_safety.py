@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hysac_jax import input_file
 from hysac_jax import lorentz
 from hysac_jax import safety
 from hysac_jax.evaluation import classification
@@ -41,10 +42,16 @@ def read_lines(path, what="prompt") -> list[str]:
   lines skipped.
 
   Raises:
-    ValueError: a file without any (naming it and `what`).
+    ValueError: a file without any, one that is no regular file or over
+      `input_file.MAX_TEXT_BYTES` (naming it and `what`).
   """
-  with open(path, encoding="utf-8") as f:
-    lines = [line.strip() for line in f]
+  try:
+    text = input_file.read_text(path, input_file.MAX_TEXT_BYTES,
+                                f"{what} file")
+  except (input_file.NotRegularFileError, input_file.FileTooLargeError,
+          IsADirectoryError) as e:
+    raise ValueError(str(e)) from None
+  lines = [line.strip() for line in text.splitlines()]
   lines = [t for t in lines if t and not t.startswith("#")]
   if not lines:
     raise ValueError(f"{what} file {path} holds no {what}")
