@@ -102,7 +102,15 @@ def main(argv):
                     cli.EXIT_USAGE)
   from hysac_jax import compilation_cache
   from hysac_jax import distributed
+  from hysac_jax import finite
   from hysac_jax import outdir
+  for flag, value in (("--traversal_alpha", _ALPHA.value),
+                      ("--margin", _MARGIN.value)):
+    if value is not None:  # fail closed: a NaN b' or margin says "safe"
+      try:
+        finite.check_number(value, "", flag)
+      except finite.NonFiniteError as e:
+        return cli.fail(PROG, e, cli.EXIT_USAGE)
   try:
     if _OUT.value:  # before any work, not after it
       outdir.check_writable(_OUT.value)
@@ -126,8 +134,21 @@ def main(argv):
     return cli.fail(PROG, e)
   from hysac_jax import evaluation
   print(evaluation.format_console(report))
+  print(_evaluated_line(report.get("evaluated")))
   print(f"report written to {os.path.abspath(out_dir)}")
   return 0
+
+
+def _evaluated_line(evaluated):
+  """"evaluated: best_recall checkpoint, step 384 (...)" for the console."""
+  if not evaluated:
+    return "evaluated: the model directory's weights"
+  line = (f"evaluated: {evaluated['checkpoint_kind']} checkpoint, step "
+          f"{evaluated['step']}")
+  if evaluated.get("training"):
+    line += (f" (the run was still training: {evaluated.get('trainer')}; "
+             "a later checkpoint may differ)")
+  return line
 
 
 def _run_task(config):

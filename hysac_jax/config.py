@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from hysac_jax import compilation_cache
+from hysac_jax import finite
 from hysac_jax.models.hysac import MODES
 
 DATASETS = ("synthetic_visu", "visu")
@@ -104,6 +105,16 @@ def base_config():
   return c
 
 
+def _finite(value):
+  """Whether a config number is finite (`finite.check_number`'s rule:
+  `not x > 0` lets an infinity through)."""
+  try:
+    finite.check_number(value, "config", "")
+  except finite.NonFiniteError:
+    return False
+  return True
+
+
 def _bad(field, value, expected):
   raise ValueError(f"config.{field}={value!r}: expected {expected}")
 
@@ -131,8 +142,10 @@ def _check_model(m):
     _bad("model.lora.rank", m.lora.rank, "rank >= 0")
   if not 0.0 <= m.lora.dropout < 1.0:
     _bad("model.lora.dropout", m.lora.dropout, "a rate in [0, 1)")
-  if not m.curv_init > 0:
-    _bad("model.curv_init", m.curv_init, "a positive curvature")
+  if not _finite(m.curv_init) or not m.curv_init > 0:
+    _bad("model.curv_init", m.curv_init, "a finite positive curvature")
+  if not _finite(m.lora.alpha):
+    _bad("model.lora.alpha", m.lora.alpha, "a finite LoRA scale")
 
 
 def _check_init_from(path):
@@ -182,15 +195,17 @@ def _check_data(d):
 
 
 def _check_training(o, l, t):
-  if not o.lr > 0:
-    _bad("optim.lr", o.lr, "a positive learning rate")
+  if not _finite(o.lr) or not o.lr > 0:
+    _bad("optim.lr", o.lr, "a finite positive learning rate")
   if o.schedule not in SCHEDULES:
     _bad("optim.schedule", o.schedule, f"one of {SCHEDULES}")
   if o.accum_steps < 1:
     _bad("optim.accum_steps", o.accum_steps, "1 or more micro-batches")
-  if o.grad_clip < 0:
+  if not _finite(o.grad_clip) or o.grad_clip < 0:
     _bad("optim.grad_clip", o.grad_clip, "0 (off) or a positive norm")
-  if l.entail_weight < 0:
+  if not _finite(l.aperture_scale) or not l.aperture_scale > 0:
+    _bad("loss.aperture_scale", l.aperture_scale, "a finite positive scale")
+  if not _finite(l.entail_weight) or l.entail_weight < 0:
     _bad("loss.entail_weight", l.entail_weight, "a non-negative weight")
   for field, low, expected in (
       ("epochs", 1, "at least one epoch"), ("patience", 1, "at least 1"),
@@ -200,11 +215,18 @@ def _check_training(o, l, t):
       _bad(f"train.{field}", t[field], expected)
 
 
+def _check_eval(e):
+  if not _finite(e.traversal_alpha):
+    _bad("eval.traversal_alpha", e.traversal_alpha,
+         "a finite alpha (a NaN threshold b' would call everything safe)")
+
+
 def check_config(config):
   """Raises ValueError naming the first config field with a bad value."""
   _check_model(config.model)
   _check_data(config.data)
   _check_training(config.optim, config.loss, config.train)
+  _check_eval(config.eval)
 
 
 # Fields a resumed run may change: how it runs, where its data lives, how

@@ -38,6 +38,7 @@ import numpy as np
 from flax import traverse_util
 
 from hysac_jax import cli
+from hysac_jax import finite
 from hysac_jax import outdir
 from hysac_jax.models.clip import (CLIPConfig, CLIPModel, LoRAConfig,
                                    dummy_inputs)
@@ -427,7 +428,8 @@ def initial_head(config, curv_init=1.0):
 
 
 def save_pretrained(out_dir, config, params, lora=None, mode="hyp",
-                    curv_init=1.0, source=None, preprocess=None):
+                    curv_init=1.0, source=None, preprocess=None,
+                    traversal_alpha=None):
   """Writes a converted HySAC model directory.
 
   Files: `config.json` (CLIP + LoRA configs, mode, curv_init),
@@ -446,8 +448,19 @@ def save_pretrained(out_dir, config, params, lora=None, mode="hyp",
     source: optional dict describing where the weights came from.
     preprocess: optional `{"image_mean": [3], "image_std": [3]}` of the
       weights (an OpenCLIP import); absent means OpenAI's CLIP values.
+    traversal_alpha: alpha of the unsafe threshold b' the model was
+      evaluated with (an export's or a release export's), kept so that it
+      travels with the model; None: the release's 0.8 when served.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  # Fail closed: NaN weights would give NaN distances, i.e. no verdict.
+  curv_init = finite.check_number(curv_init, "--curv-init", "curv_init",
+                                  positive=True)
+  src = source or {}
+  where = (src.get("hysac_checkpoint") or src.get("open_clip_checkpoint")
+           or src.get("clip") or "weights")
+  for name, value in traverse_util.flatten_dict(params, sep="/").items():
+    finite.check_finite_array(value, where, name)
   os.makedirs(out_dir, exist_ok=True)
   meta = {"format": FORMAT, "version": FORMAT_VERSION,
           "clip": config.to_dict(),
@@ -455,8 +468,11 @@ def save_pretrained(out_dir, config, params, lora=None, mode="hyp",
           "mode": mode, "curv_init": curv_init, "source": source or {}}
   if preprocess is not None:
     meta["preprocess"] = preprocess
+  if traversal_alpha is not None:
+    meta["traversal_alpha"] = finite.check_number(
+        traversal_alpha, "traversal_alpha", "")
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-    json.dump(meta, f, indent=2)
+    finite.dump(meta, f, indent=2)
   flat = traverse_util.flatten_dict(params, sep="/")
   save_file({k: np.array(v, np.float32, order="C")  # keeps 0-d scalars 0-d
              for k, v in flat.items()}, os.path.join(out_dir, PARAMS_FILE))
@@ -465,7 +481,7 @@ def save_pretrained(out_dir, config, params, lora=None, mode="hyp",
   head = {"stored_logs": {k: float(params[k]) for k in RELEASE_HEAD.values()},
           "values": {k: float(v) for k, v in values.items()}}
   with open(os.path.join(out_dir, HEAD_FILE), "w") as f:
-    json.dump(head, f, indent=2)
+    finite.dump(head, f, indent=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,6 +494,7 @@ class Converted:
   curv_init: float
   source: dict
   preprocess: dict | None  # image mean/std of an OpenCLIP import, else None
+  traversal_alpha: float | None = None  # the model's own alpha, if it has one
 
 
 def _read_meta(path):
@@ -508,9 +525,15 @@ def read_converted(path):
   if meta["lora"]:
     lora = LoRAConfig(**{**meta["lora"],
                          "targets": tuple(meta["lora"]["targets"])})
+  cfg_file = os.path.join(path, CONFIG_FILE)
+  alpha = meta.get("traversal_alpha")
   return Converted(CLIPConfig.from_dict(meta["clip"]), params, lora,
-                   meta["mode"], float(meta["curv_init"]), meta["source"],
-                   meta.get("preprocess"))
+                   meta["mode"],
+                   finite.check_number(meta["curv_init"], cfg_file,
+                                       "curv_init", positive=True),
+                   meta["source"], meta.get("preprocess"),
+                   None if alpha is None else finite.check_number(
+                       alpha, cfg_file, "traversal_alpha"))
 
 
 def load_pretrained(path, dtype=jnp.float32, merge=False):
@@ -602,10 +625,14 @@ def convert(clip, out, hysac_checkpoint=None, merge=False, curv_init=1.0,
     The `out` directory.
   """
   from hysac_jax import serving  # pylint: disable=g-import-not-at-top
-  mode, lora = "hyp", None
+  mode, lora, alpha = "hyp", None, None
   if hysac_checkpoint:
     config, lora, params = hysac_params_from_pytorch(
         hysac_checkpoint, clip, lora_alpha=lora_alpha)
+    # A release (ours: export --format release) keeps its bounds and alpha
+    # beside the .pth: they travel on with the model.
+    alpha = _release_extras(os.path.dirname(os.fspath(hysac_checkpoint)),
+                            out)
   elif os.path.isfile(os.path.join(os.path.expanduser(os.fspath(clip)),
                                    serving.HEAD_FILE)):
     # An hf export: its trained head (serving reads and checks it), not the
@@ -618,6 +645,7 @@ def convert(clip, out, hysac_checkpoint=None, merge=False, curv_init=1.0,
     export = serving.load_model(clip)
     config, params = export.config, export.params
     mode, curv_init = export.mode, export.curv_init
+    alpha = export.traversal_alpha
     if export.bounds:
       from hysac_jax import safety  # pylint: disable=g-import-not-at-top
       os.makedirs(out, exist_ok=True)
@@ -630,12 +658,41 @@ def convert(clip, out, hysac_checkpoint=None, merge=False, curv_init=1.0,
     params = merge_lora(params, lora)
     lora = None
   save_pretrained(out, config, params, lora=lora, mode=mode,
-                  curv_init=curv_init,
+                  curv_init=curv_init, traversal_alpha=alpha,
                   source={"clip": os.fspath(clip),
                           "hysac_checkpoint": hysac_checkpoint and
                                               os.fspath(hysac_checkpoint),
                           "merged_lora": bool(merge)})
   return out
+
+
+RELEASE_BOUNDS_FILE = "hysac_bounds.json"  # release_format's names
+RELEASE_EXTRAS_FILE = "hysac_jax.json"
+
+
+def _release_extras(directory, out):
+  """Copies the release's `hysac_bounds.json` in `directory` (if any) to
+  `out/bounds.json`; returns the traversal alpha of its `hysac_jax.json`
+  (written by `export --format release`), or None."""
+  from hysac_jax import safety  # pylint: disable=g-import-not-at-top
+  bounds_file = os.path.join(directory, RELEASE_BOUNDS_FILE)
+  if os.path.isfile(bounds_file):
+    os.makedirs(out, exist_ok=True)
+    safety.save_bounds(safety.load_bounds(bounds_file),
+                       os.path.join(out, "bounds.json"))
+  extras_file = os.path.join(directory, RELEASE_EXTRAS_FILE)
+  if not os.path.isfile(extras_file):
+    return None
+  try:
+    with open(extras_file) as f:
+      extras = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{extras_file} is not valid JSON: {e}") from None
+  if not isinstance(extras, dict) or "traversal_alpha" not in extras:
+    raise CheckpointError(f"{extras_file}: expected an object with "
+                          "traversal_alpha")
+  return finite.check_number(extras["traversal_alpha"], extras_file,
+                             "traversal_alpha")
 
 
 def main(argv=None):
@@ -666,6 +723,12 @@ def main(argv=None):
   parser.add_argument("--lora-alpha", type=float, default=1.0,
                       help="LoRA alpha of the checkpoint (release: 1)")
   args = parser.parse_args(argv)
+  for flag, value in (("--curv-init", args.curv_init),
+                      ("--lora-alpha", args.lora_alpha)):
+    try:  # before math.log of it (a 'math domain error' named no flag)
+      finite.check_number(value, "", flag, positive=True)
+    except finite.NonFiniteError as e:
+      parser.error(str(e))
   out = os.path.expanduser(args.out)
   try:
     outdir.check(out, args.overwrite)

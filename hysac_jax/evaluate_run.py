@@ -14,6 +14,7 @@ import numpy as np
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import config as config_lib
 from hysac_jax import evaluation
+from hysac_jax import finite
 from hysac_jax import serving
 from hysac_jax.evaluation import embed as embed_lib
 
@@ -114,11 +115,18 @@ def run(config=None, workdir=None, model_dir=None, split="test",
   emb = embed_quadruples(model, config, split)
   if traversal_alpha is None:
     traversal_alpha = config.eval.traversal_alpha
+  traversal_alpha = finite.check_number(  # fail closed: a NaN b' is "safe"
+      traversal_alpha, "traversal_alpha", "")
   report = evaluation.evaluate(emb["S"], emb["U"], emb["V"], emb["G"],
                                model.curv, bounds=bounds, mode=model.mode,
-                               alpha=float(traversal_alpha))
+                               alpha=traversal_alpha)
   report["split"] = split
   report["source"] = source
+  # What was evaluated: a run's checkpoint kind and step, and whether its
+  # train.py was still running (an intermediate checkpoint, then).
+  report["evaluated"] = {k: v for k, v in model.source.items()
+                         if k in ("checkpoint_kind", "step", "training",
+                                  "trainer")} or None
   if bounds_path:
     report["bounds_source"] = bounds_path
   out_dir = out_dir or os.path.join(source, "eval", split)

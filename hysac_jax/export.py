@@ -67,6 +67,7 @@ from flax import traverse_util
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
 from hysac_jax import convert
+from hysac_jax import finite
 from hysac_jax import outdir
 from hysac_jax import safety
 from hysac_jax import serving
@@ -250,7 +251,7 @@ def _numpy(params):
 
 def _write_head(out_dir, src, kind):
   with open(os.path.join(out_dir, HEAD_FILE), "w") as f:
-    json.dump(head_json(src, kind), f, indent=2)
+    finite.dump(head_json(src, kind), f, indent=2)
     f.write("\n")
 
 
@@ -446,6 +447,11 @@ def main(argv=None):
                       help="replace a non-empty OUT/<format> (refused "
                            "without it)")
   args = parser.parse_args(argv)
+  if args.traversal_alpha is not None:
+    try:
+      finite.check_number(args.traversal_alpha, "", "--traversal-alpha")
+    except finite.NonFiniteError as e:
+      parser.error(str(e))
   prog = parser.prog
   out = os.path.expanduser(args.out)
   try:

@@ -61,6 +61,7 @@ from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
 from hysac_jax import convert
 from hysac_jax import input_file
+from hysac_jax import finite
 from hysac_jax import lorentz
 from hysac_jax import safety
 from hysac_jax import serving
@@ -71,6 +72,9 @@ BATCH = 32
 NO_BOUNDS_NOTE = ("no bounds: unsafe classification and traversal need the "
                   "bounds of the training run (bounds.json); pass --bounds "
                   "FILE")
+NON_FINITE_ERROR = ("the model gave a non-finite embedding or distance from "
+                    "the origin for this input (NaN or infinite weights?): "
+                    "no verdict")
 EUC_NOTE = ("a Euclidean-mode (euc) model has no distance-based safety: "
             "features are unit vectors")
 
@@ -304,6 +308,13 @@ def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
   if embedding:
     for rec, e in zip(records, np.asarray(shown)):
       rec["embedding"] = [float(v) for v in e]
+  # Fail closed: an input whose embedding or distance is not finite (NaN
+  # weights, say) gets an error record, never a verdict.
+  finite_rows = np.all(np.isfinite(np.asarray(emb)), axis=-1)
+  if hyp:
+    finite_rows &= np.isfinite(dist)
+  for i in np.flatnonzero(~finite_rows):
+    records[i] = {"error": NON_FINITE_ERROR}
   if pool is not None:
     for rec, hits in zip(records, rank(emb, pool, model.curv, model.mode,
                                        top_k)):
@@ -373,7 +384,7 @@ PROG = "python -m hysac_jax.predict"
 def _fail(message, **context):
   """A model, bounds or pool that cannot be read: one JSON error record on
   stdout (for the consumer of the JSON lines), one error line on stderr."""
-  print(json.dumps({"error": message, **context}), flush=True)
+  print(finite.dumps({"error": message, **context}), flush=True)
   return cli.fail(PROG, message, cli.EXIT_ERROR)
 
 
@@ -429,6 +440,11 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.top_k < 1:
     parser.error("--top-k must be at least 1")
+  if args.traversal_alpha is not None:
+    try:
+      finite.check_number(args.traversal_alpha, "", "--traversal-alpha")
+    except finite.NonFiniteError as e:
+      parser.error(str(e))
   if not args.image and not args.text and not args.save_pool:
     parser.error("nothing to do: give --image and/or --text")
   if args.save_pool and not args.pool:
@@ -460,7 +476,7 @@ def main(argv=None):
                     redirect=args.redirect, embedding=args.embedding,
                     inputs=args.inputs)
   for rec in records:
-    print(json.dumps(rec))
+    print(finite.dumps(rec))
   return cli.EXIT_PARTIAL if any("error" in r for r in records) else (
       cli.EXIT_OK)
 

@@ -9,6 +9,7 @@ writes `OUT/release/`:
 | --- | --- |
 | `hysac_model.pth` | the release `HySAC` module's whole `state_dict` (base towers, unmerged LoRA, head), keys as current peft names them |
 | `hysac_bounds.json` | the bounds (SPEC §4), the release's shape |
+| `hysac_jax.json` | our traversal alpha (and curv_init), which `convert --hysac-checkpoint` reads back (the release's code ignores it) |
 | `clip/` | the base towers (no LoRA) as a Hugging Face `CLIPModel` directory |
 
 The release builds its model as `HySAC(visual=get_peft_model(
@@ -40,6 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from hysac_jax import convert
+from hysac_jax import finite
 from hysac_jax import export as export_lib
 from hysac_jax import safety
 from hysac_jax.models import hysac as hysac_lib
@@ -207,8 +209,10 @@ def check_source(src):
   if src.bounds is None:
     raise ReleaseFormatError(
         f"the release format needs bounds ({BOUNDS_FILE}, which the "
-        "release's HySAC loads): pass --bounds FILE (the run's bounds.json, "
-        "written by eval.py)")
+        "release's HySAC loads): pass --bounds FILE, the run's bounds.json, "
+        "which train.py writes when the run ends (a run stopped early: rerun "
+        "its train.py command to finish it), or a release's "
+        "hysac_bounds.json")
   check_lora(src.lora)
 
 
@@ -236,6 +240,12 @@ def export_release(src, out_dir):
   torch.save({k: torch.tensor(v) for k, v in state.items()},
              os.path.join(out_dir, MODEL_FILE))
   safety.save_bounds(src.bounds, os.path.join(out_dir, BOUNDS_FILE))
+  # The release's code hard-codes alpha 0.8; ours travels beside it, so that
+  # convert --hysac-checkpoint keeps the model's threshold b'.
+  with open(os.path.join(out_dir, convert.RELEASE_EXTRAS_FILE), "w") as f:
+    finite.dump({"traversal_alpha": float(src.traversal_alpha),
+                 "curv_init": float(src.curv_init)}, f, indent=2)
+    f.write("\n")
   export_lib.write_hf_clip(clip_dir, src.config,
                            base_clip_params(src.params),
                            float(np.exp(state["logit_scale"])))

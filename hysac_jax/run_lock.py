@@ -54,6 +54,31 @@ def describe(holder):
           f"(since {holder.get('started', '?')})")
 
 
+def holder(workdir):
+  """The record of the process training in `workdir` now, or None.
+
+  Read-only (eval.py and the exports never take the lock): a shared `flock`
+  that cannot be had means a `train.py` holds the run. Without a lock file,
+  or on a filesystem without locks, None.
+  """
+  path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        return RunLock._read(None, fd) or {}
+      return None
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return None
+  finally:
+    os.close(fd)
+
+
 class RunLock:
   """An exclusive lock on a run directory, held until `release()`."""
 

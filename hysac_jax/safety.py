@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hysac_jax import finite
 from hysac_jax import lorentz
 
 GROUPS = ("S", "U", "V", "G")
@@ -59,12 +60,16 @@ def origin_distance(emb, curv, mode="hyp"):
     mode: "hyp", or "euc" for the Euclidean norm of CLIP features.
 
   Returns:
-    (...,) distances in the caller's float dtype, at least float32.
+    (...,) distances in the caller's float dtype, at least float32; NaN
+    where `emb` is not finite (never a "safe" 0).
   """
   emb = lorentz.at_least_float32(emb)
   if mode == "euc":
     return jnp.linalg.norm(emb, axis=-1)
-  return lorentz.dist0(emb, curv)
+  # dist0's clamps turn a NaN point into distance 0, "safe": a point with a
+  # non-finite component gets a NaN distance, which the classifiers refuse.
+  bad = ~jnp.all(jnp.isfinite(emb), axis=-1)
+  return jnp.where(bad, jnp.nan, lorentz.dist0(emb, curv))
 
 
 def unsafe_score(emb, curv):
@@ -148,7 +153,7 @@ def save_bounds(bounds: Mapping, path: str | os.PathLike) -> None:
   """Writes bounds as `hysac_bounds.json` (release shape, indented JSON)."""
   bounds = validate_bounds(bounds, str(path))
   with open(path, "w") as f:
-    json.dump(bounds, f, indent=2)
+    finite.dump(bounds, f, indent=2)
     f.write("\n")
 
 
@@ -249,8 +254,12 @@ def modality_threshold(curv, bounds: Mapping, modality: str,
   """The traversal threshold b' of a modality ("text": S, "image": V)."""
   if modality not in SAFE_GROUP:
     raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
-  bound = float(bounds[SAFE_GROUP[modality]]["up_95"])
-  return float(safety_threshold(bound, float(curv), alpha))
+  bound = finite.check_number(bounds[SAFE_GROUP[modality]]["up_95"],
+                              "bounds", f"{SAFE_GROUP[modality]}.up_95")
+  curv = finite.check_number(curv, "model", "curv", positive=True)
+  alpha = finite.check_number(alpha, "model", "traversal_alpha")
+  return finite.check_number(safety_threshold(bound, curv, alpha), "model",
+                             f"threshold b' of {modality}")
 
 
 def classify_unsafe(emb, curv, bounds: Mapping, modality: str,
@@ -258,7 +267,9 @@ def classify_unsafe(emb, curv, bounds: Mapping, modality: str,
   """Unsafe iff the distance from the origin exceeds the modality's `b'`.
 
   The threshold is the same b' that decides whether a query is traversed, so
-  "classified safe" and "left unchanged by traversal" coincide.
+  "classified safe" and "left unchanged by traversal" coincide. It fails
+  closed: a non-finite threshold raises `finite.NonFiniteError`, and a
+  non-finite distance (NaN weights, say) is unsafe, never safe.
 
   Args:
     emb: (..., d) space components.
@@ -270,7 +281,13 @@ def classify_unsafe(emb, curv, bounds: Mapping, modality: str,
     (...,) bool, True = unsafe.
   """
   threshold = modality_threshold(curv, bounds, modality, alpha)
-  return origin_distance(emb, curv) > threshold
+  return unsafe_at(origin_distance(emb, curv), threshold)
+
+
+def unsafe_at(distance, threshold):
+  """(...,) distances -> (...,) bool: unsafe unless `distance <= threshold`
+  holds, so a NaN distance is unsafe (a plain `>` would call it safe)."""
+  return ~(distance <= threshold)
 
 
 # --------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 from flax import traverse_util
 
 from hysac_jax import checkpoint as ckpt_lib
+from hysac_jax import finite
 from hysac_jax import safety
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models.clip import CLIPConfig
@@ -178,9 +179,17 @@ class Model:
                lora=None, source=None, bounds_source=None):
     self.kind, self.head, self.bounds = kind, head, bounds
     self.bounds_source = bounds_source
-    self.mode, self.curv = head["mode"], float(head["curv"])
-    self.curv_init = float(head["curv_init"])
-    self.traversal_alpha = float(head["traversal_alpha"])
+    # Fail closed: a NaN curvature or alpha would make b' NaN, and every
+    # verdict "safe" (`finite`).
+    where = bounds_source if kind in EXPORT_FORMATS else (
+        f"{kind} model {json.dumps(source or {})}")
+    self.mode = head["mode"]
+    self.curv = finite.check_number(head["curv"], where, "curv",
+                                    positive=True)
+    self.curv_init = finite.check_number(head["curv_init"], where,
+                                         "curv_init", positive=True)
+    self.traversal_alpha = finite.check_number(head["traversal_alpha"],
+                                               where, "traversal_alpha")
     self.image_size, self.context_length = image_size, context_length
     self.config, self.params, self.lora = config, params, lora
     self.source = source or {}
@@ -228,13 +237,15 @@ class Model:
 
   def threshold(self, modality):
     """b' of the modality, with this model's `traversal_alpha`."""
-    return float(safety.safety_threshold(self.safe_bound(modality),
-                                         self.curv, self.traversal_alpha))
+    self.safe_bound(modality)  # the no-bounds message
+    return safety.modality_threshold(self.curv, self.bounds, modality,
+                                     self.traversal_alpha)
 
   def classify_unsafe(self, points, modality):
     """(B, D) points -> ((B,) bool unsafe, (B,) distance from the origin)."""
     distance = safety.origin_distance(points, self.curv)
-    return (np.asarray(distance > self.threshold(modality)),
+    # Fails closed: a non-finite distance is unsafe (`safety.unsafe_at`).
+    return (np.asarray(safety.unsafe_at(distance, self.threshold(modality))),
             np.asarray(distance))
 
   def traverse_to_safe(self, points, modality):
@@ -265,9 +276,11 @@ class StableHLOModel(Model):
             np.float32(self.traversal_alpha))
 
   def classify_unsafe(self, points, modality):
+    self.threshold(modality)  # raises unless b' is finite (fail closed)
     unsafe, dist = self._classify(np.asarray(points, np.float32),
                                   *self._scalars(modality))
-    return np.asarray(unsafe), np.asarray(dist)
+    dist = np.asarray(dist)
+    return np.asarray(unsafe) | ~np.isfinite(dist), dist
 
   def traverse_to_safe(self, points, modality):
     return np.asarray(self._traverse(np.asarray(points, np.float32),
@@ -287,6 +300,17 @@ def _read_head(directory, kind):
   if head.get("format") != EXPORT_FORMAT or head.get("kind") != kind:
     raise ModelDirError(f"{path} describes a {head.get('kind')!r} export "
                         f"(format {head.get('format')!r}), not {kind!r}")
+  # Every number a verdict depends on, checked where it is read.
+  for field in ("curv", "curv_init", "alpha_image", "alpha_text",
+                "logit_scale"):
+    finite.check_number(head.get(field), path, field, positive=True)
+  finite.check_number(head.get("traversal_alpha", safety.DEFAULT_ALPHA),
+                      path, "traversal_alpha")
+  for field, value in (head.get("stored_logs") or {}).items():
+    finite.check_number(value, path, f"stored_logs.{field}")
+  if head.get("bounds") is not None:
+    head["bounds"] = safety.validate_bounds(head["bounds"],
+                                            f"{path}: bounds")
   return head
 
 
@@ -379,8 +403,27 @@ def _load_run(directory, checkpoint, dtype, merge_lora, bounds_path):
       "run", state.model.clip, params, mode=config.model.mode,
       curv_init=config.model.curv_init, lora=lora, dtype=dtype,
       bounds=bounds, bounds_source=bounds_source,
-      traversal_alpha=config.eval.traversal_alpha,
-      source={"run": directory, "checkpoint": checkpoint})
+      traversal_alpha=finite.check_number(
+          config.eval.traversal_alpha, os.path.join(directory, "config.json"),
+          "eval.traversal_alpha"),
+      source={"run": directory, "checkpoint": checkpoint,
+              **_restored_checkpoint(directory, checkpoint,
+                                     int(np.asarray(state.step)))})
+
+
+def _restored_checkpoint(directory, kind, step):
+  """{"checkpoint_kind", "step", "training"}: what a run's restore read
+  (`kind`, else the latest checkpoint, as `restore_into` falls back) and
+  whether a train.py holds the run now (its lock), so a report can say
+  it evaluated an intermediate checkpoint."""
+  from hysac_jax import run_lock  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(os.path.join(directory, kind, str(step))):
+    kind = ckpt_lib.LAST
+  holder = run_lock.holder(directory)
+  return {"checkpoint_kind": kind, "step": step,
+          "training": holder is not None,
+          **({"trainer": run_lock.describe(holder)} if holder is not None
+             else {})}
 
 
 def _load_converted(directory, dtype, merge_lora, bounds_path):
@@ -397,7 +440,10 @@ def _load_converted(directory, dtype, merge_lora, bounds_path):
   return Model.from_params(
       "converted", converted.config, params, mode=converted.mode,
       curv_init=converted.curv_init, lora=lora, dtype=dtype, bounds=bounds,
-      bounds_source=bounds_source, source={"converted": directory})
+      bounds_source=bounds_source, source={"converted": directory},
+      # Its own alpha when it came from an export or a release export.
+      traversal_alpha=(safety.DEFAULT_ALPHA if converted.traversal_alpha
+                       is None else converted.traversal_alpha))
 
 
 def load_model(path, *, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
@@ -429,5 +475,6 @@ def load_model(path, *, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
     if bounds_path:  # instead of the head's
       model.bounds, model.bounds_source = find_bounds([], bounds_path)
   if traversal_alpha is not None:
-    model.traversal_alpha = float(traversal_alpha)
+    model.traversal_alpha = finite.check_number(
+        traversal_alpha, "--traversal-alpha", "traversal_alpha")
   return model

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from hysac_jax import finite
 from hysac_jax import lorentz
 from hysac_jax import safety
 from hysac_jax.evaluation import classification
@@ -318,7 +319,8 @@ def write_files(report: Mapping, out_dir: str | os.PathLike,
   paths = {"json": os.path.join(out_dir, "report.json"),
            "md": os.path.join(out_dir, "report.md")}
   with open(paths["json"], "w") as f:
-    json.dump(report, f, indent=2)
+    # Strict JSON: an undefined value (one class's AUROC) is null.
+    finite.dump(report, f, indent=2)
     f.write("\n")
   with open(paths["md"], "w") as f:
     f.write(markdown)

@@ -1,0 +1,185 @@
+"""Fail closed (hysac_jax/finite.py and its readers): no NaN verdict says
+"safe", no NaN in what we write, no leftover partial directory."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hysac_jax import cli
+from hysac_jax import config as config_lib
+from hysac_jax import convert
+from hysac_jax import finite
+from hysac_jax import outdir
+from hysac_jax import run_lock
+from hysac_jax import safety
+from hysac_jax.models import sizes
+
+import tiny_runs
+
+ROOT = tiny_runs.ROOT
+BOUNDS = {g: {"avg": 0.5, "low_05": 0.4, "up_95": 0.6} for g in safety.GROUPS}
+
+
+def _last_error(out, prog, code):
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert out.returncode == code, out.stderr[-2000:]
+  assert lines and lines[-1].startswith(f"{prog}: error: "), out.stderr
+  assert "Traceback" not in out.stderr
+  return lines[-1]
+
+
+def _cli(*argv):
+  return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT,
+                        env=tiny_runs.run_env(), capture_output=True,
+                        text=True, timeout=300)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "x", None])
+def test_check_number_refuses_non_finite_values_naming_source_and_field(
+    value):
+  with pytest.raises(finite.NonFiniteError, match=r"^head\.json: curv="):
+    finite.check_number(value, "head.json", "curv")
+
+
+def test_check_number_ranges():
+  assert finite.check_number(np.float32(2.0), "s", "f", positive=True) == 2.0
+  with pytest.raises(finite.NonFiniteError, match="positive"):
+    finite.check_number(0.0, "--curv-init", "curv_init", positive=True)
+  with pytest.raises(finite.NonFiniteError, match="at most 1"):
+    finite.check_number(2.0, "s", "f", high=1)
+
+
+def test_strict_json_writes_null_for_undefined_values_never_nan():
+  text = finite.dumps({"auroc": math.nan, "t": [np.float32(-np.inf), 1.5],
+                       "n": np.int64(3)})
+  assert json.loads(text) == {"auroc": None, "t": [None, 1.5], "n": 3}
+  assert "NaN" not in text and "Infinity" not in text
+
+
+@pytest.mark.parametrize("field,value", [("optim.lr", math.inf),
+                                         ("model.curv_init", math.inf),
+                                         ("model.curv_init", math.nan),
+                                         ("eval.traversal_alpha", math.nan),
+                                         ("loss.entail_weight", math.nan)])
+def test_check_config_refuses_infinite_and_nan_values(field, value):
+  config = config_lib.base_config()
+  config.data.name = "synthetic_visu"
+  config.model.size = "tiny"
+  group, name = field.split(".")
+  config[group][name] = value
+  with pytest.raises(ValueError, match=rf"config\.{field}="):
+    config_lib.check_config(config)
+
+
+def test_classification_fails_closed_on_nan_alpha_and_nan_distance():
+  emb = np.array([[0.1, 0.0], [np.nan, 0.0]], np.float32)
+  with pytest.raises(finite.NonFiniteError, match="traversal_alpha"):
+    safety.classify_unsafe(emb, 1.0, BOUNDS, "text", alpha=math.nan)
+  with pytest.raises(finite.NonFiniteError, match="curv"):
+    safety.modality_threshold(math.nan, BOUNDS, "text")
+  unsafe = np.asarray(safety.classify_unsafe(emb, 1.0, BOUNDS, "text"))
+  assert unsafe.tolist() == [False, True]  # NaN distance: unsafe, not safe
+
+
+def test_save_pretrained_refuses_non_finite_weights_naming_the_tensor(
+    tmp_path):
+  config = sizes.get_clip_config("tiny")
+  flat = {"/".join(p): np.zeros(s.shape, np.float32)
+          for p, s in convert.clip_template(config).items()}
+  flat["text_projection/kernel"][0, 0] = np.nan
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  params = {"clip": traverse_util.unflatten_dict(flat, sep="/"),
+            **convert.initial_head(config)}
+  with pytest.raises(finite.NonFiniteError,
+                     match=r"ckpt\.pt: tensor clip/text_projection/kernel "
+                           r"holds 1 non-finite"):
+    convert.save_pretrained(tmp_path / "out", config, params,
+                            source={"open_clip_checkpoint": "ckpt.pt"})
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf"])
+def test_convert_curv_init_nan_negative_zero_is_a_usage_error_naming_flag(
+    value, tmp_path):
+  out = _cli("-m", "hysac_jax.convert", "--clip", tmp_path, "--out",
+             tmp_path / "o", f"--curv-init={value}")
+  line = _last_error(out, "python -m hysac_jax.convert", cli.EXIT_USAGE)
+  assert "--curv-init" in line and "math domain" not in line
+
+
+@pytest.mark.parametrize("prog,extra", [
+    ("predict", ["--text", "a dog"]),
+    ("export", ["--out", "x", "--format", "hf"])])
+def test_traversal_alpha_nan_is_a_usage_error(prog, extra, tmp_path):
+  out = _cli("-m", f"hysac_jax.{prog}", "--model", tmp_path,
+             "--traversal-alpha", "nan", *extra)
+  line = _last_error(out, f"python -m hysac_jax.{prog}", cli.EXIT_USAGE)
+  assert "--traversal-alpha=nan: expected a finite number" in line
+
+
+def test_eval_traversal_alpha_and_margin_nan_are_usage_errors(tmp_path):
+  for flag in ("--traversal_alpha=nan", "--margin=nan"):
+    out = _cli("eval.py", "--workdir", tmp_path, flag)
+    line = _last_error(out, "eval.py", cli.EXIT_USAGE)
+    assert f"{flag.split('=')[0]}=nan: expected a finite number" in line
+
+
+def test_write_in_place_removes_partial_dirs_a_killed_write_left(
+    tmp_path, capsys):
+  stale = tmp_path / ".hf.partial-abc123"
+  stale.mkdir()
+  (stale / "model.safetensors").write_text("half")
+  outdir.write_in_place(tmp_path / "hf", lambda d: None)
+  assert sorted(os.listdir(tmp_path)) == ["hf"]
+  assert f"removed 1 directory(ies) left by an interrupted earlier write: " \
+         f"{stale}" in capsys.readouterr().err
+
+
+def test_run_lock_holder_reports_a_held_run_read_only(tmp_path):
+  assert run_lock.holder(tmp_path) is None
+  with run_lock.RunLock(tmp_path):
+    held = run_lock.holder(tmp_path)
+    assert held["pid"] == os.getpid()
+  assert run_lock.holder(tmp_path) is None
+
+
+def test_a_run_saves_absolute_data_paths(tmp_path, monkeypatch):
+  from hysac_jax.training import loop  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  config = config_lib.base_config()
+  config.data.data_dir = "tfds"
+  config.data.manual_dir = "~/visu"
+  saved = loop._with_absolute_model_paths(config, None)  # pylint: disable=protected-access
+  assert saved.data.data_dir == str(tmp_path / "tfds")
+  assert saved.data.manual_dir == os.path.expanduser("~/visu")
+  assert os.path.isabs(saved.data.manual_dir)
+
+
+def test_release_bounds_and_alpha_travel_through_convert(tmp_path):
+  release = tmp_path / "release"
+  release.mkdir()
+  safety.save_bounds(BOUNDS, release / "hysac_bounds.json")
+  (release / "hysac_jax.json").write_text('{"traversal_alpha": 3.0}')
+  out = tmp_path / "converted"
+  assert convert._release_extras(str(release), str(out)) == 3.0  # pylint: disable=protected-access
+  assert safety.load_bounds(out / "bounds.json") == BOUNDS
+  (release / "hysac_jax.json").write_text('{"traversal_alpha": NaN}')
+  with pytest.raises(finite.NonFiniteError, match="hysac_jax.json: "
+                                                  "traversal_alpha=nan"):
+    convert._release_extras(str(release), str(out))  # pylint: disable=protected-access
+
+
+def test_a_converted_directory_keeps_its_traversal_alpha(tmp_path):
+  config = sizes.get_clip_config("tiny")
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  flat = {"/".join(p): np.zeros(s.shape, np.float32)
+          for p, s in convert.clip_template(config).items()}
+  params = {"clip": traverse_util.unflatten_dict(flat, sep="/"),
+            **convert.initial_head(config)}
+  convert.save_pretrained(tmp_path, config, params, traversal_alpha=3.0)
+  assert convert.read_converted(tmp_path).traversal_alpha == 3.0
