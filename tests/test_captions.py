@@ -2,6 +2,7 @@
 caption readers (hysac_jax/data/coco_captions.py)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -142,3 +143,39 @@ def test_bad_caption_files_name_the_file_and_the_problem(tmp_path, content,
   with pytest.raises(ValueError, match=message) as e:
     coco_captions.read_captions(path)
   assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"images": [{"filename": "a.jpg", "split": "test",
+                  "sentences": ["a cat"]}]},
+     r"images\[0\]\.sentences\[0\] must be an object with a 'raw' caption"),
+    ({"images": [{"filename": "a.jpg", "split": "test",
+                  "sentences": [{"raw": None}]}]},
+     r"images\[0\]\.sentences\[0\]\.raw must be a string, got NoneType"),
+    ({"images": [None, {"filename": "a.jpg", "split": "test",
+                        "sentences": [{"raw": "a cat"}]}]},
+     r"images\[0\] must be an object, got NoneType"),
+    ({"images": [{"id": 7, "file_name": "a.jpg"},
+                 {"id": 7, "file_name": "b.jpg"}],
+      "annotations": [{"image_id": 7, "caption": "a cat"}]},
+     r"images\[1\]\.id 7 is listed twice"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}],
+      "annotations": [{"image_id": 1, "caption": None}]},
+     r"annotations\[0\]\.caption must be a string, got NoneType"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}],
+      "annotations": [{"image_id": 1, "caption": 12345}]},
+     r"annotations\[0\]\.caption must be a string, got int 12345"),
+])
+def test_malformed_entries_name_the_file_the_entry_and_the_field(
+    tmp_path, content, message):
+  path = tmp_path / "captions.json"
+  path.write_text(json.dumps(content))
+  with pytest.raises(ValueError, match=f"caption file {path}: {message}"):
+    coco_captions.read_captions(path)
+
+
+def test_a_caption_fifo_is_refused_without_blocking(tmp_path):
+  path = tmp_path / "captions.json"
+  os.mkfifo(path)
+  with pytest.raises(ValueError, match=f"caption file {path} is a FIFO"):
+    coco_captions.read_captions(path)

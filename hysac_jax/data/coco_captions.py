@@ -22,6 +22,8 @@ import os
 
 import numpy as np
 
+from hysac_jax import input_file
+
 
 @dataclasses.dataclass
 class CaptionSet:
@@ -40,11 +42,26 @@ class CaptionSet:
 
 
 def _load_json(path):
+  # Regular files only (a FIFO would block), at most MAX_TEXT_BYTES.
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    text = input_file.read_text(path, input_file.MAX_TEXT_BYTES,
+                                "caption file")
+  except (input_file.NotRegularFileError, input_file.FileTooLargeError,
+          IsADirectoryError) as e:
+    raise ValueError(str(e)) from None
+  try:
+    return json.loads(text)
   except json.JSONDecodeError as e:
     raise ValueError(f"caption file {path} is not valid JSON: {e}") from None
+
+
+def _caption_text(value, path, entry, field):
+  """A caption string, stripped; ValueError naming the entry and field for
+  anything else (null or a number would become the text "None" / "12345")."""
+  if not isinstance(value, str):
+    raise ValueError(f"caption file {path}: {entry}.{field} must be a "
+                     f"string, got {type(value).__name__} {value!r:.40}")
+  return value.strip()
 
 
 def _karpathy(data, path, images_dir, split):
@@ -52,19 +69,32 @@ def _karpathy(data, path, images_dir, split):
   images_dir = images_dir or os.path.dirname(path)
   image_paths, captions, owner = [], [], []
   for i, image in enumerate(data["images"]):
+    if not isinstance(image, dict):
+      raise ValueError(f"caption file {path}: images[{i}] must be an object, "
+                       f"got {type(image).__name__}")
     if image.get("split") != wanted:
       continue
     if "filename" not in image or "sentences" not in image:
       raise ValueError(f"caption file {path}: images[{i}] lacks 'filename' "
                        "or 'sentences'")
-    texts = [s["raw"].strip() for s in image["sentences"]
-             if s.get("raw", "").strip()]
+    if not isinstance(image["sentences"], list):
+      raise ValueError(f"caption file {path}: images[{i}].sentences must be "
+                       "a list of {\"raw\": ...} objects")
+    texts = []
+    for j, sentence in enumerate(image["sentences"]):
+      entry = f"images[{i}].sentences[{j}]"
+      if not isinstance(sentence, dict) or "raw" not in sentence:
+        raise ValueError(f"caption file {path}: {entry} must be an object "
+                         f"with a 'raw' caption, got {sentence!r:.40}")
+      text = _caption_text(sentence["raw"], path, entry, "raw")
+      if text:
+        texts.append(text)
     if not texts:
       continue
     owner += [len(image_paths)] * len(texts)
     captions += texts
-    image_paths.append(os.path.join(images_dir, image.get("filepath", ""),
-                                    image["filename"]))
+    image_paths.append(os.path.join(images_dir, str(image.get("filepath", "")),
+                                    str(image["filename"])))
   if not image_paths:
     splits = sorted({str(im.get("split")) for im in data["images"]})
     raise ValueError(f"caption file {path} has no captioned image in split "
@@ -82,16 +112,28 @@ def _coco(data, path, images_dir):
                      "'annotations'")
   files = {}
   for i, image in enumerate(data["images"]):
-    if "id" not in image or "file_name" not in image:
+    if not isinstance(image, dict) or "id" not in image or (
+        "file_name" not in image):
       raise ValueError(f"caption file {path}: images[{i}] lacks 'id' or "
                        "'file_name'")
+    if image["id"] in files:
+      # Overwriting would silently drop an image and pair its captions
+      # with the other file.
+      raise ValueError(f"caption file {path}: images[{i}].id "
+                       f"{image['id']!r} is listed twice")
     files[image["id"]] = image["file_name"]
   by_image = {}
+  if not isinstance(data["annotations"], list):
+    raise ValueError(f"caption file {path}: 'annotations' must be a list")
   for i, ann in enumerate(data["annotations"]):
+    if not isinstance(ann, dict):
+      raise ValueError(f"caption file {path}: annotations[{i}] must be an "
+                       f"object, got {type(ann).__name__}")
     if ann.get("image_id") not in files:
       raise ValueError(f"caption file {path}: annotations[{i}] refers to "
                        f"unknown image_id {ann.get('image_id')!r}")
-    text = str(ann.get("caption", "")).strip()
+    text = _caption_text(ann.get("caption"), path, f"annotations[{i}]",
+                         "caption")
     if text:
       by_image.setdefault(ann["image_id"], []).append(text)
   image_paths, captions, owner = [], [], []
@@ -116,7 +158,11 @@ def read_captions(path, images_dir=None, split="test") -> CaptionSet:
 
   Raises:
     FileNotFoundError: a missing file; ValueError: a file of neither
-    layout, or one without a captioned image (naming it).
+    layout, one without a captioned image, an entry of the wrong type (a
+    caption that is no string, an image that is no object), an image id
+    listed twice, a file that is no regular file or is over
+    `input_file.MAX_TEXT_BYTES` (each naming the file, the entry and the
+    field).
   """
   path = os.path.expanduser(os.fspath(path))
   images_dir = os.path.expanduser(images_dir) if images_dir else None
@@ -124,7 +170,8 @@ def read_captions(path, images_dir=None, split="test") -> CaptionSet:
   if not isinstance(data, dict) or not isinstance(data.get("images"), list):
     raise ValueError(f"caption file {path} is neither a Karpathy split JSON "
                      "nor COCO annotations: no 'images' list")
-  if any("sentences" in im for im in data["images"][:1]):
+  first = next((im for im in data["images"] if isinstance(im, dict)), {})
+  if "sentences" in first:
     image_paths, captions, owner = _karpathy(data, path, images_dir, split)
   else:
     image_paths, captions, owner = _coco(data, path, images_dir)
