@@ -196,3 +196,34 @@ def test_report_files_and_confusion_plot(tmp_path):
   assert set(paths) == {"json", "md", "confusion"}
   assert "| a |" in (tmp_path / "report.md").read_text()
   assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
+
+
+def test_class_embeddings_take_one_call_per_prompt_count(monkeypatch):
+  # Linear time without timing: C classes cost one batched call per
+  # distinct prompt count (here 2), however large C is.
+  calls = []
+  real = zeroshot._mean_prompt
+  monkeypatch.setattr(zeroshot, "_mean_prompt",
+                      lambda x, c, m: calls.append(x.shape) or real(x, c, m))
+  rng = np.random.default_rng(0)
+  text = points(rng, 3 * 500, 8)
+  groups = [text[3 * i:3 * i + (3 if i % 2 else 2)] for i in range(500)]
+  out = zeroshot.class_embeddings(groups, 1.0, "hyp", progress=False)
+  assert out.shape == (500, 8)
+  assert sorted(calls) == [(250, 2, 8), (250, 3, 8)]
+  np.testing.assert_allclose(
+      np.asarray(out[7]),
+      np.asarray(zeroshot.class_embedding(groups[7], 1.0, "hyp")), atol=1e-6)
+
+
+def test_markdown_class_names_keep_one_row_each():
+  report = {"k": [1], "dataset": "d", "mode": "hyp", "n": 2,
+            "num_classes": 2, "top1": 0.5, "mean_per_class_recall": 0.5,
+            "chance_top1": 0.5,
+            "per_class": {"a\nb": {"n": 1, "recall": 1.0},
+                          "c|d": {"n": 1, "recall": 0.0}}}
+  md = zeroshot.format_markdown(report)
+  assert "| a b | 1 | 100.00 |" in md
+  assert "| c\\|d | 1 | 0.00 |" in md
+  rows = [line for line in md.splitlines() if line.startswith("|")]
+  assert len(rows) == 3 + 4  # summary: header, rule, row; classes: 2 rows
