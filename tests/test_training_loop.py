@@ -305,7 +305,14 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_stop(
     return next_batch()
 
   tiny_runs.hook_train_batches(monkeypatch, preempt_at_third)
-  summary = loop_lib.train_and_evaluate(micro_config(data_dir), tmp_path)
+  # The suite may start with SIGINT ignored (`make test &`, nohup), and the
+  # loop rightly keeps an inherited SIG_IGN: give this process Python's
+  # foreground Ctrl-C handler, as a terminal would.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    summary = loop_lib.train_and_evaluate(micro_config(data_dir), tmp_path)
+  finally:
+    signal.signal(signal.SIGINT, previous)
   assert summary["preempted"] and summary["steps"] == 3
   assert summary["signal"] == signal.Signals(signum).name
   assert final_state(tmp_path)[0] == 3
@@ -408,6 +415,11 @@ def test_sigkill_mid_epoch_then_resume_gives_bitwise_equal_params(
                                   err_msg=jax.tree_util.keystr(path))
 
 
+def _default_sigint():
+  """In a child before exec: SIGINT back to the default disposition."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_lock_sigint_noresume_and_stale_lock_through_train_py(
     data_dir, tmp_path):
@@ -417,7 +429,10 @@ def test_lock_sigint_noresume_and_stale_lock_through_train_py(
                                  "--config.train.epochs=50"]
   first = subprocess.Popen(
       [sys.executable, str(ROOT / "train.py")] + flags, env=run_env(),
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      # SIGINT as in a foreground shell, whatever this suite inherited
+      # (`make test &` starts it ignored, and train.py keeps an ignore).
+      preexec_fn=_default_sigint)
   deadline = time.time() + 300
   while (not (workdir / "checkpoints" / "2").exists()
          and first.poll() is None):
