@@ -314,9 +314,11 @@ def _restore_latest(checkpoints, abstract_tree, fallback):
 
 
 def _with_absolute_model_paths(config, init_from):
-  """`config` with `model.init_from` (the --init_from flag, if given) and a
-  local `model.clip` directory made absolute: the run's config.json must
-  find them again from any working directory (eval.py, export, resume)."""
+  """`config` with `model.init_from` (the --init_from flag, if given), a
+  local `model.clip` directory, `data.data_dir` and `data.manual_dir` made
+  absolute: the run's config.json must find them again from any working
+  directory (eval.py, export, resume; a relative data_dir made eval.py
+  build a new dataset beside its own working directory)."""
   config = config.copy_and_resolve_references()
   if init_from:
     config.model.init_from = init_from
@@ -324,6 +326,11 @@ def _with_absolute_model_paths(config, init_from):
     path = os.path.expanduser(config.model[field])
     if config.model[field] and os.path.isdir(path):
       config.model[field] = os.path.abspath(path)
+  # Data paths may not exist yet (TFDS builds data_dir): always absolute.
+  for field in ("data_dir", "manual_dir"):
+    if config.data[field]:
+      config.data[field] = os.path.abspath(
+          os.path.expanduser(config.data[field]))
   return config
 
 
