@@ -10,6 +10,7 @@ file of the old one in the new one.
 
 import os
 import shutil
+import sys
 import tempfile
 
 
@@ -45,14 +46,34 @@ def check(path, overwrite=False, what="--out"):
         "earlier output?), or choose another directory")
 
 
+def remove_leftovers(parent, name):
+  """Removes `.NAME.partial-*` / `.NAME.replaced-*` directories in `parent`
+  that a killed write (SIGKILL: no `finally` ran) left; notes each on
+  stderr. Returns the removed paths."""
+  removed = []
+  for entry in sorted(os.listdir(parent)):
+    if entry.startswith((f".{name}.partial-", f".{name}.replaced-")):
+      path = os.path.join(parent, entry)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+  if removed:
+    print(f"note: removed {len(removed)} directory(ies) left by an "
+          f"interrupted earlier write: {', '.join(removed)}",
+          file=sys.stderr, flush=True)
+  return removed
+
+
 def write_in_place(final, writer):
   """Runs `writer(directory)` on a fresh sibling of `final`, then moves it
   to `final`, replacing what was there. Returns what `writer` returns.
 
-  A failure leaves `final` as it was, and no `.NAME.partial-*` directory.
+  A failure leaves `final` as it was, and no `.NAME.partial-*` directory;
+  those a killed earlier write left are removed first (`remove_leftovers`).
   """
   parent, name = os.path.split(os.path.abspath(final))
   os.makedirs(parent, exist_ok=True)
+  remove_leftovers(parent, name)
   partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
   umask = os.umask(0)
   os.umask(umask)
