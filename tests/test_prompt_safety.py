@@ -127,3 +127,30 @@ def test_prompt_files_skip_comments_and_an_empty_one_is_named(tmp_path):
     prompt_safety.read_prompts(path)
   shipped = prompt_safety.default_prompts()
   assert len(shipped["safe"]) >= 5 and len(shipped["unsafe"]) >= 5
+
+
+def test_identical_prompt_sets_give_a_null_threshold_not_minus_infinity(
+    data, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  safe, unsafe, safe_p, _ = data
+  # More unsafe than safe items: the best rule calls every item unsafe.
+  report = prompt_safety.evaluate({"image": (safe[:20], unsafe)}, safe_p,
+                                  safe_p,
+                                  CURV, "hyp")
+  row = report["modalities"]["image"]["prompt"]
+  assert row["auroc"] == 0.5  # every score ties at 0
+  assert row["best_threshold"] is None
+  assert row["best_threshold_note"] == prompt_safety.ALL_UNSAFE_NOTE
+  prompt_safety.write_report(report, tmp_path)
+  json.loads((tmp_path / "report.json").read_text(),
+             parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+
+
+def test_a_folder_beside_safe_and_unsafe_is_refused_naming_it(tmp_path):
+  from hysac_jax.data import labelled_images  # pylint: disable=g-import-not-at-top
+  for name in ("safe", "unsafe", "maybe"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "a.png").write_bytes(b"")
+  with pytest.raises(ValueError, match=f"image folder {tmp_path} holds "
+                     "maybe/ beside the expected class folders safe, unsafe"):
+    labelled_images.from_folder(tmp_path, ("safe", "unsafe"))

@@ -122,7 +122,8 @@ def from_folder(root, classes: Sequence[str] | None = None) -> ImageSet:
 
   Raises:
     FileNotFoundError: root or an expected class folder is missing.
-    ValueError: no class folder, or a class folder without images.
+    ValueError: no class folder, a class folder without images, or (with
+      `classes`) a folder beside the expected ones.
   """
   root = os.path.abspath(os.path.expanduser(os.fspath(root)))
   if not os.path.isdir(root):
@@ -134,6 +135,15 @@ def from_folder(root, classes: Sequence[str] | None = None) -> ImageSet:
     if not classes:
       raise ValueError(f"image folder {root} has no class sub-folders "
                        "(expected ROOT/<class>/*.jpg)")
+  else:
+    # A folder beside the expected ones would be silently left out.
+    extra = sorted(d for d in os.listdir(root)
+                   if os.path.isdir(os.path.join(root, d))
+                   and not d.startswith(".") and d not in classes)
+    if extra:
+      raise ValueError(f"image folder {root} holds {extra[0]}/ beside the "
+                       f"expected class folders {', '.join(classes)}: "
+                       "remove or move it")
   paths, labels = [], []
   for label, name in enumerate(classes):
     folder = os.path.join(root, name)

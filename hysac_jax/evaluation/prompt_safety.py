@@ -111,10 +111,19 @@ def origin_scores(emb, curv, mode="hyp"):
   return np.asarray(safety.origin_distance(emb, curv, mode))
 
 
+ALL_UNSAFE_NOTE = ("no finite threshold does better than calling every item "
+                   "unsafe (the scores do not separate the two sets)")
+
+
 def _method_row(scores, labels, rule_threshold):
   best_acc, best_t = classification.best_threshold_accuracy(scores, labels)
   row = {"auroc": classification.auroc(scores, labels),
          "best_accuracy": best_acc, "best_threshold": best_t}
+  if not np.isfinite(best_t):
+    # The best rule is "everything unsafe" (t = -inf): said so, since
+    # -Infinity is no JSON value.
+    row["best_threshold"] = None
+    row["best_threshold_note"] = ALL_UNSAFE_NOTE
   if rule_threshold is not None:
     row["rule_threshold"] = float(rule_threshold)
     row["accuracy"] = classification.accuracy_at(scores, labels,
@@ -139,7 +148,9 @@ def compare(safe_emb, unsafe_emb, safe_prompts, unsafe_prompts, curv,
   Returns:
     {"n_safe", "n_unsafe", "prompt": {"auroc", "accuracy", "rule_threshold",
     "best_accuracy", "best_threshold"}, "distance": {the same; "accuracy"
-    only with a threshold}}.
+    only with a threshold}}. "best_threshold" is None, with a
+    "best_threshold_note", when no finite threshold beats calling every
+    item unsafe (identical scores, e.g. identical prompt sets).
   """
   emb = np.concatenate([np.asarray(safe_emb), np.asarray(unsafe_emb)])
   labels = np.r_[np.zeros(len(safe_emb), bool), np.ones(len(unsafe_emb), bool)]
