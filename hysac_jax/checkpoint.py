@@ -95,6 +95,52 @@ def call_quietly(fn):
       silence_failed_restore_reports()
 
 
+class CheckpointWriteError(cli.CLIError, OSError):
+  """A checkpoint that could not be written (a full disk, say): one line."""
+
+
+def save_quietly(fn, what):
+  """Runs the Orbax write `fn()`; a failure becomes one
+  `CheckpointWriteError` line naming `what` and the innermost cause.
+
+  Orbax logs each failed write thread's traceback through absl ("ERROR:absl
+  ... Traceback") before it re-raises; those are muted here, so a full disk
+  is one line, not two or three thread tracebacks.
+  """
+  loggers = [logging.getLogger("absl"), logging.getLogger()]
+  levels = [l.level for l in loggers]
+  for l in loggers:
+    l.setLevel(logging.CRITICAL)
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except
+    cause = root_cause(e)
+    raise CheckpointWriteError(f"cannot write {what}: {cause}") from None
+  finally:
+    for l, level in zip(loggers, levels):
+      l.setLevel(level)
+
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def remove_tmp_dirs(directory):
+  """Removes the `*.orbax-checkpoint-tmp*` step directories a failed or
+  killed save left in `directory` (Orbax leaves them beside best_* steps);
+  notes each on stderr. Returns the removed paths."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(directory):
+    return []
+  removed = [os.path.join(directory, e) for e in sorted(os.listdir(directory))
+             if TMP_SUFFIX in e]
+  for path in removed:
+    shutil.rmtree(path, ignore_errors=True)
+  if removed:
+    print(f"note: removed {len(removed)} unfinished checkpoint(s) left by an "
+          f"earlier save: {', '.join(removed)}", file=sys.stderr, flush=True)
+  return removed
+
+
 def _manager(directory, max_to_keep, read_only=False):
   # Read-only: no directory is created and no temporary one is cleaned up,
   # so evaluating or exporting a run leaves it as it was.
@@ -226,6 +272,9 @@ class RunCheckpoints:
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     self.workdir = workdir
+    if not read_only:
+      for kind in (LAST, BEST_LOSS, BEST_RECALL):
+        remove_tmp_dirs(os.path.join(workdir, kind))
     self.managers = {
         LAST: _manager(os.path.join(workdir, LAST), keep_last, read_only),
         BEST_LOSS: _manager(os.path.join(workdir, BEST_LOSS), 1, read_only),
@@ -239,11 +288,19 @@ class RunCheckpoints:
     manager = self.managers[kind]
     if step in manager.all_steps():
       return
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(_json_safe(meta))))
-    manager.wait_until_finished()
+    def write():
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(_json_safe(meta))))
+      manager.wait_until_finished()
+
+    try:
+      save_quietly(write, f"checkpoint {os.path.join(self.workdir, kind)}/"
+                   f"{step}")
+    except CheckpointWriteError:
+      remove_tmp_dirs(os.path.join(self.workdir, kind))  # no half step
+      raise
 
   def latest_step(self, kind=LAST):
     return self.managers[kind].latest_step()

@@ -282,9 +282,13 @@ def export_orbax(src, out_dir):
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   target = os.path.join(out_dir, ORBAX_PARAMS_DIR)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(target, src.params, force=True)
-    ckpt.wait_until_finished()
+  def write():
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(target, src.params, force=True)
+      ckpt.wait_until_finished()
+
+  # A full disk: one line, not Orbax's thread tracebacks.
+  ckpt_lib.save_quietly(write, f"orbax export {target}")
   _write_head(out_dir, src, "orbax")
   return out_dir
 

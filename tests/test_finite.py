@@ -183,3 +183,41 @@ def test_a_converted_directory_keeps_its_traversal_alpha(tmp_path):
             **convert.initial_head(config)}
   convert.save_pretrained(tmp_path, config, params, traversal_alpha=3.0)
   assert convert.read_converted(tmp_path).traversal_alpha == 3.0
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+  """A 1 MiB tmpfs (root only), or skip."""
+  mount = tmp_path / "small"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs",
+                     str(mount)], capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here")
+  yield mount
+  subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_tmp_checkpoint(
+    full_disk, capfd):
+  from hysac_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  ckpts = ckpt_lib.RunCheckpoints(full_disk, keep_last=1)
+  state = {"w": np.random.default_rng(0).random((1024, 1024), np.float32)}
+  with pytest.raises(ckpt_lib.CheckpointWriteError,
+                     match=r"cannot write checkpoint .*/best_recall/4: "):
+    ckpts.save(4, state, {}, {}, kind=ckpt_lib.BEST_RECALL)
+  ckpts.close()
+  assert "Traceback" not in capfd.readouterr().err
+  assert not [e for e in os.listdir(full_disk / "best_recall")
+              if "tmp" in e]
+
+
+def test_opening_a_run_for_writing_removes_tmp_checkpoints(tmp_path, capfd):
+  from hysac_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  stale = tmp_path / "best_recall" / "8.orbax-checkpoint-tmp-1234"
+  stale.mkdir(parents=True)
+  ckpt_lib.RunCheckpoints(tmp_path, read_only=True).close()
+  assert stale.exists()  # eval.py and the exports leave a run as it was
+  ckpt_lib.RunCheckpoints(tmp_path).close()
+  assert not stale.exists()
+  assert f"removed 1 unfinished checkpoint(s) left by an earlier save: " \
+         f"{stale}" in capfd.readouterr().err
