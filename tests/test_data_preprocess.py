@@ -145,3 +145,27 @@ def test_jpeg_draft_stays_close_on_smooth_content():
       assert diff.max() <= 4 and diff.mean() <= 1
     else:
       assert diff.mean() > 1
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped():
+  wide = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+  buf = io.BytesIO()
+  Image.fromarray(wide).save(buf, "PNG")
+  with pytest.warns(UserWarning, match="16-bit image .* scaled to 8 bits"):
+    img = preprocess.decode_image(buf.getvalue())
+  x = np.asarray(img)
+  assert x.shape == (64, 64, 3) and x.dtype == np.uint8
+  # convert("RGB") made 99.5 % of such pixels 255; divided by 257 they
+  # are within half a step of the true value.
+  np.testing.assert_array_less(np.abs(x[..., 0] - wide / 257.0), 0.5 + 1e-9)
+  assert (x == 255).mean() < 0.01
+
+
+def test_a_float_tiff_is_taken_as_zero_to_one_and_clipped():
+  f = np.linspace(-0.5, 1.5, 64 * 64, dtype=np.float32).reshape(64, 64)
+  buf = io.BytesIO()
+  Image.fromarray(f).save(buf, "TIFF")
+  with pytest.warns(UserWarning, match="float image"):
+    x = np.asarray(preprocess.decode_image(buf.getvalue()))
+  np.testing.assert_array_less(
+      np.abs(x[..., 0] - np.clip(f, 0, 1) * 255), 0.5 + 1e-4)

@@ -56,3 +56,13 @@ def test_roundtrip_through_a_saved_directory(tmp_path):
 def test_unknown_hub_id_offline_gives_a_clear_error():
   with pytest.raises(OSError, match="could not load a CLIP tokenizer"):
     tok_lib.load_tokenizer("no-such-org/no-such-tokenizer")
+
+
+def test_a_long_caption_gives_no_false_indexing_errors_warning(capfd,
+                                                               caplog):
+  # We truncate (tokenize) or only count (predict's "truncated"), so
+  # transformers' "will result in indexing errors" would be false.
+  text = " ".join(["cat"] * 10000)
+  assert len(tok_lib.load_tokenizer()(text)["input_ids"]) > 77
+  assert tok_lib.tokenize(text).shape == (1, 77)
+  assert "indexing errors" not in capfd.readouterr().err + caplog.text

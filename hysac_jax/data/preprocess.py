@@ -20,6 +20,7 @@ result moves away from `CLIPImageProcessor` by a few 1/255 on average
 
 import io
 import math
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -48,7 +49,35 @@ def decode_image(data, draft_size=None):
   if draft_size:
     img.draft(None, (draft_size, draft_size))  # no-op unless a JPEG
   img.load()  # Forces the full decode, so truncated files fail here.
-  return img.convert("RGB") if img.mode != "RGB" else img
+  return to_rgb8(img)
+
+
+# PIL modes of more than 8 bits per sample, and how each is brought to 8.
+_WIDE_MODES = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit",
+               "I;16N": "16-bit", "I": "16-bit", "F": "float"}
+
+
+def to_rgb8(img):
+  """A PIL image as 8-bit RGB, scaling 16-bit and float samples.
+
+  `convert("RGB")` clips 16-bit samples at 255 (a 16-bit PNG came out 99.5 %
+  white) and floats likewise. Here 16-bit (and 32-bit integer, as PIL opens
+  16-bit PNGs) samples are divided by 257 (65535 -> 255), and float ('F',
+  e.g. a float TIFF) samples are taken as [0, 1], clipped and times 255; a
+  warning notes the conversion.
+  """
+  kind = _WIDE_MODES.get(img.mode)
+  if kind is None:
+    return img.convert("RGB") if img.mode != "RGB" else img
+  x = np.asarray(img, np.float64)
+  if kind == "float":
+    x = np.clip(np.nan_to_num(x, nan=0.0), 0.0, 1.0) * 255.0
+  else:
+    x = np.clip(x, 0, 65535) / 257.0
+  warnings.warn(f"{kind} image ({img.mode}) scaled to 8 bits"
+                + (" (samples taken as [0, 1])" if kind == "float" else ""),
+                stacklevel=2)
+  return Image.fromarray(np.rint(x).astype(np.uint8), "L").convert("RGB")
 
 
 def _to_pil(image, draft_size=None):
@@ -56,7 +85,7 @@ def _to_pil(image, draft_size=None):
     return decode_image(bytes(image), draft_size)
   if isinstance(image, np.ndarray):
     return Image.fromarray(np.asarray(image, np.uint8))
-  return image.convert("RGB") if image.mode != "RGB" else image
+  return to_rgb8(image)
 
 
 def normalise(pixels_uint8):

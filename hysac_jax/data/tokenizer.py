@@ -61,9 +61,9 @@ def load_tokenizer(name_or_path=None):
     vocab, merges = _vocab_and_merges()
     # `vocab=`/`merges=`: the `vocab_file=` route silently builds a broken
     # tokenizer in transformers 5.
-    return CLIPTokenizer(vocab=vocab, merges=merges, unk_token=EOS,
-                         bos_token=BOS, eos_token=EOS, pad_token=EOS,
-                         model_max_length=CONTEXT_LENGTH)
+    return _quiet(CLIPTokenizer(vocab=vocab, merges=merges, unk_token=EOS,
+                                bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                model_max_length=CONTEXT_LENGTH))
   where = ("local directory" if os.path.isdir(name_or_path)
            else "hub id (or missing local path)")
   try:
@@ -78,6 +78,19 @@ def load_tokenizer(name_or_path=None):
         f"could not load a CLIP tokenizer from {where} {name_or_path!r}: "
         f"it has {len(tok)} tokens (no vocab.json/merges.txt or "
         "tokenizer.json found). Pass None for the bundled offline vocabulary.")
+  return _quiet(tok)
+
+
+# transformers' key for its one-time "Token indices sequence length is longer
+# than the specified maximum ... will result in indexing errors" warning.
+_TOO_LONG_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+def _quiet(tok):
+  """Marks the too-long warning as already given: it is false here, since
+  `tokenize` truncates and a bare call only counts tokens (predict's
+  "truncated")."""
+  tok.deprecation_warnings[_TOO_LONG_WARNING] = True
   return tok
 
 
