@@ -719,7 +719,10 @@ def main(argv=None):
                       help="replace a non-empty --out (refused without it)")
   parser.add_argument("--merge-lora", action="store_true",
                       help="fold LoRA into the base weights")
-  parser.add_argument("--curv-init", type=float, default=1.0)
+  parser.add_argument("--curv-init", type=float, default=1.0,
+                      help="c0 > 0, the curvature the head starts from, "
+                           "which sets the clamp range of the learned "
+                           "curvature (default 1.0, the release's)")
   parser.add_argument("--lora-alpha", type=float, default=1.0,
                       help="LoRA alpha of the checkpoint (release: 1)")
   args = parser.parse_args(argv)
