@@ -88,6 +88,20 @@ def to_json_safe(obj):
   return obj
 
 
+def non_finite_paths(obj, prefix=""):
+  """The dotted paths of the non-finite floats in `obj` (what `to_json_safe`
+  writes as null), e.g. ["classification.text.auroc"]."""
+  if isinstance(obj, dict):
+    return [p for k, v in obj.items()
+            for p in non_finite_paths(v, f"{prefix}{k}.")]
+  if isinstance(obj, (list, tuple, np.ndarray)):
+    return [p for i, v in enumerate(list(obj))
+            for p in non_finite_paths(v, f"{prefix}{i}.")]
+  if isinstance(obj, (float, np.floating)) and not math.isfinite(obj):
+    return [prefix.rstrip(".")]
+  return []
+
+
 def dumps(obj, **kwargs):
   """`json.dumps` of `to_json_safe(obj)`, strict (no NaN / Infinity)."""
   return json.dumps(to_json_safe(obj), allow_nan=False, **kwargs)

@@ -221,3 +221,35 @@ def test_opening_a_run_for_writing_removes_tmp_checkpoints(tmp_path, capfd):
   assert not stale.exists()
   assert f"removed 1 unfinished checkpoint(s) left by an earlier save: " \
          f"{stale}" in capfd.readouterr().err
+
+
+def test_report_json_is_strict_and_notes_its_nulls(tmp_path):
+  from hysac_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
+  paths = report_lib.write_files({"a": {"auroc": math.nan}, "b": 1.0},
+                                 tmp_path, "")
+  text = open(paths["json"]).read()
+  assert "NaN" not in text
+  saved = json.loads(text)
+  assert saved["a"]["auroc"] is None
+  assert saved["null_note"].endswith("as null: a.auroc")
+
+
+def _stub_model(alpha=1.0):
+  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
+  head = {"mode": "hyp", "curv": 1.0, "curv_init": 1.0,
+          "traversal_alpha": alpha}
+  return serving.Model("converted", head, BOUNDS, 32, 8, None, None)
+
+
+def test_predict_answers_a_non_finite_distance_with_an_error_not_safe():
+  from hysac_jax import predict  # pylint: disable=g-import-not-at-top
+  emb = np.array([[0.1, 0.0], [np.nan, 0.0]], np.float32)
+  good, bad = predict.answer(_stub_model(), emb, "text")
+  assert good["unsafe"] is False and math.isfinite(good["threshold"])
+  assert bad == {"error": predict.NON_FINITE_ERROR}
+  assert "unsafe" not in finite.dumps(bad)
+
+
+def test_a_model_with_a_nan_alpha_or_curvature_does_not_load():
+  with pytest.raises(finite.NonFiniteError, match="traversal_alpha=nan"):
+    _stub_model(alpha=math.nan)

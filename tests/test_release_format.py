@@ -151,7 +151,7 @@ def inputs(n=3):
 def test_export_then_import_gives_identical_params(released):
   model, params, out = released
   assert sorted(p.name for p in out.iterdir()) == [
-      "clip", "hysac_bounds.json", "hysac_model.pth"]
+      "clip", "hysac_bounds.json", "hysac_jax.json", "hysac_model.pth"]
   config, lora, back = convert.hysac_params_from_pytorch(
       out / "hysac_model.pth", out / "clip")
   # HF spells our argmax pooling (eos_token_id None) as OpenAI's 2.
@@ -171,6 +171,30 @@ def test_export_then_import_gives_identical_params(released):
   for path, value in base.items():
     np.testing.assert_array_equal(value, want[("clip",) + path])
   assert safety.load_bounds(out / "hysac_bounds.json") == BOUNDS
+
+
+def test_bounds_and_alpha_travel_through_the_release_round_trip(
+    source, tmp_path):
+  """converted (alpha 3.0) -> export --format release -> convert
+  --hysac-checkpoint: the bounds and the alpha come back (they were
+  dropped: the alpha fell back to 0.8 and an image flipped to safe)."""
+  model, params = source
+  src = tmp_path / "src"
+  convert.save_pretrained(src, model.clip, params, lora=model.lora,
+                          curv_init=model.curv_init, traversal_alpha=3.0)
+  safety.save_bounds(BOUNDS, src / "bounds.json")
+  out = tmp_path / "out"
+  assert export.main(["--model", str(src), "--out", str(out), "--format",
+                      "release"]) == 0
+  back = tmp_path / "back"
+  assert convert.main(["--clip", str(out / "release" / "clip"),
+                       "--hysac-checkpoint",
+                       str(out / "release" / "hysac_model.pth"),
+                       "--out", str(back)]) == 0
+  served = serving.load_model(back)
+  assert served.traversal_alpha == 3.0
+  assert served.bounds == BOUNDS
+  assert served.bounds_source == str(back / "bounds.json")
 
 
 def test_serving_names_the_conversion_a_release_export_needs(released):
@@ -290,6 +314,8 @@ def test_missing_bounds_and_non_empty_out_are_refused(source, tmp_path,
   assert export.main(args) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "needs bounds (hysac_bounds.json" in err[0], err
+  assert "which train.py writes when the run ends" in err[0]
+  assert "written by eval.py" not in err[0]  # eval.py writes no bounds
   safety.save_bounds(BOUNDS, src / "bounds.json")
   (out / "release").mkdir(parents=True)
   (out / "release" / "old.txt").write_text("x")

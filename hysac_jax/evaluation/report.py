@@ -318,6 +318,10 @@ def write_files(report: Mapping, out_dir: str | os.PathLike,
   os.makedirs(out_dir, exist_ok=True)
   paths = {"json": os.path.join(out_dir, "report.json"),
            "md": os.path.join(out_dir, "report.md")}
+  undefined = finite.non_finite_paths(report)
+  if undefined:  # say which nulls stand for an undefined value
+    report = {**report, "null_note": "undefined (non-finite) values written "
+              f"as null: {', '.join(undefined)}"}
   with open(paths["json"], "w") as f:
     # Strict JSON: an undefined value (one class's AUROC) is null.
     finite.dump(report, f, indent=2)
