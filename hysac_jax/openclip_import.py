@@ -37,6 +37,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import os
 import re
 
@@ -216,14 +217,33 @@ def _square(value, where):
   return value
 
 
+def _positive_int(cfg, field, default, where):
+  """`cfg[field]` (else `default`), a positive int; `where` + field named
+  otherwise (a bool, float or string would fail later as a shape error
+  blamed on the checkpoint, or a ZeroDivisionError)."""
+  value = cfg.get(field, default)
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise OpenCLIPConfigError(f"{where}{field} must be a positive integer, "
+                              f"got {value!r}")
+  return value
+
+
 def _eps(cfg, where):
   """LayerNorm epsilon from `norm_kwargs` (torch's default 1e-5)."""
   kwargs = cfg.get("norm_kwargs") or {}
+  if not isinstance(kwargs, dict):
+    raise OpenCLIPConfigError(f"{where}.norm_kwargs must be an object, got "
+                              f"{kwargs!r}")
   extra = sorted(set(kwargs) - {"eps"})
   if extra:
     raise OpenCLIPConfigError(f"{where}.norm_kwargs has {extra}: only 'eps' "
                               "is supported")
-  return float(kwargs.get("eps", 1e-5))
+  eps = kwargs.get("eps", 1e-5)
+  if (isinstance(eps, bool) or not isinstance(eps, (int, float))
+      or not math.isfinite(eps) or eps <= 0):
+    raise OpenCLIPConfigError(f"{where}.norm_kwargs.eps must be a positive "
+                              f"finite number, got {eps!r}")
+  return float(eps)
 
 
 def _mlp_width(cfg, width, where):
@@ -291,11 +311,12 @@ def _vision_config(v, vw, act):
   """`VisionConfig` of open_clip's `vision_cfg` `v` (CLIPVisionCfg defaults
   where a field is absent); `vw` names it in errors."""
   layers = v.get("layers", 12)
-  if not isinstance(layers, int):
+  if isinstance(layers, (list, tuple)):
     raise OpenCLIPConfigError(f"{vw}.layers is {layers!r}: a list of stage "
                               "depths is a ModifiedResNet, not supported")
-  width = v.get("width", 768)
-  head_width = v.get("head_width", 64)
+  layers = _positive_int(v, "layers", 12, f"{vw}.")
+  width = _positive_int(v, "width", 768, f"{vw}.")
+  head_width = _positive_int(v, "head_width", 64, f"{vw}.")
   if width % head_width:
     raise OpenCLIPConfigError(f"{vw}.head_width {head_width} does not "
                               f"divide width {width}")
@@ -323,19 +344,25 @@ def _text_config(t, tw, act):
       # Our pool_positions reads eos 2 as OpenAI's "largest id" rule.
       raise OpenCLIPConfigError(f"{tw}.eos_id is {eos!r}: pooling at the "
                                 "first eos_id needs an id other than 2")
-    eos_token_id = int(eos)
+    if isinstance(eos, bool) or not isinstance(eos, int) or eos < 0:
+      raise OpenCLIPConfigError(f"{tw}.eos_id must be a non-negative "
+                                f"integer, got {eos!r}")
+    eos_token_id = eos
   else:
     raise OpenCLIPConfigError(f"{tw}.pool_type is {pool!r}: only 'argmax' "
                               "and 'eos' are supported")
-  twidth, heads = t.get("width", 512), t.get("heads", 8)
+  twidth = _positive_int(t, "width", 512, f"{tw}.")
+  heads = _positive_int(t, "heads", 8, f"{tw}.")
   if twidth % heads:
     raise OpenCLIPConfigError(f"{tw}.heads {heads} does not divide width "
                               f"{twidth}")
   return TextConfig(
-      vocab_size=t.get("vocab_size", 49408), hidden_size=twidth,
-      intermediate_size=_mlp_width(t, twidth, tw),
-      num_hidden_layers=t.get("layers", 12), num_attention_heads=heads,
-      max_position_embeddings=t.get("context_length", 77), hidden_act=act,
+      vocab_size=_positive_int(t, "vocab_size", 49408, f"{tw}."),
+      hidden_size=twidth, intermediate_size=_mlp_width(t, twidth, tw),
+      num_hidden_layers=_positive_int(t, "layers", 12, f"{tw}."),
+      num_attention_heads=heads,
+      max_position_embeddings=_positive_int(t, "context_length", 77,
+                                            f"{tw}."), hidden_act=act,
       layer_norm_eps=_eps(t, tw), eos_token_id=eos_token_id)
 
 
@@ -374,7 +401,9 @@ def config_from_openclip(model_cfg, source="OpenCLIP config",
   mean, std, where = _preprocess(preprocess_cfg, source)
   return OpenCLIPModel(
       CLIPConfig(text=text, vision=vision,
-                 projection_dim=model_cfg["embed_dim"]), mean, std, where)
+                 projection_dim=_positive_int(model_cfg, "embed_dim", None,
+                                              f"{source}: ")),
+      mean, std, where)
 
 
 # --------------------------------------------------------------------------

@@ -667,3 +667,35 @@ def test_gelu_model_trains_as_config_model_clip_and_evaluates_from_it(
   np.testing.assert_array_equal(get(params, frozen), get(start.params,
                                                          frozen))
   assert np.abs(get(params, lora_b)).max() > 0  # LoRA B trained from 0
+
+
+@pytest.mark.parametrize("section,field,value,message", [
+    ("vision_cfg", "head_width", 0,
+     "vision_cfg.head_width must be a positive integer, got 0"),
+    ("text_cfg", "heads", 0, "text_cfg.heads must be a positive integer, "
+     "got 0"),
+    ("text_cfg", "width", "32", "text_cfg.width must be a positive "
+     "integer, got '32'"),
+    ("text_cfg", "context_length", 20.0, "text_cfg.context_length must be "
+     "a positive integer, got 20.0"),
+    ("text_cfg", "layers", -2, "text_cfg.layers must be a positive "
+     "integer, got -2"),
+    ("vision_cfg", "layers", True, "vision_cfg.layers must be a positive "
+     "integer, got True"),
+    (None, "embed_dim", "24", "embed_dim must be a positive integer, got "
+     "'24'"),
+    ("vision_cfg", "norm_kwargs", {"eps": "tiny"},
+     "vision_cfg.norm_kwargs.eps must be a positive finite number, got "
+     "'tiny'"),
+    ("text_cfg", "norm_kwargs", {"eps": float("nan")},
+     "text_cfg.norm_kwargs.eps must be a positive finite number, got nan"),
+])
+def test_config_values_of_the_wrong_type_or_sign_name_the_file_and_field(
+    section, field, value, message):
+  # These were a ZeroDivisionError, a TypeError, or shape mismatches
+  # blamed on the checkpoint.
+  cfg = copy.deepcopy(tiny_cfg())
+  (cfg[section] if section else cfg)[field] = value
+  with pytest.raises(oi.OpenCLIPConfigError) as e:
+    oi.config_from_openclip(cfg, "open_clip_config.json")
+  assert str(e.value) == f"open_clip_config.json: {message}"
