@@ -9,6 +9,7 @@ id is handed to `transformers.CLIPTokenizer.from_pretrained`.
 import functools
 import gzip
 import os
+import re
 
 import importlib_resources
 import numpy as np
@@ -94,6 +95,23 @@ def _quiet(tok):
   return tok
 
 
+_WORD = re.compile(r"\S+")
+
+
+def _leading_words(text, max_len):
+  """`text` cut after its first `max_len` whitespace-separated words.
+
+  Every word gives at least one token, and the tokenizer splits at
+  whitespace before BPE, so the first `max_len` tokens are unchanged; a
+  10,000-word caption is no longer tokenised whole before the truncation
+  (time and memory grew with the caption file's size, not its count).
+  """
+  for i, match in enumerate(_WORD.finditer(text)):
+    if i == max_len:
+      return text[:match.start()]
+  return text
+
+
 def tokenize(texts, max_len=CONTEXT_LENGTH, tokenizer=None):
   """Token ids as the release makes them (padding='max_length').
 
@@ -108,7 +126,7 @@ def tokenize(texts, max_len=CONTEXT_LENGTH, tokenizer=None):
   """
   if isinstance(texts, str):
     texts = [texts]
-  texts = list(texts)
+  texts = [_leading_words(t, max_len) for t in texts]
   tok = tokenizer if tokenizer is not None else load_tokenizer()
   out = tok(texts, padding="max_length", truncation=True, max_length=max_len,
             return_attention_mask=False)
