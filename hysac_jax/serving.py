@@ -407,18 +407,25 @@ def _load_run(directory, checkpoint, dtype, merge_lora, bounds_path):
           config.eval.traversal_alpha, os.path.join(directory, "config.json"),
           "eval.traversal_alpha"),
       source={"run": directory, "checkpoint": checkpoint,
-              **_restored_checkpoint(directory, checkpoint,
-                                     int(np.asarray(state.step)))})
+              **_restored_checkpoint(directory, checkpoint)})
 
 
-def _restored_checkpoint(directory, kind, step):
+def _restored_checkpoint(directory, kind):
   """{"checkpoint_kind", "step", "training"}: what a run's restore read
-  (`kind`, else the latest checkpoint, as `restore_into` falls back) and
-  whether a train.py holds the run now (its lock), so a report can say
-  it evaluated an intermediate checkpoint."""
+  (the newest `kind` step, else the latest checkpoint, as `restore_into`
+  falls back) and whether a train.py holds the run now (its lock), so a
+  report can say it evaluated an intermediate checkpoint."""
   from hysac_jax import run_lock  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(os.path.join(directory, kind, str(step))):
-    kind = ckpt_lib.LAST
+
+  def newest(k):
+    d = os.path.join(directory, k)
+    steps = [int(e) for e in os.listdir(d) if e.isdigit()] if (
+        os.path.isdir(d)) else []
+    return max(steps, default=None)
+
+  step = newest(kind)
+  if step is None:
+    kind, step = ckpt_lib.LAST, newest(ckpt_lib.LAST)
   holder = run_lock.holder(directory)
   return {"checkpoint_kind": kind, "step": step,
           "training": holder is not None,

@@ -130,6 +130,13 @@ def test_eval_predict_and_export_flag_the_same_items_with_the_runs_alpha(
   report, _ = evaluate_run.run(workdir=str(run_dir), split="test",
                                out_dir=str(tmp_path / "eval"), plots=False)
   assert report["alpha"] == RUN_ALPHA
+  # The report says what it evaluated (a run given no lock: not training).
+  evaluated = json.loads((tmp_path / "eval" / "report.json").read_text())[
+      "evaluated"]
+  assert evaluated["checkpoint_kind"] in ("best_recall", "checkpoints")
+  assert (run_dir / evaluated["checkpoint_kind"] /
+          str(evaluated["step"])).is_dir()
+  assert not evaluated["training"]
 
   def verdicts(model_dir, *extra):
     argv = ["--model", model_dir, *extra,

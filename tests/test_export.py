@@ -297,8 +297,12 @@ def test_export_of_a_training_run_uses_its_checkpoint_and_bounds(tmp_path):
   assert_close(loaded.encode_image(pixels), image, "image")
   assert_close(loaded.encode_text(ids), text, "text")
   assert loaded.bounds == bounds
-  assert loaded.head["source"] == {"run": str(run),
-                                   "checkpoint": "best_recall"}
+  source = loaded.head["source"]
+  assert {k: source[k] for k in ("run", "checkpoint")} == {
+      "run": str(run), "checkpoint": "best_recall"}
+  # What was exported: the kind and step restored, the run not training.
+  assert source["checkpoint_kind"] in ("best_recall", "checkpoints")
+  assert isinstance(source["step"], int) and source["training"] is False
 
 
 @pytest.mark.parametrize("make,message", [

@@ -253,3 +253,19 @@ def test_predict_answers_a_non_finite_distance_with_an_error_not_safe():
 def test_a_model_with_a_nan_alpha_or_curvature_does_not_load():
   with pytest.raises(finite.NonFiniteError, match="traversal_alpha=nan"):
     _stub_model(alpha=math.nan)
+
+
+def test_a_restored_checkpoint_names_its_kind_step_and_a_training_run(
+    tmp_path):
+  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
+  for step_dir in ("best_recall/4", "best_recall/8", "checkpoints/12"):
+    (tmp_path / step_dir).mkdir(parents=True)
+  restored = serving._restored_checkpoint  # pylint: disable=protected-access
+  assert restored(str(tmp_path), "best_recall") == {
+      "checkpoint_kind": "best_recall", "step": 8, "training": False}
+  with run_lock.RunLock(tmp_path):
+    # No best_loss step: the restore fell back to the latest checkpoint.
+    now = restored(str(tmp_path), "best_loss")
+  assert now["step"] == 12
+  assert now["checkpoint_kind"] == "checkpoints" and now["training"]
+  assert f"PID {os.getpid()}" in now["trainer"]
