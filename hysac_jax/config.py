@@ -48,6 +48,11 @@ def base_config():
   # einsums on CPUs, XLA elsewhere), "xla" or "cudnn"
   # (jax.nn.dot_product_attention), or "einsum".
   c.model.attention = "auto"
+  # Run each tower's layers under nn.scan: the step compiles one layer, not
+  # all of them (compile time flat in depth); params gain a leading layer
+  # axis (encoder/layers). False unrolls them (layers_0 ... layers_{n-1}),
+  # a little faster per step on GPUs. A run keeps the layout it started in.
+  c.model.scan_layers = True
   c.model.train_base = False  # True: fine-tune the CLIP weights too (random-init towers)
   c.model.curv_init = 1.0
   c.model.lora = ml_collections.ConfigDict()
@@ -135,6 +140,8 @@ def _check_model(m):
     _check_init_from(m.init_from)
   if not isinstance(m.remat, bool) and m.remat not in clip_lib.REMAT_POLICIES:
     _bad("model.remat", m.remat, f"one of {clip_lib.REMAT_POLICIES}")
+  if not isinstance(m.scan_layers, bool):
+    _bad("model.scan_layers", m.scan_layers, "true or false")
   if m.attention not in clip_lib.ATTENTION_IMPLEMENTATIONS:
     _bad("model.attention", m.attention,
          f"one of {clip_lib.ATTENTION_IMPLEMENTATIONS}")
@@ -298,7 +305,8 @@ def load_run_config(workdir):
   """The config a run saved in workdir/config.json, on the base schema.
 
   Fields the file lacks (a run saved before they existed) take their
-  `base_config` defaults; a field the schema lacks is an error naming it.
+  `base_config` defaults, except `model.scan_layers`, False: such runs
+  saved unrolled layers. A field the schema lacks is an error naming it.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
@@ -310,5 +318,7 @@ def load_run_config(workdir):
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from None
   config = base_config()
+  # Runs saved before `model.scan_layers` existed hold unrolled layers.
+  config.model.scan_layers = False
   _merge(config, saved, "", path)
   return config

@@ -71,6 +71,7 @@ from hysac_jax import finite
 from hysac_jax import outdir
 from hysac_jax import safety
 from hysac_jax import serving
+from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models.lora import LORA_A, LORA_B, merge_lora
 
@@ -227,7 +228,7 @@ def load_source(model_dir, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
       `serving.load_model`'s.
 
   Returns:
-    `serving.Model` (float32 NumPy params).
+    `serving.Model` (float32 NumPy params, unrolled layers).
   """
   kind = serving.detect_kind(os.path.expanduser(os.fspath(model_dir)))
   if kind in FORMATS:
@@ -237,7 +238,9 @@ def load_source(model_dir, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
                              checkpoint=checkpoint,
                              traversal_alpha=traversal_alpha,
                              merge_lora=merge)
-  model.params = _numpy(model.params)
+  # Every export holds unrolled layers (layers_<i>), the layout of Hugging
+  # Face, the release and a converted directory, whatever the run trained.
+  model.params = _numpy(clip_lib.unstack_layers(model.params))
   return model
 
 

@@ -37,6 +37,7 @@ from flax import traverse_util
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import finite
 from hysac_jax import safety
+from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models.clip import CLIPConfig
 
@@ -200,8 +201,10 @@ class Model:
                   dtype=jnp.float32, bounds=None, bounds_source=None,
                   traversal_alpha=safety.DEFAULT_ALPHA, source=None):
     """A model running the Flax HySAC module on `params`."""
+    # A run's params keep its layer layout (scanned or unrolled).
     module = hysac_lib.HySAC(config, lora, mode=mode, dtype=dtype,
-                             curv_init=curv_init)
+                             curv_init=curv_init,
+                             scan_layers=clip_lib.is_scanned(params))
     image = jax.jit(lambda p, x: module.apply({"params": p}, x,
                                               method="encode_image"))
     text = jax.jit(lambda p, t: module.apply({"params": p}, t,

@@ -11,11 +11,14 @@ k_proj/kernel`), so that `hysac_jax.convert` is a rename plus a transpose.
 """
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from hysac_jax.models import lora as lora_lib
 
@@ -262,10 +265,11 @@ class EncoderLayer(nn.Module):
   dtype: Any = jnp.float32
   causal: bool = False
   attention: str | None = None
+  scan_carry: bool = False  # return (x, None), the body of an `nn.scan`
 
   @nn.compact
   def __call__(self, x, deterministic=True):
-    """x: (B, L, D) -> (B, L, D)."""
+    """x: (B, L, D) -> (B, L, D) (or ((B, L, D), None) under `scan_carry`)."""
     def norm(name):
       return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                           name=name)
@@ -278,16 +282,22 @@ class EncoderLayer(nn.Module):
     y = norm("layer_norm2")(x)
     y = MLP(self.hidden_size, self.intermediate_size, self.hidden_act,
             self.lora, self.dtype, name="mlp")(y, deterministic)
-    return x + y
+    return (x + y, None) if self.scan_carry else x + y
 
 
 class Encoder(nn.Module):
-  """A stack of `EncoderLayer`s named `layers_0 ... layers_{n-1}`.
+  """A stack of `EncoderLayer`s: `layers_0 ... layers_{n-1}`, or one scanned
+  `layers` whose params carry a leading layer axis.
 
   `remat` ("none", "dots_saveable" or "full"; see `remat_policy_name`)
   rematerialises each layer in the backward pass: "full" keeps only the
   layer inputs, "dots_saveable" keeps the matmul outputs and recomputes the
   rest (norms, activations, softmax).
+
+  `scan` runs the layers under `nn.scan` (as big_vision's ViT does): the
+  step compiles one layer instead of `num_layers`, so compile time no longer
+  grows with depth. Every layer draws its own dropout key. The params are
+  those of the unrolled stack stacked on a leading axis (`stack_layers`).
   """
   num_layers: int
   hidden_size: int
@@ -300,6 +310,7 @@ class Encoder(nn.Module):
   remat: Any = "none"
   causal: bool = False
   attention: str | None = None
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic=True):
@@ -307,17 +318,111 @@ class Encoder(nn.Module):
     policy = remat_policy_name(self.remat)
     layer_cls = EncoderLayer
     if policy != "none":
-      # static_argnums counts `self`: (self, x, deterministic).
+      # static_argnums counts `self`: (self, x, deterministic). Under scan,
+      # CSE across iterations cannot undo the remat, so it need not be
+      # prevented (flax's advice for remat inside scan).
       layer_cls = nn.remat(
-          EncoderLayer, static_argnums=(2,),
+          EncoderLayer, static_argnums=(2,), prevent_cse=not self.scan,
           policy=(jax.checkpoint_policies.dots_saveable
                   if policy == "dots_saveable" else None))
+    args = (self.hidden_size, self.intermediate_size, self.num_heads,
+            self.hidden_act, self.layer_norm_eps, self.lora, self.dtype,
+            self.causal, self.attention)
+    if self.scan:
+      scanned = nn.scan(layer_cls, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=nn.broadcast, length=self.num_layers)
+      x, _ = scanned(*args, scan_carry=True, name=SCANNED_LAYERS)(
+          x, deterministic)
+      return x
     for i in range(self.num_layers):
-      x = layer_cls(self.hidden_size, self.intermediate_size, self.num_heads,
-                    self.hidden_act, self.layer_norm_eps, self.lora,
-                    self.dtype, self.causal, self.attention,
-                    name=f"layers_{i}")(x, deterministic)
+      x = layer_cls(*args, name=f"layers_{i}")(x, deterministic)
     return x
+
+
+SCANNED_LAYERS = "layers"
+_UNROLLED_LAYER = re.compile(r"^layers_(\d+)$")
+
+
+def stack_layers(params):
+  """The scanned layout of a param tree: each `encoder`'s `layers_0 ...
+  layers_{n-1}` -> one `layers` whose leaves are stacked on a new leading
+  (layer) axis.
+
+  Works on any nesting (a CLIP tree, a HySAC tree, its trainable part) and
+  leaves an already scanned tree as it is. Leaves are stacked with NumPy
+  when they are NumPy arrays (conversion, on the host), else with jnp.
+
+  Raises:
+    ValueError: the layer numbers are not 0..n-1, or two layers hold
+      different leaves.
+  """
+  def walk(node, path):
+    if not isinstance(node, dict):
+      return node
+    out = {k: walk(v, path + (k,)) for k, v in node.items()}
+    layer_keys = [k for k in out if _UNROLLED_LAYER.match(str(k))]
+    if not (path and path[-1] == "encoder" and layer_keys):
+      return out
+    numbers = sorted(int(_UNROLLED_LAYER.match(k).group(1))
+                     for k in layer_keys)
+    where = "/".join(path) or "<root>"
+    if numbers != list(range(len(numbers))):
+      raise ValueError(f"{where}: layers are not numbered 0..n-1: "
+                       f"{numbers}")
+    if SCANNED_LAYERS in out:
+      raise ValueError(f"{where} holds both {SCANNED_LAYERS} and "
+                       "layers_<i>")
+    layers = [out.pop(f"layers_{i}") for i in numbers]
+    flats = [traverse_util.flatten_dict(l) for l in layers]
+    for i, flat in enumerate(flats[1:], 1):
+      if set(flat) != set(flats[0]):
+        raise ValueError(f"{where}/layers_{i} holds other leaves than "
+                         f"layers_0: {sorted(set(flat) ^ set(flats[0]))}")
+    stacked = {}
+    for k in flats[0]:
+      leaves = [f[k] for f in flats]
+      xp = np if all(isinstance(v, np.ndarray) for v in leaves) else jnp
+      stacked[k] = xp.stack(leaves)
+    out[SCANNED_LAYERS] = traverse_util.unflatten_dict(stacked)
+    return out
+
+  return walk(params, ())
+
+
+def unstack_layers(params):
+  """The unrolled layout of a param tree: each scanned `layers` (leading
+  layer axis) -> `layers_0 ... layers_{n-1}`. The inverse of
+  `stack_layers`; an unrolled tree is returned as it is."""
+  def walk(node, path):
+    if not isinstance(node, dict):
+      return node
+    out = {k: walk(v, path + (k,)) for k, v in node.items()}
+    if path and path[-1] == "encoder" and SCANNED_LAYERS in out:
+      flat = traverse_util.flatten_dict(out.pop(SCANNED_LAYERS))
+      depth = {np.shape(v)[0] for v in flat.values()}
+      if len(depth) != 1:
+        raise ValueError(f"{'/'.join(path)}/{SCANNED_LAYERS}: leaves have "
+                         f"different layer counts {sorted(depth)}")
+      for i in range(depth.pop()):
+        out[f"layers_{i}"] = traverse_util.unflatten_dict(
+            {k: v[i] for k, v in flat.items()})
+    return out
+
+  return walk(params, ())
+
+
+def is_scanned(params):
+  """True when some `encoder` of the tree holds scanned `layers`."""
+  return any(len(k) >= 2 and k[-2] == "encoder" and k[-1] == SCANNED_LAYERS
+             for k in _dict_paths(params))
+
+
+def _dict_paths(node, path=()):
+  if isinstance(node, dict):
+    yield path
+    for k, v in node.items():
+      yield from _dict_paths(v, path + (k,))
 
 
 def _embedding_init():
@@ -331,6 +436,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: Any = "none"
   attention: str | None = None
+  scan: bool = False
 
   @nn.compact
   def __call__(self, input_ids, deterministic=True):
@@ -346,7 +452,8 @@ class TextTransformer(nn.Module):
     x = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
                 cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps,
                 self.lora, self.dtype, self.remat, causal=True,
-                attention=self.attention, name="encoder")(x, deterministic)
+                attention=self.attention, scan=self.scan,
+                name="encoder")(x, deterministic)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                      name="final_layer_norm")(x)
     pos = pool_positions(input_ids, cfg.eos_token_id)
@@ -394,6 +501,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: Any = "none"
   attention: str | None = None
+  scan: bool = False
 
   @nn.compact
   def __call__(self, pixels, deterministic=True):
@@ -410,7 +518,8 @@ class VisionTransformer(nn.Module):
     x = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
                 cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps,
                 self.lora, self.dtype, self.remat,
-                attention=self.attention, name="encoder")(x, deterministic)
+                attention=self.attention, scan=self.scan,
+                name="encoder")(x, deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                         name="post_layernorm")(x[:, 0])
 
@@ -452,6 +561,8 @@ class CLIPModel(nn.Module):
       pass: "none", "dots_saveable" or "full" (see `Encoder`).
     attention: `jax.nn.dot_product_attention` implementation, "xla",
       "cudnn", or None/"auto" (see `attention_implementation`).
+    scan: run each tower's layers under `nn.scan` (see `Encoder`); the
+      params then hold one `encoder/layers` with a leading layer axis.
 
   `model.init(rng, input_ids, pixels)` creates both towers' params;
   `model.apply(variables, ids, method="encode_text")` runs one tower.
@@ -462,14 +573,15 @@ class CLIPModel(nn.Module):
   dtype: Any = jnp.float32
   remat: Any = "none"
   attention: str | None = None
+  scan: bool = False
 
   def setup(self):
     lora = self.lora if (self.lora is not None and self.lora.rank > 0) else None
     self.text_model = TextTransformer(self.config.text, lora, self.dtype,
-                                      self.remat, self.attention)
+                                      self.remat, self.attention, self.scan)
     self.vision_model = VisionTransformer(self.config.vision, lora,
                                           self.dtype, self.remat,
-                                          self.attention)
+                                          self.attention, self.scan)
     self.text_projection = lora_lib.LoRADense(
         self.config.projection_dim, use_bias=False, dtype=self.dtype)
     self.visual_projection = lora_lib.LoRADense(

@@ -146,6 +146,7 @@ class HySAC(nn.Module):
     curv_init: initial curvature c0 (also sets its clamp range).
     attention: the towers' attention implementation: None/"auto", "xla" or
       "cudnn" (`clip.attention_implementation`).
+    scan_layers: the towers' layers under `nn.scan` (`clip.Encoder`).
   """
   clip: Any
   lora: Any = None
@@ -154,6 +155,7 @@ class HySAC(nn.Module):
   remat: Any = "none"
   curv_init: float = 1.0
   attention: str | None = None
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, pixels=None, input_ids=None, deterministic=True):
@@ -172,6 +174,7 @@ class HySAC(nn.Module):
     check_mode(self.mode)
     towers = CLIPModel(self.clip, self.lora, dtype=self.dtype,
                        remat=self.remat, attention=self.attention,
+                       scan=self.scan_layers,
                        name="clip")
     init = head_init(self.clip.projection_dim, self.curv_init)
     head = {name: self.param(name, lambda _, v=init[name]: jnp.asarray(

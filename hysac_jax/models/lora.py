@@ -299,16 +299,20 @@ def lora_delta(lora_a, lora_b, scale):
   """The merged weight update `scale · A·B` in the base kernel's layout.
 
   Args:
-    lora_a: `(in, r)` or `(kh, kw, C, r)`.
-    lora_b: `(r, out)` or `(1, 1, r, out)`.
+    lora_a: `(in, r)`, `(kh, kw, C, r)`, or `(layers, in, r)` for scanned
+      layers (`clip.stack_layers`).
+    lora_b: `(r, out)`, `(1, 1, r, out)` or `(layers, r, out)`.
     scale: `alpha / r`.
 
   Returns:
-    `(in, out)` or `(kh, kw, C, out)`, float32 (float64 for float64 inputs).
+    `(in, out)`, `(kh, kw, C, out)` or `(layers, in, out)`, float32
+    (float64 for float64 inputs).
   """
   acc = jnp.promote_types(jnp.result_type(lora_a, lora_b), jnp.float32)
   a = jnp.asarray(lora_a, acc)
   b = jnp.asarray(lora_b, acc)
+  if b.ndim == 3:  # scanned dense layers: one product per layer
+    return scale * jnp.einsum("lir,lro->lio", a, b)
   r = a.shape[-1]
   b2 = b.reshape(r, b.shape[-1])
   return scale * jnp.einsum("...r,ro->...o", a, b2)

@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hysac_jax import losses
 from hysac_jax import lorentz
+from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models import lora as lora_lib
 
@@ -112,7 +113,6 @@ def model_from_config(config):
   set, else from the named `config.model.size`.
   """
   from hysac_jax import convert
-  from hysac_jax.models import clip as clip_lib
   from hysac_jax.models import sizes
 
   m = config.model
@@ -135,7 +135,8 @@ def model_from_config(config):
                          dtype=DTYPES[m.dtype],
                          remat=clip_lib.remat_policy_name(m.remat),
                          curv_init=m.curv_init,
-                         attention=None if attention == "auto" else attention)
+                         attention=None if attention == "auto" else attention,
+                         scan_layers=bool(m.scan_layers))
 
 
 def initial_params(config):
@@ -240,8 +241,13 @@ def build_params(model, rng, given=None, *, sharding=None):
     return _jitted_init(model, sharding)(rng)
   if "clip" not in given:
     given = {"clip": given}
-  want = traverse_util.flatten_dict(abstract_params(model))
-  have = traverse_util.flatten_dict(given)
+  # Leaves are matched and made in the unrolled layout (as converted), so
+  # that a scanned model starts from the very values an unrolled one does
+  # (LoRA A is drawn per layer path); they are stacked at the end.
+  scanned = getattr(model, "scan_layers", False)
+  unrolled = model.clone(scan_layers=False) if scanned else model
+  want = traverse_util.flatten_dict(abstract_params(unrolled))
+  have = traverse_util.flatten_dict(clip_lib.unstack_layers(given))
   unknown = [k for k in have if k not in want]
   if unknown:
     raise KeyError("init params hold leaves the model does not have: "
@@ -269,6 +275,10 @@ def build_params(model, rng, given=None, *, sharding=None):
     else:
       values.append(lora_lib.host_init(k[-1], spec.shape, dtype,
                                        words + [_leaf_seed(k)]))
+  if scanned:
+    flat = traverse_util.flatten_dict(clip_lib.stack_layers(
+        traverse_util.unflatten_dict(dict(zip(want, values)))))
+    want, values = list(flat), list(flat.values())
   if sharding is not None and not sharding.is_fully_addressable:
     # Several processes: each places its own (identical) copy on its
     # devices; device_put would first compare every leaf across hosts.
