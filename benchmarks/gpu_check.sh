@@ -90,6 +90,10 @@ print('hysac_jax from', hysac_jax.__file__)
 stage jax_b32 150 "$PY" $B "${JAX[@]}" --batch 32 --json "$OUT/jax_b32.json"
 stage jax_b32_warm 60 "$PY" $B "${JAX[@]}" --batch 32 \
     --json "$OUT/jax_b32_warm.json"
+# Issue 22: the vitl14 step's cold compile, scanned against unrolled (one
+# fresh process each, no persistent cache).
+stage compile_layouts 150 "$PY" benchmarks/bench_compile.py --config vitl14 \
+    --repeats 1 --timeout 70 --out "$OUT/compile_layouts.json"
 stage torch_bf16 60 "$PY" $B "${TORCH[@]}" --torch-modes bf16:128 \
     --json "$OUT/torch_bf16.json"
 stage torch_fp16 45 "$PY" $B "${TORCH[@]}" --torch-modes fp16:32 \
