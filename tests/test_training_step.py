@@ -45,6 +45,9 @@ def tiny_config(**loss_and_optim):
   config.model.clip = ""
   config.model.size = "tiny"
   config.model.dtype = "float32"
+  # Unrolled layers: the leaf counts below are per layer (the scanned step
+  # is checked against this one in tests/test_scan_layers.py).
+  config.model.scan_layers = False
   for key, value in loss_and_optim.items():
     section, field = key.split("__")
     config[section][field] = value

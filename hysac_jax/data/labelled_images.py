@@ -136,6 +136,10 @@ def from_folder(root, classes: Sequence[str] | None = None) -> ImageSet:
       raise ValueError(f"image folder {root} has no class sub-folders "
                        "(expected ROOT/<class>/*.jpg)")
   else:
+    for name in classes:  # a missing expected folder is named first
+      if not os.path.isdir(os.path.join(root, name)):
+        raise FileNotFoundError(
+            f"class folder {os.path.join(root, name)} does not exist")
     # A folder beside the expected ones would be silently left out.
     extra = sorted(d for d in os.listdir(root)
                    if os.path.isdir(os.path.join(root, d))
