@@ -98,6 +98,11 @@ def base_config():
   c.train.log_every = 50
   c.train.keep_last = 2
   c.train.checkpoint_every = 1000  # steps between mid-epoch checkpoints; 0 = epoch ends only
+  # Multi-process runs without the distributed runtime's preemption service:
+  # steps between agreements on a SIGTERM/SIGINT (an allgather; with the
+  # service, SIGTERM is agreed every step without one). A signal is acted on
+  # within this many steps.
+  c.train.preemption_check_every = 20
   c.train.use_wandb = False
   # JAX's persistent compilation cache ('' = off); $JAX_COMPILATION_CACHE_DIR,
   # when set, takes precedence.
@@ -217,7 +222,9 @@ def _check_training(o, l, t):
   for field, low, expected in (
       ("epochs", 1, "at least one epoch"), ("patience", 1, "at least 1"),
       ("keep_last", 1, "at least 1"), ("log_every", 1, "at least 1"),
-      ("checkpoint_every", 0, "0 (epoch ends only) or a step interval")):
+      ("checkpoint_every", 0, "0 (epoch ends only) or a step interval"),
+      ("preemption_check_every", 1, "at least 1 (steps between agreements "
+       "on a preemption signal)")):
     if t[field] < low:
       _bad(f"train.{field}", t[field], expected)
 

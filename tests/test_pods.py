@@ -11,6 +11,7 @@ Every subprocess runs under a timeout and is killed if the test fails.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -291,6 +292,43 @@ def test_pod_checkpoint_resumes_on_one_process_with_one_device(
   _, pod_final = checkpoint_state(r["pod"], 4)
   _, resumed_final = checkpoint_state(workdir, 4)
   assert_trees_close(resumed_final, pod_final, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_every_process_at_the_same_step(
+    data_dir, tmp_path):
+  # SIGTERM reaches process 1 only. The distributed runtime's preemption
+  # service (no per-step collective of ours) makes both save the same step.
+  pod = tmp_path / "pod"
+  config = pod_config(data_dir)
+  image_size = step_lib.model_from_config(config).clip.vision.image_size
+  pipeline.open_builder(config.data, image_size)
+  address = f"127.0.0.1:{free_port()}"
+  total = 4 * 40
+  cmd = ([sys.executable, str(ROOT / "train.py"), f"--workdir={pod}",
+          f"--coordinator_address={address}",
+          f"--num_processes={POD_PROCESSES}"]
+         + cli_flags(data_dir, **{"train.epochs": 40, "train.patience": 100,
+                                  "train.checkpoint_every": 0}))
+  with Processes() as procs:
+    for p in range(POD_PROCESSES):
+      procs.start(cmd + [f"--process_id={p}"], tmp_path / f"process_{p}.log",
+                  env_with_devices(POD_LOCAL_DEVICES))
+    deadline = time.monotonic() + TIMEOUT_S
+    metrics = pod / "metrics.jsonl"
+    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+      assert time.monotonic() < deadline, "the pod logged no train step"
+      assert all(p.poll() is None for p in procs.procs), "a process ended"
+      time.sleep(0.2)
+    procs.procs[1].send_signal(signal.SIGTERM)
+    codes = procs.wait_all(TIMEOUT_S)
+  outputs = [(tmp_path / f"process_{p}.log").read_text()
+             for p in range(POD_PROCESSES)]
+  assert codes == [75, 75], "\n".join(out[-2000:] for out in outputs)
+  step, _ = checkpoint_state(pod)
+  assert 0 < step < total
+  assert f"saved step {step} in" in outputs[0]
+  assert "preemption service" in outputs[0]
 
 
 # ------------------------------------------------------ failing to start ---

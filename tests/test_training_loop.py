@@ -1,5 +1,6 @@
 """The training loop (hysac_jax/training/loop.py) and the train.py / eval.py CLIs."""
 
+import contextlib
 import gc
 import json
 import os
@@ -69,7 +70,7 @@ def finished_run(data_dir, tmp_path_factory):
     ("data.batch_size_per_device", 0), ("model.lora.dropout", 1.5),
     ("data.synthetic_sizes", (128, 64)), ("data.synthetic_sizes", (128, 0, 64)),
     ("data.synthetic_sizes", ("(1,2,a)",)), ("model.remat", "some"),
-    ("model.attention", "flash")])
+    ("model.attention", "flash"), ("train.preemption_check_every", 0)])
 def test_bad_config_value_names_the_field(field, value, tmp_path):
   c = micro_config(tmp_path, **{field: value})
   with pytest.raises(ValueError, match=f"config.{field.replace('.', '[.]')}="):
@@ -299,8 +300,10 @@ def test_nan_in_a_batch_stops_training_without_saving_it(
                          ids=["SIGTERM", "SIGINT"])
 def test_sigterm_and_sigint_save_a_checkpoint_and_stop(
     signum, data_dir, tmp_path, monkeypatch):
+  # Batches are drawn PREFETCH_BATCHES ahead of the step: the fifth is
+  # drawn while step 2 (the third) runs, so the loop stops after it.
   def preempt_at_third(count, next_batch):
-    if count == 3:
+    if count == 3 + loop_lib.PREFETCH_BATCHES:
       os.kill(os.getpid(), signum)
     return next_batch()
 
@@ -332,6 +335,47 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_stop(
   assert all(l.get("loss") != 9.0 for l in lines)
   discarded = (tmp_path / "metrics.jsonl.discarded").read_text()
   assert json.loads(discarded)["loss"] == 9.0
+
+
+@pytest.mark.slow
+def test_nothing_is_read_back_from_the_devices_between_log_steps(
+    data_dir, tmp_path, monkeypatch):
+  # On CPU a jax.Array is read without a transfer, so the transfer guard the
+  # loop enters between log steps cannot fire here: count reads of array
+  # values (what device_get, float() and np.asarray go through) inside it.
+  array_type = type(jax.numpy.zeros(()))
+  real_value = array_type._value
+  reads = {"between_logs": 0, "elsewhere": 0}
+  inside = []
+
+  def counted(self):
+    reads["between_logs" if inside else "elsewhere"] += 1
+    return real_value.fget(self)
+
+  real_guard = jax.transfer_guard_device_to_host
+
+  @contextlib.contextmanager
+  def guard(mode):
+    assert mode == loop_lib.BETWEEN_LOGS_GUARD
+    inside.append(mode)
+    try:
+      with real_guard(mode):
+        yield
+    finally:
+      inside.pop()
+
+  monkeypatch.setattr(array_type, "_value", property(counted))
+  monkeypatch.setattr(jax, "transfer_guard_device_to_host", guard)
+  summary = loop_lib.train_and_evaluate(
+      micro_config(data_dir, **{"train.log_every": 4,
+                                "train.checkpoint_every": 0}), tmp_path)
+  monkeypatch.undo()
+  assert summary["steps"] == 8
+  assert reads["between_logs"] == 0
+  assert reads["elsewhere"] > 0  # the log steps' metrics, the saves
+  lines = [json.loads(l) for l in
+           (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines if l["kind"] == "train"] == [4, 8]
 
 
 def _truncate_largest_array_file(step_dir):

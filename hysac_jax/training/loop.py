@@ -22,8 +22,11 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from hysac_jax import checkpoint as ckpt_lib
@@ -33,11 +36,20 @@ from hysac_jax import run_log
 from hysac_jax import safety
 from hysac_jax.evaluation import embed as embed_lib
 from hysac_jax.models import hysac as hysac_lib
+from hysac_jax.training import prefetch as prefetch_lib
 from hysac_jax.training import step as step_lib
 
 
 class TrainingDiverged(FloatingPointError):
-  """The loss became NaN or Inf."""
+  """The loss or the gradient norm became NaN or Inf."""
+
+
+# Batches placed on the devices ahead of the step (flax's
+# prefetch_to_device uses 2: one ready, one in flight).
+PREFETCH_BATCHES = 2
+# The device-to-host transfer guard between log steps: "allow" in use; the
+# tests set "disallow_explicit", which fails on any read back.
+BETWEEN_LOGS_GUARD = "allow"
 
 
 # ---------------------------------------------------------- early stop ---
@@ -115,11 +127,17 @@ def validate(state, config, mesh, eval_step, image_size, desc="validation"):
 class _Preemption:
   """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks between
   steps, so both save a checkpoint; a second SIGINT interrupts at once,
-  unless a checkpoint is being written (that one is finished first)."""
+  unless a checkpoint is being written (that one is finished first).
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  With `runtime_sigterm` (a multi-process run whose distributed runtime has
+  a preemption service), SIGTERM is left to that service, which agrees on a
+  save step with every process (`multihost_utils.
+  reached_preemption_sync_point`); only SIGINT is caught here.
+  """
 
-  def __init__(self):
+  def __init__(self, runtime_sigterm=False):
+    self.signals = ((signal.SIGINT,) if runtime_sigterm
+                    else (signal.SIGTERM, signal.SIGINT))
     self.requested = False
     self.signal_name = None
     self.saving = False
@@ -127,7 +145,7 @@ class _Preemption:
 
   def __enter__(self):
     try:
-      for signum in self.SIGNALS:
+      for signum in self.signals:
         if signal.getsignal(signum) is signal.SIG_IGN:
           continue  # nohup, or a background job of a script: keep ignoring.
         self._previous[signum] = signal.signal(signum, self._handle)
@@ -147,15 +165,93 @@ class _Preemption:
       signal.signal(signum, previous)
 
 
-def _finite_or_raise(metrics, step, checkpoints):
-  loss = float(metrics["loss"])
-  if not math.isfinite(loss):
+def _runtime_preemption_service():
+  """Whether the distributed runtime agrees on preemption steps itself: a
+  multi-process run (after `jax.distributed.initialize`) with
+  `jax_enable_preemption_service` on, its default. (Not probed with a call:
+  `reached_preemption_sync_point(-1)` answers True, -1 being its unset
+  counter.)"""
+  return (jax.process_count() > 1
+          and bool(jax.config.jax_enable_preemption_service))
+
+
+class _PreemptionCheck:
+  """Whether every process should save and stop after a step, without a
+  device collective on every step.
+
+  - One process: the local signal flag, read every step (no collective).
+  - Several, with the runtime's preemption service: SIGTERM is agreed by
+    `reached_preemption_sync_point(step)`, a host-side query of the
+    coordination service, every step; SIGINT (not seen by the service) is
+    agreed as below.
+  - Several, without it: an allgather of the local flags every
+    `every` steps (`train.preemption_check_every`), at the same steps on
+    every process, so a signal is acted on within `every` steps.
+  """
+
+  def __init__(self, preemption, every, runtime_service):
+    self.preemption, self.every = preemption, every
+    self.runtime_service = runtime_service
+    self.runtime_fired = False
+
+  def __call__(self, step):
+    if jax.process_count() == 1:
+      return self.preemption.requested
+    if self.runtime_service and (
+        multihost_utils.reached_preemption_sync_point(step)):
+      self.runtime_fired = True
+      return True
+    if step % self.every:
+      return False
+    return _agree(self.preemption.requested)
+
+
+class _Divergence:
+  """A device-side record of the first step whose loss or gradient norm is
+  not finite; the host reads it only where it reads metrics anyway (log
+  steps) and before anything is saved.
+  """
+
+  def __init__(self, mesh):
+    replicated = NamedSharding(mesh, P())
+    self._record = jax.jit(
+        lambda: (jnp.int32(-1), jnp.float32(0), jnp.float32(0)),
+        out_shardings=replicated)()
+    self._update = jax.jit(_first_non_finite, out_shardings=replicated)
+
+  def track(self, metrics, step):
+    """Dispatches the update for the step index `step` (nothing is read)."""
+    self._record = self._update(self._record, metrics["loss"],
+                                metrics["grad_norm"], step)
+
+  def read(self):
+    return self._record
+
+  def raise_if_diverged(self, record, checkpoints):
+    """`record` is `read()` brought to the host."""
+    step, loss, grad_norm = (int(record[0]), float(record[1]),
+                             float(record[2]))
+    if step < 0:
+      return
     last = checkpoints.latest_step()
     where = (f"the last good checkpoint is step {last} in "
              f"{os.path.join(checkpoints.workdir, ckpt_lib.LAST)}"
              if last is not None else "no checkpoint was saved yet")
-    raise TrainingDiverged(f"loss is {loss} at step {step}; stopping without "
-                           f"saving it ({where})")
+    raise TrainingDiverged(f"loss is {loss} (gradient norm {grad_norm}) at "
+                           f"step {step}; stopping without saving it "
+                           f"({where})")
+
+  def check(self, checkpoints):
+    """Reads the record (one small device-to-host copy) and raises."""
+    self.raise_if_diverged(jax.device_get(self._record), checkpoints)
+
+
+def _first_non_finite(record, loss, grad_norm, step):
+  first, first_loss, first_norm = record
+  new = (first < 0) & ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+  return (jnp.where(new, jnp.asarray(step, jnp.int32), first),
+          jnp.where(new, loss, first_loss),
+          jnp.where(new, grad_norm, first_norm))
 
 
 def _note(message):
@@ -395,13 +491,18 @@ class _Run:
   start_step: int = 0
   global_batch: int = 0
   out_of_memory: object = None
+  divergence: object = None
+  preempt_check: object = None
 
   @property
   def is_main(self):
     return jax.process_index() == 0
 
   def save(self, kind=ckpt_lib.LAST, extra=None):
-    """Checkpoints the current step (a SIGINT meanwhile waits for it)."""
+    """Checkpoints the current step (a SIGINT meanwhile waits for it), after
+    checking that no step so far diverged: a non-finite state is never
+    saved."""
+    self.divergence.check(self.checkpoints)
     meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
             "early_stopping": self.stopper.to_json(), **(extra or {})}
     self.preemption.saving = True
@@ -423,9 +524,13 @@ def _open_run(config, workdir, startup):
   model = step_lib.model_from_config(config)
   run.image_size = model.clip.vision.image_size
   pipeline.prepare(config.data, run.image_size)
-  run.batches = pipeline.make_dataset(config.data, "train", run.image_size,
-                                      seed=config.seed,
-                                      num_epochs=config.train.epochs)
+  # Two batches on the devices ahead of the step; a checkpoint's data
+  # position counts consumed batches only.
+  run.batches = prefetch_lib.DevicePrefetch(
+      pipeline.make_dataset(config.data, "train", run.image_size,
+                            seed=config.seed, num_epochs=config.train.epochs),
+      place=functools.partial(step_lib.shard_batch, mesh=run.mesh),
+      depth=PREFETCH_BATCHES)
   run.steps_per_epoch = run.batches.steps_per_epoch
   run.total_steps = run.steps_per_epoch * config.train.epochs
   run.startup.mark("data")
@@ -440,6 +545,7 @@ def _open_run(config, workdir, startup):
   jax.block_until_ready(run.state)
   run.startup.mark("state")
   run.eval_step = step_lib.make_eval_step(config, run.mesh)
+  run.divergence = _Divergence(run.mesh)
   run.checkpoints = ckpt_lib.RunCheckpoints(workdir, config.train.keep_last)
   run.stopper = EarlyStopping(config.train.patience)
   run.global_batch = (config.data.batch_size_per_device
@@ -472,14 +578,14 @@ def _restore_or_init(run, resume, fallback_checkpoint):
 
 
 def _compile_step(run):
-  """The train step compiled once, on the first batch (which is returned)."""
+  """The train step compiled once, on the first batch (left queued)."""
   train_step = step_lib.make_train_step(run.config, run.mesh)
-  sharded = step_lib.shard_batch(next(run.batches), run.mesh)
+  example = run.batches.peek()
   run.startup.mark("first_batch")
   with run.out_of_memory("compiling the train step"):
-    compiled = train_step.lower(run.state, sharded, run.step_key).compile()
+    compiled = train_step.lower(run.state, example, run.step_key).compile()
   run.startup.mark("compile")
-  return compiled, sharded
+  return compiled
 
 
 class _Rate:
@@ -503,43 +609,44 @@ class _Rate:
     return out
 
 
-def _train_until_stop(run, compiled, sharded, bar):
+def _train_until_stop(run, compiled, bar):
   """Steps until an epoch ends, a checkpoint is due or a signal came.
 
-  Returns "epoch_end", "checkpoint", "preempted" or "done".
+  Between log steps nothing is read back from the devices: the step is
+  dispatched, the next batches are placed while it runs, and its metrics
+  stay on the devices (`BETWEEN_LOGS_GUARD`, "allow" here, is what a test
+  sets to "disallow_explicit" to prove it). Returns "epoch_end",
+  "checkpoint", "preempted" or "done".
   """
   config, rate = run.config, _Rate()
-  pending = None  # (step, metrics) of the last dispatched step, unchecked.
   while run.step < run.total_steps:
-    if sharded is None:
-      t_wait = time.perf_counter()
-      batch = next(run.batches)
-      rate.waited += time.perf_counter() - t_wait
-      sharded = step_lib.shard_batch(batch, run.mesh)
-    with run.out_of_memory("in the train step"):
-      run.state, metrics = compiled(run.state, sharded, run.step_key)
-      sharded = None
+    with jax.transfer_guard_device_to_host(BETWEEN_LOGS_GUARD):
+      sharded = next(run.batches)
+      with run.out_of_memory("in the train step"):
+        run.state, metrics = compiled(run.state, sharded, run.step_key)
+      del sharded
+      run.divergence.track(metrics, run.step)
       if run.step == run.start_step:
         _first_step_done(run, metrics)
         rate.reset()
-    # Check the previous step while this one runs (keeps dispatch async).
-    if pending is not None:
-      _finite_or_raise(pending[1], pending[0], run.checkpoints)
-    pending = (run.step, metrics)
-    run.step += 1
-    if run.step > run.start_step + 1:  # the rate leaves out the first step
-      rate.examples += run.global_batch
+        run.batches.take_wait()
+      run.batches.fill()  # the next batches go up while this step runs
+      run.step += 1
+      if run.step > run.start_step + 1:  # the rate leaves out the first step
+        rate.examples += run.global_batch
+      rate.waited += run.batches.take_wait()
+      bar.update(1)
+    # (An allgather every preemption_check_every steps in multi-process
+    # runs without the runtime's service: a deliberate, rare read.)
+    preempt = run.preempt_check(run.step)
     if run.step % config.train.log_every == 0 or run.step == run.total_steps:
       _log_train(run, metrics, rate, bar)
-    bar.update(1)
-    preempt = _agree(run.preemption.requested)
     every = config.train.checkpoint_every
     outcome = ("preempted" if preempt else
                "epoch_end" if run.step % run.steps_per_epoch == 0 else
                "checkpoint" if every and run.step % every == 0 else None)
     if outcome:
-      _finite_or_raise(jax.device_get(metrics), run.step - 1,
-                       run.checkpoints)
+      run.divergence.check(run.checkpoints)
       return outcome
   return "done"
 
@@ -553,8 +660,8 @@ def _first_step_done(run, metrics):
 
 def _log_train(run, metrics, rate, bar):
   with run.out_of_memory("in the train step"):
-    host = jax.device_get(metrics)
-  _finite_or_raise(host, run.step - 1, run.checkpoints)
+    host, record = jax.device_get((metrics, run.divergence.read()))
+  run.divergence.raise_if_diverged(record, run.checkpoints)
   speed = rate.line(run.global_batch)
   run.log.write(run.step, dict(host, **speed), kind="train")
   bar.set_postfix(loss=f"{float(host['loss']):.4f}",
@@ -592,8 +699,10 @@ def _save_preempted(run, summary):
     raise RuntimeError(f"preempted at step {run.step} but its checkpoint "
                        "was not written")
   summary.update(preempted=True,
-                 signal=run.preemption.signal_name or "SIGTERM/SIGINT on "
-                 "another process")
+                 signal=run.preemption.signal_name or (
+                     "SIGTERM (agreed by the distributed runtime's "
+                     "preemption service)" if run.preempt_check.runtime_fired
+                     else "SIGTERM/SIGINT on another process"))
   if run.is_main:
     print(f"{summary['signal']}: saved step {run.step} in "
           f"{os.path.join(run.workdir, ckpt_lib.LAST)}; rerun the same "
@@ -605,15 +714,17 @@ def _train_and_evaluate(config, workdir, *, resume, fallback_checkpoint,
   run = _open_run(config, workdir, startup)
   _restore_or_init(run, resume, fallback_checkpoint)
   summary = {"stopped_early": False, "preempted": False}
-  with _Preemption() as run.preemption:
-    compiled = sharded = None
+  runtime_service = _runtime_preemption_service()
+  with _Preemption(runtime_sigterm=runtime_service) as run.preemption:
+    run.preempt_check = _PreemptionCheck(
+        run.preemption, config.train.preemption_check_every, runtime_service)
+    compiled = None
     if run.step < run.total_steps:
-      compiled, sharded = _compile_step(run)
+      compiled = _compile_step(run)
     bar = tqdm(total=run.total_steps, initial=run.start_step,
                disable=not run.is_main, desc="train", dynamic_ncols=True)
     while run.step < run.total_steps:
-      outcome = _train_until_stop(run, compiled, sharded, bar)
-      sharded = None
+      outcome = _train_until_stop(run, compiled, bar)
       epoch_end = run.step % run.steps_per_epoch == 0
       if epoch_end and _end_of_epoch(run):
         summary["stopped_early"] = True  # (also when a signal came)
