@@ -2,13 +2,17 @@
 
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from hysac_jax import cli
 from hysac_jax import export
 from hysac_jax import predict
 from hysac_jax import safety
@@ -158,6 +162,30 @@ def test_mixed_valid_and_invalid_inputs_answer_each_item_in_order(
     assert math.isclose(rec["threshold"], b, rel_tol=1e-6)
     assert math.isclose(rec["unsafe_score"], d - b, abs_tol=1e-5)
     assert "embedding" not in rec and "top_k" not in rec
+
+
+def test_a_fifo_named_as_an_image_gets_an_error_and_the_next_image_is_answered(
+    model_dir, files, tmp_path):
+  """`python -m hysac_jax.predict --image FIFO ok.png` (nobody writes to
+  the FIFO): no hang, an error record naming the FIFO, ok.png answered,
+  exit 3 (partial)."""
+  fifo = tmp_path / "fifo.png"
+  os.mkfifo(fifo)
+  ok = files / "rgb.png"
+  out = subprocess.run(
+      [sys.executable, "-m", "hysac_jax.predict", "--model", str(model_dir),
+       "--image", str(fifo), str(ok)],
+      cwd=tiny_runs.ROOT, env=tiny_runs.run_env(), capture_output=True,
+      text=True, timeout=240)
+  assert out.returncode == cli.EXIT_PARTIAL == 3, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  lines = [json.loads(line) for line in out.stdout.splitlines()]
+  assert [(r["type"], r["input"]) for r in lines] == [
+      ("image", str(fifo)), ("image", str(ok))]
+  assert str(fifo) in lines[0]["error"] and "FIFO" in lines[0]["error"]
+  assert "unsafe" not in lines[0]
+  assert "error" not in lines[1]
+  assert math.isfinite(lines[1]["distance_from_origin"])
 
 
 def test_without_bounds_unsafe_is_null_and_a_note_says_why(capsys, model_dir,
