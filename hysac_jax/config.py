@@ -215,6 +215,17 @@ def _check_training(o, l, t):
     _bad("optim.accum_steps", o.accum_steps, "1 or more micro-batches")
   if not _finite(o.grad_clip) or o.grad_clip < 0:
     _bad("optim.grad_clip", o.grad_clip, "0 (off) or a positive norm")
+  for field in ("b1", "b2"):
+    if not _finite(o[field]) or not 0 <= o[field] < 1:
+      _bad(f"optim.{field}", o[field], "a finite Adam decay rate in [0, 1)")
+  if not _finite(o.eps) or not o.eps > 0:
+    _bad("optim.eps", o.eps, "a finite positive Adam epsilon")
+  if not _finite(o.weight_decay) or o.weight_decay < 0:
+    _bad("optim.weight_decay", o.weight_decay,
+         "0 (off) or a finite positive weight decay")
+  if (isinstance(o.warmup_steps, bool) or not isinstance(o.warmup_steps, int)
+      or o.warmup_steps < 0):
+    _bad("optim.warmup_steps", o.warmup_steps, "a whole number of steps >= 0")
   if not _finite(l.aperture_scale) or not l.aperture_scale > 0:
     _bad("loss.aperture_scale", l.aperture_scale, "a finite positive scale")
   if not _finite(l.entail_weight) or l.entail_weight < 0:
