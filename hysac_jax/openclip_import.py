@@ -248,10 +248,13 @@ def _eps(cfg, where):
 
 def _mlp_width(cfg, width, where):
   # open_clip: mlp_width = int(width * mlp_ratio).
+  # A NaN or an infinity would be a ValueError or OverflowError in int(),
+  # naming no field; a bool is no ratio.
   ratio = cfg.get("mlp_ratio", 4.0)
-  if not isinstance(ratio, (int, float)) or ratio <= 0:
-    raise OpenCLIPConfigError(f"{where}.mlp_ratio is {ratio!r}: expected a "
-                              "positive number")
+  if (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+      or not math.isfinite(ratio) or int(width * ratio) < 1):
+    raise OpenCLIPConfigError(f"{where}.mlp_ratio must be a positive finite "
+                              f"number, got {ratio!r}")
   return int(width * ratio)
 
 

@@ -689,6 +689,16 @@ def test_gelu_model_trains_as_config_model_clip_and_evaluates_from_it(
      "'tiny'"),
     ("text_cfg", "norm_kwargs", {"eps": float("nan")},
      "text_cfg.norm_kwargs.eps must be a positive finite number, got nan"),
+    ("vision_cfg", "mlp_ratio", float("nan"), "vision_cfg.mlp_ratio must "
+     "be a positive finite number, got nan"),
+    ("text_cfg", "mlp_ratio", float("inf"), "text_cfg.mlp_ratio must be a "
+     "positive finite number, got inf"),
+    ("text_cfg", "mlp_ratio", -1.0, "text_cfg.mlp_ratio must be a positive "
+     "finite number, got -1.0"),
+    ("vision_cfg", "mlp_ratio", True, "vision_cfg.mlp_ratio must be a "
+     "positive finite number, got True"),
+    ("vision_cfg", "mlp_ratio", "4", "vision_cfg.mlp_ratio must be a "
+     "positive finite number, got '4'"),
 ])
 def test_config_values_of_the_wrong_type_or_sign_name_the_file_and_field(
     section, field, value, message):
