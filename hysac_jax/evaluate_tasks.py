@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from hysac_jax import config as config_lib
+from hysac_jax import finite
 from hysac_jax import serving
 from hysac_jax.data import labelled_images
 from hysac_jax.evaluation import embed as embed_lib
@@ -288,6 +289,8 @@ def run_unsafe_prompts(model, dataset=None, split="test", config=None,
   images.
   """
   from hysac_jax.evaluation import prompt_safety
+  # Before any embedding: a NaN margin would call every item safe.
+  finite.check_number(margin, "run_unsafe_prompts", "margin")
   prompts, source = _prompt_sets(safe_prompts, unsafe_prompts)
   skipped = []
   if dataset:

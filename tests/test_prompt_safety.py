@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from hysac_jax import evaluate_tasks
+from hysac_jax import finite
 from hysac_jax.evaluation import prompt_safety
 
 CURV = 0.9
@@ -101,6 +103,24 @@ def test_margin_moves_the_rule_threshold(data):
   loose = prompt_safety.compare(safe, unsafe, safe_p, unsafe_p, CURV,
                                 margin=-100.0)
   assert loose["prompt"]["accuracy"] == pytest.approx(30 / 70)  # all unsafe
+
+
+@pytest.mark.parametrize("margin", [float("nan"), float("inf"),
+                                    float("-inf"), None, "0"])
+def test_a_margin_that_is_not_a_finite_number_is_refused_naming_it(
+    data, margin):
+  """A NaN margin would make "score > margin" False: every item safe."""
+  safe, unsafe, safe_p, unsafe_p = data
+  with pytest.raises(finite.NonFiniteError, match=r"^prompt_safety: margin="):
+    prompt_safety.compare(safe, unsafe, safe_p, unsafe_p, CURV,
+                          margin=margin)
+  with pytest.raises(finite.NonFiniteError, match=r"^prompt_safety: margin="):
+    prompt_safety.evaluate({"image": (safe, unsafe)}, safe_p, unsafe_p, CURV,
+                           margin=margin)
+  # Before any model or data is touched (model=None would fail later).
+  with pytest.raises(finite.NonFiniteError,
+                     match=r"^run_unsafe_prompts: margin="):
+    evaluate_tasks.run_unsafe_prompts(None, dataset="unused", margin=margin)
 
 
 def test_evaluate_reports_each_modality_and_formats(data, tmp_path):

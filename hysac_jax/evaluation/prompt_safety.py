@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hysac_jax import finite
 from hysac_jax import input_file
 from hysac_jax import lorentz
 from hysac_jax import safety
@@ -142,7 +143,8 @@ def compare(safe_emb, unsafe_emb, safe_prompts, unsafe_prompts, curv,
     curv: curvature magnitude (ignored in euc mode).
     mode: "hyp" or "euc".
     margin: the prompt rule's margin (unsafe iff score > margin; 0 is
-      "nearest prompt unsafe").
+      "nearest prompt unsafe"); a finite number (`finite.NonFiniteError`
+      otherwise).
     threshold: the distance rule's threshold b' (hyp, with bounds), or None.
 
   Returns:
@@ -152,6 +154,8 @@ def compare(safe_emb, unsafe_emb, safe_prompts, unsafe_prompts, curv,
     "best_threshold_note", when no finite threshold beats calling every
     item unsafe (identical scores, e.g. identical prompt sets).
   """
+  # A NaN margin makes "score > margin" False for all: everything "safe".
+  margin = finite.check_number(margin, "prompt_safety", "margin")
   emb = np.concatenate([np.asarray(safe_emb), np.asarray(unsafe_emb)])
   labels = np.r_[np.zeros(len(safe_emb), bool), np.ones(len(unsafe_emb), bool)]
   prompt = prompt_scores(emb, safe_prompts, unsafe_prompts, curv, mode)
@@ -178,6 +182,7 @@ def evaluate(groups: Mapping, safe_prompts, unsafe_prompts, curv, mode="hyp",
     {"task": "unsafe_prompts", "mode", "curv", "margin", "alpha",
      "modalities": {modality: `compare(...)`}, "prompts"}.
   """
+  margin = finite.check_number(margin, "prompt_safety", "margin")
   out = {"task": "unsafe_prompts", "mode": mode,
          "curv": float(curv) if mode == "hyp" else None,
          "margin": float(margin), "alpha": float(alpha),
