@@ -21,7 +21,6 @@ import time
 
 _START = time.perf_counter()  # start-up stages are timed from here
 
-import json  # noqa: E402
 import os  # noqa: E402
 
 from absl import app  # noqa: E402
@@ -30,6 +29,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from hysac_jax import cli  # noqa: E402
+from hysac_jax import finite  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -93,8 +93,9 @@ def train(argv):
                        cli.EXIT_INTERRUPTED) from None
   import jax
   if jax.process_index() == 0:
-    print(json.dumps({k: v for k, v in summary.items() if k != "bounds"},
-                     indent=2, default=str))
+    # Strict JSON: a best loss never reached (inf) is null, not Infinity.
+    print(finite.dumps({k: v for k, v in summary.items() if k != "bounds"},
+                       indent=2, default=str))
   return cli.EXIT_PREEMPTED if summary["preempted"] else cli.EXIT_OK
 
 

@@ -54,7 +54,6 @@ it.
 
 import argparse
 import copy
-import json
 import os
 import sys
 import warnings
@@ -262,9 +261,15 @@ def write_hf_clip(out_dir, config, clip_params, logit_scale):
   """A Hugging Face `CLIPModel` directory (config.json, model.safetensors)
   of `clip_params` (no LoRA leaves) at `out_dir` (created)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  path = os.path.join(out_dir, HF_CONFIG_FILE)
+  hf = hf_config(config, logit_scale)
+  bad = finite.non_finite_paths(hf)
+  if bad:  # a null layer_norm_eps or logit scale would not load either
+    raise finite.NonFiniteError(f"cannot write {path}: {', '.join(bad)} "
+                                "not finite")
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, HF_CONFIG_FILE), "w") as f:
-    json.dump(hf_config(config, logit_scale), f, indent=2)
+  with open(path, "w") as f:
+    finite.dump(hf, f, indent=2)
     f.write("\n")
   save_file(hf_state_dict(clip_params, logit_scale),
             os.path.join(out_dir, HF_WEIGHTS_FILE), metadata={"format": "pt"})

@@ -1,6 +1,7 @@
 """Fail closed (hysac_jax/finite.py and its readers): no NaN verdict says
 "safe", no NaN in what we write, no leftover partial directory."""
 
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import pytest
 from hysac_jax import cli
 from hysac_jax import config as config_lib
 from hysac_jax import convert
+from hysac_jax import export
 from hysac_jax import finite
 from hysac_jax import outdir
 from hysac_jax import run_lock
@@ -287,3 +289,43 @@ def test_a_restored_checkpoint_names_its_kind_step_and_a_training_run(
   assert now["step"] == 12
   assert now["checkpoint_kind"] == "checkpoints" and now["training"]
   assert f"PID {os.getpid()}" in now["trainer"]
+
+
+_TRAIN_WITH_A_NEVER_REACHED_BEST = """
+import math, sys
+from hysac_jax.training import loop
+loop.train_and_evaluate = lambda *a, **k: {
+    "stopped_early": False, "preempted": False, "steps": 0, "epochs": 0.0,
+    "best": {"loss": math.inf, "recall_sum": -math.inf}, "bounds": None}
+sys.argv[0] = "train.py"
+import train
+from absl import app
+app.run(train.main)
+"""
+
+
+def test_train_prints_its_summary_as_strict_json(tmp_path):
+  """A best loss never reached (inf) prints as null, not Infinity."""
+  out = _cli("-c", _TRAIN_WITH_A_NEVER_REACHED_BEST,
+             f"--config={ROOT / 'configs' / 'tiny.py'}",
+             f"--workdir={tmp_path / 'run'}")
+  assert out.returncode == 0, out.stderr[-2000:]
+  start = out.stdout.index("{")
+  summary = json.loads(out.stdout[start:], parse_constant=lambda c: 1 / 0)
+  assert summary["best"] == {"loss": None, "recall_sum": None}
+  assert summary["steps"] == 0
+
+
+@pytest.mark.parametrize("eps,logit_scale,field", [
+    (1e-5, math.inf, "logit_scale_init_value"),
+    (math.nan, 10.0, "vision_config.layer_norm_eps")])
+def test_an_hf_export_config_is_never_written_with_a_non_finite_value(
+    tmp_path, eps, logit_scale, field):
+  config = sizes.get_clip_config("tiny")
+  config = dataclasses.replace(
+      config, vision=dataclasses.replace(config.vision, layer_norm_eps=eps))
+  with pytest.raises(finite.NonFiniteError) as e:
+    export.write_hf_clip(tmp_path / "hf", config, {}, logit_scale)
+  assert str(e.value) == (f"cannot write {tmp_path / 'hf' / 'config.json'}: "
+                          f"{field} not finite")
+  assert not (tmp_path / "hf").exists()
