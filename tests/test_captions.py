@@ -3,6 +3,7 @@ caption readers (hysac_jax/data/coco_captions.py)."""
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -128,6 +129,62 @@ def test_coco_annotations_default_to_the_sibling_images_folder(tmp_path):
                              str(tmp_path / "val2017" / "3.jpg")]
   assert got.captions == ["y", "x", "z"]
   np.testing.assert_array_equal(got.caption_image, [0, 1, 1])
+
+
+def _write_caption_file(path, layout, n):
+  """A caption JSON of `n` captions: Karpathy (one image per caption) or
+  COCO (n / 10 images of 10 captions each)."""
+  if layout == "karpathy":
+    data = {"images": [{"filename": f"{i}.jpg", "split": "test",
+                        "sentences": [{"raw": f"photo number {i} of a cat"}]}
+                       for i in range(n)]}
+  else:
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg"}
+                       for i in range(n // 10)],
+            "annotations": [{"image_id": i % (n // 10),
+                             "caption": f"photo number {i} of a cat"}
+                            for i in range(n)]}
+  path.write_text(json.dumps(data))
+  return path
+
+
+def _read_seconds(path, repeats):
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    got = coco_captions.read_captions(path, images_dir="/img")
+    best = min(best, time.perf_counter() - start)
+  return best, got
+
+
+@pytest.mark.parametrize("layout", ["karpathy", "coco"])
+def test_a_file_of_10_5_captions_is_read_in_linear_time_with_a_progress_bar(
+    tmp_path, capsys, monkeypatch, layout):
+  small = _write_caption_file(tmp_path / "small.json", layout, 10_000)
+  big = _write_caption_file(tmp_path / "big.json", layout, 100_000)
+  calls = []
+  check = coco_captions._caption_text  # pylint: disable=protected-access
+  monkeypatch.setattr(coco_captions, "_caption_text",
+                      lambda *a: calls.append(1) or check(*a))
+  t_small, got_small = _read_seconds(small, 3)
+  assert len(got_small.captions) == 10_000
+  assert len(calls) == 3 * 10_000  # one check per caption
+  assert "checking" not in capsys.readouterr().err  # quiet when small
+  t_big, got = _read_seconds(big, 1)
+  assert len(got.captions) == 100_000
+  assert got.captions[-1] == "photo number 99999 of a cat"
+  assert len(got.image_paths) == (100_000 if layout == "karpathy"
+                                  else 10_000)
+  # Ten times the entries: about ten times the time (quadratic would be
+  # a hundred); generous for a loaded machine.
+  assert t_big < 20 * t_small + 0.5, (t_small, t_big)
+  err = capsys.readouterr().err
+  # The list over 10^4 entries has its bar: Karpathy's images, COCO's
+  # annotations (its 10^4 images are checked quietly).
+  bars = {"karpathy": "checking images of big.json: ",
+          "coco": "checking annotations of big.json: "}
+  assert bars[layout] in err and "/100000" in err
+  assert "checking images" not in err or layout == "karpathy"
 
 
 @pytest.mark.parametrize("content, message", [

@@ -21,8 +21,13 @@ import json
 import os
 
 import numpy as np
+from tqdm import tqdm
 
 from hysac_jax import input_file
+
+# Lists of up to this many entries (images or annotations) are checked
+# without a progress bar: they take well under a second.
+QUIET_ENTRIES = 10_000
 
 
 @dataclasses.dataclass
@@ -55,6 +60,14 @@ def _load_json(path):
     raise ValueError(f"caption file {path} is not valid JSON: {e}") from None
 
 
+def _entries(items, path, what):
+  """`items` (a list), with a tqdm bar on stderr when there are more than
+  `QUIET_ENTRIES` of them."""
+  return tqdm(items, desc=f"checking {what} of {os.path.basename(path)}",
+              unit=" entries", leave=False,
+              disable=len(items) <= QUIET_ENTRIES)
+
+
 def _caption_text(value, path, entry, field):
   """A caption string, stripped; ValueError naming the entry and field for
   anything else (null or a number would become the text "None" / "12345")."""
@@ -68,7 +81,7 @@ def _karpathy(data, path, images_dir, split):
   wanted = {"validation": "val"}.get(split, split)
   images_dir = images_dir or os.path.dirname(path)
   image_paths, captions, owner = [], [], []
-  for i, image in enumerate(data["images"]):
+  for i, image in enumerate(_entries(data["images"], path, "images")):
     if not isinstance(image, dict):
       raise ValueError(f"caption file {path}: images[{i}] must be an object, "
                        f"got {type(image).__name__}")
@@ -111,7 +124,7 @@ def _coco(data, path, images_dir):
     raise ValueError(f"caption file {path} has 'images' but no "
                      "'annotations'")
   files = {}
-  for i, image in enumerate(data["images"]):
+  for i, image in enumerate(_entries(data["images"], path, "images")):
     if not isinstance(image, dict) or "id" not in image or (
         "file_name" not in image):
       raise ValueError(f"caption file {path}: images[{i}] lacks 'id' or "
@@ -125,7 +138,8 @@ def _coco(data, path, images_dir):
   by_image = {}
   if not isinstance(data["annotations"], list):
     raise ValueError(f"caption file {path}: 'annotations' must be a list")
-  for i, ann in enumerate(data["annotations"]):
+  for i, ann in enumerate(_entries(data["annotations"], path,
+                                   "annotations")):
     if not isinstance(ann, dict):
       raise ValueError(f"caption file {path}: annotations[{i}] must be an "
                        f"object, got {type(ann).__name__}")
