@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -329,3 +330,58 @@ def test_an_hf_export_config_is_never_written_with_a_non_finite_value(
   assert str(e.value) == (f"cannot write {tmp_path / 'hf' / 'config.json'}: "
                           f"{field} not finite")
   assert not (tmp_path / "hf").exists()
+
+
+@pytest.fixture(scope="module")
+def converted_and_hf_export(tmp_path_factory):
+  """A converted tiny model (curv 0.7) and its HF export."""
+  root = tmp_path_factory.mktemp("nan_files")
+  src = tiny_runs.save_converted(root / "converted", seed=0,
+                                 lora_b_scale=0.1, curv=0.7, alpha=0.3)
+  assert export.main(["--model", str(src), "--out", str(root / "out"),
+                      "--format", "hf"]) == 0
+  return src, root / "out" / "hf"
+
+
+def _with_nan(directory, file_name, field, tmp_path):
+  """A copy of `directory` whose `file_name` holds `field`: NaN (the text
+  literal Python's json writes and reads by default)."""
+  copy = tmp_path / directory.name
+  shutil.copytree(directory, copy)
+  path = copy / file_name
+  data = json.loads(path.read_text())
+  assert field in data
+  data[field] = math.nan
+  path.write_text(json.dumps(data, indent=2))
+  assert f'"{field}": NaN' in path.read_text()
+  return copy, path
+
+
+@pytest.mark.parametrize("field", ["traversal_alpha", "curv", "curv_init"])
+def test_a_nan_in_a_real_hysac_head_json_is_refused_naming_the_file_and_field(
+    converted_and_hf_export, tmp_path, field):
+  """NaN alpha or curvature in an export's head: no model, so no verdict."""
+  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
+  _, hf = converted_and_hf_export
+  model = serving.load_model(hf)  # the export itself loads
+  assert model.curv == pytest.approx(0.7, rel=1e-5)
+  broken, head = _with_nan(hf, "hysac_head.json", field, tmp_path)
+  with pytest.raises(finite.NonFiniteError) as e:
+    serving.load_model(broken)
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(f"{head}: {field}=nan: expected a finite number")
+
+
+def test_a_converted_directory_with_a_nan_curv_init_is_refused_naming_it(
+    converted_and_hf_export, tmp_path):
+  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
+  src, _ = converted_and_hf_export
+  broken, config_file = _with_nan(src, convert.CONFIG_FILE, "curv_init",
+                                  tmp_path)
+  with pytest.raises(finite.NonFiniteError) as e:
+    serving.load_model(broken)
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(
+      f"{config_file}: curv_init=nan: expected a finite number")
