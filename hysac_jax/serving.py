@@ -24,6 +24,13 @@ export's `hysac_head.json`.
 + 1 depends on alpha: an export stores it (`traversal_alpha`), a run uses
 its `config.eval.traversal_alpha`, a converted model the release's 0.8;
 `load_model(..., traversal_alpha=)` overrides it.
+
+**Every local device.** A Flax model (run, converted, hf, orbax) keeps its
+params replicated on the local devices (`devices=`, default all of them)
+and splits each batch across them: `encode_image`/`encode_text` pad a batch
+that does not divide the device count, run it sharded, and drop the padding
+rows. A stablehlo export runs on one device (its functions were exported
+for one).
 """
 
 import json
@@ -33,6 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import finite
@@ -155,6 +165,31 @@ def _tokenize_if_text(ids, context_length):
   return ids
 
 
+def batch_mesh(devices=None):
+  """A one-axis ("data") mesh over `devices` (default: the local ones)."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("devices: an empty list; pass at least one device")
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def _over_rows(fn, mesh):
+  """`fn(batch)` on rows split across `mesh`: the batch is padded with zero
+  rows to a multiple of the mesh size, placed row-sharded, and the output's
+  padding rows are dropped."""
+  rows = NamedSharding(mesh, P("data"))
+
+  def call(x):
+    x = np.asarray(x)
+    n, size = len(x), mesh.size
+    padded = -(-max(n, 1) // size) * size
+    if padded != n:
+      x = np.concatenate([x, np.zeros((padded - n,) + x.shape[1:], x.dtype)])
+    out = fn(jax.device_put(x, rows))
+    return out[:n] if padded != n else out
+  return call
+
+
 class Model:
   """A HySAC model ready to embed, classify and redirect.
 
@@ -173,12 +208,14 @@ class Model:
     params: the HySAC params tree (StableHLO: the tree its functions take).
     lora: `LoRAConfig` when LoRA is not merged into `params`, else None.
     source: JSON-able description of where the model came from.
+    mesh: the devices a batch is split across (`batch_mesh`).
   """
 
   def __init__(self, kind, head, bounds, image_size, context_length,
                encode_image, encode_text, *, config=None, params=None,
-               lora=None, source=None, bounds_source=None):
+               lora=None, source=None, bounds_source=None, mesh=None):
     self.kind, self.head, self.bounds = kind, head, bounds
+    self.mesh = mesh
     self.bounds_source = bounds_source
     # Fail closed: a NaN curvature or alpha would make b' NaN, and every
     # verdict "safe" (`finite`).
@@ -199,37 +236,45 @@ class Model:
   @classmethod
   def from_params(cls, kind, config, params, *, mode, curv_init, lora=None,
                   dtype=jnp.float32, bounds=None, bounds_source=None,
-                  traversal_alpha=safety.DEFAULT_ALPHA, source=None):
-    """A model running the Flax HySAC module on `params`."""
+                  traversal_alpha=safety.DEFAULT_ALPHA, source=None,
+                  devices=None):
+    """A model running the Flax HySAC module on `params`, replicated on
+    `devices` (default: every local device), each batch split across them."""
     # A run's params keep its layer layout (scanned or unrolled).
     module = hysac_lib.HySAC(config, lora, mode=mode, dtype=dtype,
                              curv_init=curv_init,
                              scan_layers=clip_lib.is_scanned(params))
+    mesh = batch_mesh(devices)
+    replicated = NamedSharding(mesh, P())
+    rows = NamedSharding(mesh, P("data"))
     image = jax.jit(lambda p, x: module.apply({"params": p}, x,
-                                              method="encode_image"))
+                                              method="encode_image"),
+                    in_shardings=(replicated, rows), out_shardings=rows)
     text = jax.jit(lambda p, t: module.apply({"params": p}, t,
-                                             method="encode_text"))
-    params = jax.tree.map(jnp.asarray, params)
+                                             method="encode_text"),
+                   in_shardings=(replicated, rows), out_shardings=rows)
+    params = jax.device_put(params, replicated)
     head = {k: float(v) for k, v in
             hysac_lib.head_scalars(params, curv_init).items()}
     head.update(mode=mode, curv_init=float(curv_init),
                 traversal_alpha=float(traversal_alpha))
     return cls(kind, head, bounds, config.vision.image_size,
                config.text.max_position_embeddings,
-               lambda x: image(params, x), lambda t: text(params, t),
+               _over_rows(lambda x: image(params, x), mesh),
+               _over_rows(lambda t: text(params, t), mesh),
                config=config, params=params, lora=lora, source=source,
-               bounds_source=bounds_source)
+               bounds_source=bounds_source, mesh=mesh)
 
   def encode_image(self, pixels):
     """(B, H, W, 3) CLIP-normalised NHWC pixels -> (B, D) points (space
     components on the hyperboloid; unit vectors in "euc" mode)."""
-    return self._encode_image(jnp.asarray(pixels, jnp.float32))
+    return self._encode_image(np.asarray(pixels, np.float32))
 
   def encode_text(self, ids):
     """(B, L) int32 token ids, or a string / list of strings (tokenised with
     the CLIP tokenizer) -> (B, D) points."""
     ids = _tokenize_if_text(ids, self.context_length)
-    return self._encode_text(jnp.asarray(ids, jnp.int32))
+    return self._encode_text(np.asarray(ids, np.int32))
 
   def safe_bound(self, modality):
     """b: the 95th-percentile distance of the modality's safe group."""
@@ -270,7 +315,8 @@ class StableHLOModel(Model):
                      clip["text"]["max_position_embeddings"],
                      lambda x: image(params, x), lambda t: text(params, t),
                      params=params, bounds_source=bounds_source,
-                     source=head.get("source"))
+                     source=head.get("source"),
+                     mesh=batch_mesh(jax.local_devices()[:1]))
     self._classify = jax.jit(functions["classify_unsafe"].call)
     self._traverse = jax.jit(functions["traverse_to_safe"].call)
 
@@ -317,7 +363,8 @@ def _read_head(directory, kind):
   return head
 
 
-def _from_export_params(kind, directory, head, clip_params_or_tree, dtype):
+def _from_export_params(kind, directory, head, clip_params_or_tree, dtype,
+                        devices):
   if "clip" in clip_params_or_tree:
     params = clip_params_or_tree
   else:
@@ -330,19 +377,20 @@ def _from_export_params(kind, directory, head, clip_params_or_tree, dtype):
       bounds_source=os.path.join(directory, HEAD_FILE),
       # Version-1 exports predate the stored alpha: the release's.
       traversal_alpha=head.get("traversal_alpha", safety.DEFAULT_ALPHA),
-      source=head.get("source"))
+      source=head.get("source"), devices=devices)
   model.head = {**model.head, **head}  # the file's, as written
   return model
 
 
-def _load_hf(directory, dtype):
+def _load_hf(directory, dtype, devices):
   from hysac_jax import convert  # pylint: disable=g-import-not-at-top
   head = _read_head(directory, "hf")
   _, clip_params = convert.clip_params_from_hf(directory)
-  return _from_export_params("hf", directory, head, clip_params, dtype)
+  return _from_export_params("hf", directory, head, clip_params, dtype,
+                             devices)
 
 
-def _load_orbax(directory, dtype):
+def _load_orbax(directory, dtype, devices):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   head = _read_head(directory, "orbax")
   params_dir = os.path.join(directory, ORBAX_PARAMS_DIR)
@@ -357,11 +405,12 @@ def _load_orbax(directory, dtype):
     raise ModelDirError(f"orbax export {params_dir} cannot be restored: "
                         f"{cause}")
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-  return _from_export_params("orbax", directory, head, params, dtype)
+  return _from_export_params("orbax", directory, head, params, dtype,
+                             devices)
 
 
-def _load_stablehlo(directory, dtype):
-  del dtype  # the exported functions fixed it (float32)
+def _load_stablehlo(directory, dtype, devices):
+  del dtype, devices  # the exported functions fixed both (float32, 1 device)
   from jax import export as jax_export  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   head = _read_head(directory, "stablehlo")
@@ -390,7 +439,8 @@ def _load_stablehlo(directory, dtype):
                         bounds_source=os.path.join(directory, HEAD_FILE))
 
 
-def _load_run(directory, checkpoint, dtype, merge_lora, bounds_path):
+def _load_run(directory, checkpoint, dtype, merge_lora, bounds_path,
+              devices):
   from hysac_jax.models.lora import merge_lora as merge  # pylint: disable=g-import-not-at-top
   # Before the restore: a bad bounds file fails in a second, not a minute;
   # an explicit one is the only one read.
@@ -410,7 +460,8 @@ def _load_run(directory, checkpoint, dtype, merge_lora, bounds_path):
           config.eval.traversal_alpha, os.path.join(directory, "config.json"),
           "eval.traversal_alpha"),
       source={"run": directory, "checkpoint": checkpoint,
-              **_restored_checkpoint(directory, checkpoint)})
+              **_restored_checkpoint(directory, checkpoint)},
+      devices=devices)
 
 
 def _restored_checkpoint(directory, kind):
@@ -436,7 +487,7 @@ def _restored_checkpoint(directory, kind):
              else {})}
 
 
-def _load_converted(directory, dtype, merge_lora, bounds_path):
+def _load_converted(directory, dtype, merge_lora, bounds_path, devices):
   from hysac_jax import convert  # pylint: disable=g-import-not-at-top
   from hysac_jax.models.lora import merge_lora as merge  # pylint: disable=g-import-not-at-top
   bounds, bounds_source = find_bounds([directory], bounds_path)
@@ -453,11 +504,13 @@ def _load_converted(directory, dtype, merge_lora, bounds_path):
       bounds_source=bounds_source, source={"converted": directory},
       # Its own alpha when it came from an export or a release export.
       traversal_alpha=(safety.DEFAULT_ALPHA if converted.traversal_alpha
-                       is None else converted.traversal_alpha))
+                       is None else converted.traversal_alpha),
+      devices=devices)
 
 
 def load_model(path, *, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
-               traversal_alpha=None, dtype=jnp.float32, merge_lora=True):
+               traversal_alpha=None, dtype=jnp.float32, merge_lora=True,
+               devices=None):
   """Any model directory as a `Model`: a run, a converted model, an export.
 
   Args:
@@ -468,6 +521,8 @@ def load_model(path, *, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
     traversal_alpha: alpha of the threshold b'; default the model's own.
     dtype: tower compute dtype of a Flax model (e.g. `jnp.bfloat16`).
     merge_lora: fold LoRA into the base weights (same outputs, faster).
+    devices: the devices a batch is split across (default: every local
+      device; a stablehlo export uses the first).
   """
   directory = os.path.abspath(os.path.expanduser(os.fspath(path)))
   kind = detect_kind(directory)
@@ -475,13 +530,15 @@ def load_model(path, *, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
     if checkpoint not in ckpt_lib.KINDS:
       raise ValueError(f"checkpoint {checkpoint!r}: expected one of "
                        f"{ckpt_lib.KINDS}")
-    model = _load_run(directory, checkpoint, dtype, merge_lora, bounds_path)
+    model = _load_run(directory, checkpoint, dtype, merge_lora, bounds_path,
+                      devices)
   elif kind == "converted":
-    model = _load_converted(directory, dtype, merge_lora, bounds_path)
+    model = _load_converted(directory, dtype, merge_lora, bounds_path,
+                            devices)
   else:
     loaders = {"hf": _load_hf, "orbax": _load_orbax,
                "stablehlo": _load_stablehlo}
-    model = loaders[kind](directory, dtype)
+    model = loaders[kind](directory, dtype, devices)
     if bounds_path:  # instead of the head's
       model.bounds, model.bounds_source = find_bounds([], bounds_path)
   if traversal_alpha is not None:
