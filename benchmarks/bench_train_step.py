@@ -95,8 +95,8 @@ def is_oom(error):
 # --------------------------------------------------------------- JAX side ---
 
 
-def apply_model_flags(config, remat=None, attention=None):
-  """Sets config.model.remat and config.model.attention when given.
+def apply_model_flags(config, remat=None, attention=None, scan_layers=None):
+  """Sets config.model.remat, .attention and .scan_layers when given.
 
   `remat` is one of REMAT_CHOICES; `attention` one of ATTENTION_CHOICES
   ("auto": cuDNN on GPUs with bf16/fp16 towers, XLA elsewhere).
@@ -105,6 +105,8 @@ def apply_model_flags(config, remat=None, attention=None):
     config.model.remat = remat
   if attention is not None:
     config.model.attention = attention
+  if scan_layers is not None:
+    config.model.scan_layers = scan_layers == "on"
   return config
 
 
@@ -124,7 +126,8 @@ def make_config(args):
   config = vitl14.get_config()
   config.model.clip, config.model.size = "", args["size"]
   config.model.dtype = args["dtype"]
-  return apply_model_flags(config, args.get("remat"), args.get("attention"))
+  return apply_model_flags(config, args.get("remat"), args.get("attention"),
+                           args.get("scan_layers"))
 
 
 def synthetic_pretrained(model, seed=0):
@@ -574,6 +577,7 @@ def run(args):
                     "batch": b})
   wargs = {"size": args.size, "dtype": args.dtype, "init": args.init,
            "remat": args.remat, "attention": args.attention,
+           "scan_layers": args.scan_layers,
            "omp_passive": args.omp_passive, "torch_device": args.torch_device,
            "t0": args.t0}
   interleave = args.interleave
@@ -749,6 +753,10 @@ def main():
                       help="config.model.remat (default: the config's)")
   parser.add_argument("--attention", default=None, choices=ATTENTION_CHOICES,
                       help="config.model.attention (default: the config's)")
+  parser.add_argument("--scan-layers", dest="scan_layers", default=None,
+                      choices=["on", "off"],
+                      help="config.model.scan_layers: the towers' layers "
+                      "under nn.scan or unrolled (default: the config's, on)")
   parser.add_argument("--batch-search", action="store_true",
                       help="after the timed steps, double the JAX batch up "
                       f"to {SEARCH_CAP}, stopping at the first that does not "
@@ -789,7 +797,8 @@ def main():
   try:
     if not args.no_jax:  # flag errors before any worker starts
       make_config({"size": args.size, "dtype": args.dtype,
-                   "remat": args.remat, "attention": args.attention})
+                   "remat": args.remat, "attention": args.attention,
+                   "scan_layers": args.scan_layers})
     parse_torch_modes(args.torch_modes, args.batch)
   except ValueError as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
@@ -797,7 +806,7 @@ def main():
   parts = [f"size {args.size}"]
   if not args.no_jax:
     parts.append(f"JAX batch {args.batch}, dtype {args.dtype}, init "
-                 f"{args.init}")
+                 f"{args.init}, scan_layers {args.scan_layers or 'default'}")
   if not args.no_torch:
     parts.append(f"torch {args.torch_modes} (device {args.torch_device})")
   progress("bench_train_step: " + "; ".join(parts))

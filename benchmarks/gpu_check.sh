@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 14: one run, at most 8 minutes, from a
-# fresh checkout on a machine without network.
+# The prepared GPU check (issues 14 and 22): one run, at most 8 minutes, from
+# a fresh checkout on a machine without network.
 #
 #   bash benchmarks/gpu_check.sh            # vitl14 on the GPU
 #   bash benchmarks/gpu_check.sh tiny       # CPU dry run (or GPU_CHECK_SIZE=tiny)
@@ -17,10 +17,19 @@
 #                quadruples/s, MFU, peak memory
 #   jax_b32_warm the same with the compilation cache warm: time to first step
 #   torch_bf16   PyTorch release step, bf16 autocast, batch 128 (its best)
+#   cli_train    the real CLI: train.py --config configs/SIZE.py, random
+#                towers, synthetic data at the tower's image size (224 px for
+#                vitl14), ~60 steps, 8 grain workers, no mid-run checkpoint
+#   cli_summary  its start-up lines (metrics.jsonl), steady steps/s, input
+#                wait share, peak memory (benchmarks/cli_run_summary.py)
+#   cli_eval     eval.py --workdir on that run, timed
+#   compile_layouts  the step's cold compile, scanned against unrolled
+#   jax_search   JAX at batch 128 (the release's bf16 batch), then 256
 #   torch_fp16   PyTorch, fp16 autocast + GradScaler, batch 32
 #   torch_fp32   PyTorch as shipped (fp32, GradScaler), batch 32
-#   jax_search   JAX at batch 64, then doubling to 256 until one does not fit
 #   summary      one table, JAX against each PyTorch setting
+# Stages run in that order of priority: one that would pass the budget is
+# cut to what is left, and skipped under 10 s.
 # Logs and per-stage JSON go to $GPU_CHECK_OUT (default /tmp/gpu_check).
 
 set -u
@@ -90,26 +99,47 @@ print('hysac_jax from', hysac_jax.__file__)
 stage jax_b32 150 "$PY" $B "${JAX[@]}" --batch 32 --json "$OUT/jax_b32.json"
 stage jax_b32_warm 60 "$PY" $B "${JAX[@]}" --batch 32 \
     --json "$OUT/jax_b32_warm.json"
-# Issue 22: the vitl14 step's cold compile, scanned against unrolled (one
-# fresh process each, no persistent cache).
-stage compile_layouts 150 "$PY" benchmarks/bench_compile.py --config vitl14 \
-    --repeats 1 --timeout 70 --out "$OUT/compile_layouts.json"
 stage torch_bf16 60 "$PY" $B "${TORCH[@]}" --torch-modes bf16:128 \
     --json "$OUT/torch_bf16.json"
+# Issue 22: the real CLI, train.py then eval.py, on synthetic data at the
+# towers' image size with random towers (nothing to download).
+CLI_STEPS=${GPU_CHECK_CLI_STEPS:-60}
+if [[ $SIZE == tiny ]]; then CLI_BATCH=16; else CLI_BATCH=32; fi
+RUN=$OUT/cli_run
+CLI_DEVICES=$("$PY" -c "import jax; print(jax.device_count())" 2>/dev/null \
+              || echo 1)
+CLI_GLOBAL=$((CLI_BATCH * CLI_DEVICES))
+stage cli_train 200 "$PY" train.py --config "configs/$SIZE.py" \
+    --workdir "$RUN" --config.model.clip= \
+    --config.data.name=synthetic_visu --config.data.data_dir="$OUT/tfds" \
+    --config.data.synthetic_sizes="($((CLI_STEPS * CLI_GLOBAL)),64,64)" \
+    --config.data.num_workers=8 --config.data.batch_size_per_device=$CLI_BATCH \
+    --config.data.eval_batch_size_per_device=32 --config.train.epochs=1 \
+    --config.train.log_every=10 --config.train.checkpoint_every=0
+BUDGET=$((BUDGET + 10)) stage cli_summary 10 "$PY" \
+    benchmarks/cli_run_summary.py "$RUN" --devices "$CLI_DEVICES" \
+    --json "$OUT/cli_summary.json"
+stage cli_eval 90 "$PY" eval.py --workdir "$RUN" --out "$OUT/cli_eval"
+# The step's cold compile, scanned against unrolled (one fresh process
+# each, no persistent cache).
+stage compile_layouts 150 "$PY" benchmarks/bench_compile.py --config "$SIZE" \
+    --repeats 1 --timeout 70 --out "$OUT/compile_layouts.json"
+stage jax_search 150 "$PY" $B "${JAX[@]}" --batch 128 --batch-search \
+    --json "$OUT/jax_search.json"
 stage torch_fp16 45 "$PY" $B "${TORCH[@]}" --torch-modes fp16:32 \
     --json "$OUT/torch_fp16.json"
 stage torch_fp32 50 "$PY" $B "${TORCH[@]}" --torch-modes fp32:32 \
     --json "$OUT/torch_fp32.json"
-stage jax_search 400 "$PY" $B "${JAX[@]}" --batch 64 --batch-search \
-    --json "$OUT/jax_search.json"
 # Budget-free: the summary only reads the JSON files (no JAX import).
 BUDGET=$((BUDGET + 30)) stage summary 20 "$PY" - "$OUT" <<'EOF'
 import glob, json, os, sys
 out = sys.argv[1]
-runs = {}
+runs, other = {}, {}
 for path in sorted(glob.glob(os.path.join(out, "*.json"))):
   with open(path) as f:
-    runs[os.path.basename(path)[:-5]] = json.load(f)
+    r = json.load(f)
+  # bench_train_step.py results have "sides"; the CLI and compile stages not.
+  (runs if "sides" in r else other)[os.path.basename(path)[:-5]] = r
 rows = []
 for stage_name, r in runs.items():
   for side, v in r["sides"].items():
@@ -140,5 +170,18 @@ print("largest JAX batch that fits (<= 256):", largest)
 for name, r in runs.items():
   for side, err in r.get("errors", {}).items():
     print(f"{name}: {side} failed: {err}")
+cli = other.get("cli_summary")
+if cli:
+  device = cli.get("device_peak_gib")
+  print(f"cli_train: {cli['steps_per_s']:.3f} steps/s, "
+        f"{cli['examples_per_s']:.1f} quadruples/s at global batch "
+        f"{cli['global_batch']}, input wait {cli['input_wait_share']:.1%}, "
+        f"device peak {'n/a' if device is None else f'{device:.2f} GiB'}, "
+        "start-up " + ", ".join(f"{k} {v:.1f} s"
+                               for k, v in cli["startup_s"].items()))
+for row in (other.get("compile_layouts") or {}).get("rows") or []:
+  if row:
+    print(f"compile_layouts: {row['label']}: compile {row['compile_s']:.1f} s, "
+          f"lower {row['lower_s']:.1f} s")
 EOF
 say "done in $((SECONDS - START)) s (budget ${BUDGET} s); logs in $OUT"

@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -663,10 +664,22 @@ def _log_train(run, metrics, rate, bar):
     host, record = jax.device_get((metrics, run.divergence.read()))
   run.divergence.raise_if_diverged(record, run.checkpoints)
   speed = rate.line(run.global_batch)
-  run.log.write(run.step, dict(host, **speed), kind="train")
+  run.log.write(run.step, dict(host, **speed, **_peak_memory()), kind="train")
   bar.set_postfix(loss=f"{float(host['loss']):.4f}",
                   ex_s=f"{speed['examples_per_s']:.1f}",
                   wait=f"{100 * speed['input_wait_share']:.0f}%")
+
+
+def _peak_memory():
+  """{"host_peak_rss_gib"[, "device_peak_gib"]}: this process's peak resident
+  memory, and the first local device's peak allocation where the backend
+  reports it (GPUs, TPUs; a host-side query, no transfer)."""
+  out = {"host_peak_rss_gib":
+         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+  return out
 
 
 def _end_of_epoch(run):
