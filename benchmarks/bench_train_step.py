@@ -189,6 +189,10 @@ class JaxStep:
     jax.block_until_ready(self.state)
     self._stage(f"create_train_state (init={args['init']})", t,
                 key="create_train_state")
+    # XLA's cost analysis counts a scanned layer body once, not once per
+    # layer: the model FLOPs of a scanned step come from the same step
+    # lowered unrolled, from the same weights (kept on the host for that).
+    self._given = given if self.config.model.scan_layers else None
     del given
     self.step_fn = step_lib.make_train_step(self.config, self.mesh)
     self.rng = jax.random.key(seed + 1)
@@ -226,7 +230,9 @@ class JaxStep:
                                  key="compile")
     self.flops = _flops(self.compiled.cost_analysis())
     self.model_flops, self.flops_source = self.flops, "compiled step"
-    if remat_is_on(self.config):
+    if self.config.model.scan_layers:
+      self.model_flops, self.flops_source = self._unrolled_flops()
+    elif remat_is_on(self.config):
       # Model FLOPs exclude the recomputation: count the step without remat.
       plain = self.step_lib.model_from_config(remat_off(self.config))
       self.model_flops = _flops(self.step_fn.lower(
@@ -239,6 +245,27 @@ class JaxStep:
     self.stages.setdefault("first step", self.first_s)
     self.stages.setdefault("process start to first step done",
                            timing.elapsed())
+
+  def _unrolled_flops(self):
+    """(FLOPs, source) of this step lowered with unrolled layers and no
+    remat (lowered only, not compiled)."""
+    if self._given is None:
+      return None, ("n/a: a scanned step's loop body is counted once; pass "
+                    "--init given for its unrolled count")
+    t = time.perf_counter()
+    config = remat_off(self.config)
+    config.model.scan_layers = False
+    model = self.step_lib.model_from_config(config)
+    state = self.step_lib.create_train_state(
+        config, self.jax.random.key(0), self._given, mesh=self.mesh,
+        model=model)
+    flops = _flops(self.step_lib.make_train_step(config, self.mesh).lower(
+        state, self.batch, self.rng).cost_analysis())
+    del state
+    gc.collect()
+    progress(f"jax: batch {self.batch_size}: model FLOPs from the unrolled "
+             f"step, lowered in {time.perf_counter() - t:.1f} s")
+    return flops, "step lowered unrolled, without remat"
 
   def step(self):
     start = time.perf_counter()
@@ -695,7 +722,9 @@ def report(args, sides, info, times, losses, search, errors):
     if flops:
       line = (f"XLA cost analysis: {flops / 1e12:.3f} TFLOP/step (compiled"
               f" step), {flops / med / 1e12:.2f} TFLOP/s achieved per device")
-      if jinfo["model_flops"] != flops:
+      if jinfo["model_flops"] is None:
+        line += f"; model FLOPs {jinfo['flops_source']}"
+      elif jinfo["model_flops"] != flops:
         line += (f"; model FLOPs {jinfo['model_flops'] / 1e12:.3f} TFLOP "
                  f"({jinfo['flops_source']})")
       peak = _peak(jinfo, args)
