@@ -15,6 +15,7 @@ from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import config as config_lib
 from hysac_jax import evaluation
 from hysac_jax import finite
+from hysac_jax import outdir
 from hysac_jax import serving
 from hysac_jax.evaluation import embed as embed_lib
 
@@ -69,6 +70,17 @@ def saved_config(directory, flag):
   return None
 
 
+def check_default_out(path):
+  """Raises `outdir.OutputExistsError` (one line naming `path`, suggesting
+  --out) unless the default report directory `path` (SOURCE/eval/...) can
+  be written: checked before the restore and the embedding, not after."""
+  try:
+    outdir.check_writable(path, "the default output directory")
+  except outdir.OutputExistsError as e:
+    raise outdir.OutputExistsError(
+        f"{e}; pass --out DIR to write the report elsewhere") from None
+
+
 def _check_inputs(config, workdir, model_dir, split):
   """(source directory, config): everything checked before the restore."""
   from hysac_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -107,6 +119,9 @@ def run(config=None, workdir=None, model_dir=None, split="test",
       `config.eval.traversal_alpha` (0.8, the release's, when unset).
   """
   source, config = _check_inputs(config, workdir, model_dir, split)
+  if out_dir is None:
+    out_dir = os.path.join(source, "eval", split)
+    check_default_out(out_dir)
   # The model's own bounds (a run's bounds.json, an export's head), read
   # before its weights: a bad bounds file fails before the slow restore.
   model = serving.load_model(source, checkpoint=checkpoint,
@@ -129,7 +144,6 @@ def run(config=None, workdir=None, model_dir=None, split="test",
                                   "trainer")} or None
   if bounds_path:
     report["bounds_source"] = bounds_path
-  out_dir = out_dir or os.path.join(source, "eval", split)
   if jax.process_index() == 0:
     evaluation.write_report(report, out_dir,
                             embeddings=emb if plots else None, plots=plots)

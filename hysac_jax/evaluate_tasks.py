@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from hysac_jax import config as config_lib
+from hysac_jax import evaluate_run
 from hysac_jax import finite
 from hysac_jax import serving
 from hysac_jax.data import labelled_images
@@ -266,7 +267,6 @@ def _prompt_sets(safe_file, unsafe_file):
 
 def _visu_groups(model, config, split):
   """{"text": (S, U), "image": (V, G)} embeddings of the config's split."""
-  from hysac_jax import evaluate_run
   from hysac_jax.data import pipeline
   if config is None:
     raise ValueError("the ViSU quadruples need a config (--config, or the "
@@ -349,6 +349,8 @@ def run(task, source, out_dir=None, checkpoint="best_recall", plots=True,
   if not os.path.isdir(source):
     raise FileNotFoundError(f"model directory {source} does not exist")
   _check_inputs(task, kwargs)
+  if out_dir is None:  # SOURCE/eval/TASK-WHAT, WHAT known after the run
+    evaluate_run.check_default_out(os.path.join(source, "eval"))
   model = _LazyModel(lambda: serving.load_model(source, checkpoint=checkpoint))
   if task == "zeroshot":
     report = run_zeroshot(model, **kwargs)
