@@ -385,3 +385,68 @@ def test_a_converted_directory_with_a_nan_curv_init_is_refused_naming_it(
   assert "\n" not in message
   assert message.startswith(
       f"{config_file}: curv_init=nan: expected a finite number")
+
+
+@pytest.mark.parametrize("task", ["report", "unsafe_prompts"])
+def test_eval_refuses_an_unwritable_default_out_dir_before_any_work(
+    tmp_path, task):
+  """RUN/eval is a file (root can write anywhere, so no chmod): one line
+  naming the directory and suggesting --out, before the checkpoint is even
+  looked for (this run has none: a later check would say so instead)."""
+  run = tmp_path / "run"
+  run.mkdir()
+  config_lib.save_config(tiny_runs.tiny_config(tmp_path / "data", {}), run)
+  (run / "eval").write_text("not a directory")
+  out = _cli("eval.py", "--workdir", run, f"--task={task}",
+             "--dataset=synthetic_visu:shape")
+  line = _last_error(out, "eval.py", cli.EXIT_ERROR)
+  problem = {"report": f"{run / 'eval' / 'test'} cannot be created: "
+                       f"{run / 'eval'} is a file",
+             "unsafe_prompts": f"{run / 'eval'} is a file, not a directory"}
+  assert line == (f"eval.py: error: the default output directory "
+                  f"{problem[task]}; pass --out DIR to write the report "
+                  "elsewhere"), line
+  assert "checkpoint" not in out.stderr
+
+
+def test_export_orbax_on_a_full_disk_is_one_line_and_leaves_nothing(
+    converted_and_hf_export, tmp_path, monkeypatch, capfd):
+  """Orbax's save raises ENOSPC after a half-written tmp directory and
+  a logged thread traceback (as its async writer does): exit 1, one line,
+  and neither the .orbax.partial-* nor the tmp checkpoint survive."""
+  import errno
+  import orbax.checkpoint as ocp
+  from absl import logging as absl_logging
+  src, _ = converted_and_hf_export
+  calls = []
+
+  def full_disk(self, directory, *args, **kwargs):
+    calls.append(directory)
+    tmp = os.path.join(os.path.dirname(directory),
+                       "params.orbax-checkpoint-tmp-1234")
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "half"), "w") as f:
+      f.write("half")
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+      absl_logging.error("writer thread failed", exc_info=True)
+      raise
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", full_disk)
+  out = tmp_path / "out"
+  capfd.readouterr()
+  assert export.main(["--model", str(src), "--out", str(out), "--format",
+                      "orbax"]) == cli.EXIT_ERROR == 1
+  assert calls  # the patched save was the one export used
+  captured = capfd.readouterr()
+  text = captured.out + captured.err
+  assert "Traceback" not in text and "ERROR:absl" not in text, text
+  lines = [l for l in captured.err.splitlines() if l.strip()]
+  assert len(lines) == 1, lines
+  assert lines[0].startswith("python -m hysac_jax.export: error: cannot "
+                             "write orbax export "), lines
+  assert "No space left on device" in lines[0]
+  left = [os.path.join(d, n) for d, dirs, files in os.walk(tmp_path)
+          for n in dirs + files if ".partial-" in n or "tmp" in n]
+  assert left == []
