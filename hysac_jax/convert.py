@@ -1,16 +1,8 @@
 """PyTorch / Hugging Face CLIP and HySAC checkpoints -> Flax params; export.
 
-Our param names are the Hugging Face `CLIPModel` names (see
-`hysac_jax/models/clip.py`), so conversion is a rename plus a transpose:
-
-| Flax leaf | PyTorch key suffix | transform |
-| --- | --- | --- |
-| `.../kernel` (dense) | `weight` `(out, in)` | transpose |
-| `patch_embedding/kernel` | `weight` `(out, C, p, p)` | `(p, p, C, out)` |
-| `.../lora_A`, `.../lora_B` | `lora_A.weight`, `lora_B.weight` | as the kernel |
-| LayerNorm `scale` / `bias` | `weight` / `bias` | none |
-| `.../embedding` | `weight` | none |
-| `layers_3` | `layers.3` | |
+Our param names are the Hugging Face `CLIPModel` names, so conversion is a
+rename plus a transpose (`hysac_jax/formats/torch_state.py` has the table,
+the key names and both layouts).
 
 Entry points:
 - `clip_params_from_hf(path)`: a Hugging Face CLIP directory or hub id ->
@@ -40,9 +32,11 @@ from flax import traverse_util
 from hysac_jax import cli
 from hysac_jax import finite
 from hysac_jax import outdir
+from hysac_jax.formats.torch_state import (CheckpointError, load_torch_file,
+                                           preview, to_flax_layout,
+                                           torch_key, torch_shape)
 from hysac_jax.models.clip import (CLIPConfig, CLIPModel, LoRAConfig,
                                    dummy_inputs)
-from hysac_jax.models.lora import LORA_A, LORA_B
 from hysac_jax.models.sizes import clip_config_from_hf
 
 FORMAT = "hysac_jax.pretrained"
@@ -63,55 +57,8 @@ _TOWERS = {"visual": ("vision_model.", "visual_projection."),
            "textual": ("text_model.", "text_projection.")}
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that does not match the model (names the file and keys)."""
-
-
 # --------------------------------------------------------------------------
-# Name mapping (pure functions).
-
-
-def torch_key(path):
-  """The PyTorch state-dict key of a Flax param path.
-
-  Args:
-    path: tuple of names, e.g. `("text_model", "encoder", "layers_0",
-      "self_attn", "k_proj", "kernel")`.
-
-  Returns:
-    e.g. `"text_model.encoder.layers.0.self_attn.k_proj.weight"`.
-  """
-  *mods, leaf = path
-  mods = [re.sub(r"^layers_(\d+)$", r"layers.\1", m) for m in mods]
-  if leaf == "class_embedding":
-    return ".".join(mods + [leaf])
-  suffix = {"kernel": "weight", "scale": "weight", "embedding": "weight",
-            "bias": "bias", LORA_A: f"{LORA_A}.weight",
-            LORA_B: f"{LORA_B}.weight"}.get(leaf)
-  if suffix is None:
-    raise ValueError(f"no PyTorch name for param {'/'.join(path)}")
-  return ".".join(mods + [suffix])
-
-
-def _to_flax(path, array):
-  """PyTorch layout -> Flax layout for the leaf at `path`."""
-  if path[-1] in ("kernel", LORA_A, LORA_B):
-    if array.ndim == 2:
-      return array.T
-    if array.ndim == 4:  # conv (out, in, kh, kw) -> (kh, kw, in, out)
-      return array.transpose(2, 3, 1, 0)
-  return array
-
-
-def _torch_shape(path, flax_shape):
-  """The PyTorch shape that maps to `flax_shape` at `path` (for messages)."""
-  if path[-1] in ("kernel", LORA_A, LORA_B):
-    if len(flax_shape) == 2:
-      return tuple(flax_shape[::-1])
-    if len(flax_shape) == 4:
-      kh, kw, c, o = flax_shape
-      return (o, c, kh, kw)
-  return tuple(flax_shape)
+# State dicts -> params (pure functions).
 
 
 def clip_template(config, lora=None):
@@ -151,12 +98,12 @@ def params_from_state_dict(state, config, lora=None, source="checkpoint",
       continue
     used.add(key)
     array = np.asarray(state[key])
-    expected = _torch_shape(path, spec.shape)
+    expected = torch_shape(path, spec.shape)
     if tuple(array.shape) != expected:
       raise CheckpointError(
           f"{source}: shape mismatch for {key}: checkpoint has "
           f"{tuple(array.shape)}, the model expects {expected}")
-    flat[path] = np.ascontiguousarray(_to_flax(path, array)).astype(
+    flat[path] = np.ascontiguousarray(to_flax_layout(path, array)).astype(
         np.float32)
   unexpected = sorted(k for k in state
                       if k not in used and not ignore.search(k))
@@ -168,51 +115,13 @@ def params_from_state_dict(state, config, lora=None, source="checkpoint",
           f"has {len(state)} keys such as {sorted(state)[:5]}")
     raise CheckpointError(
         f"{source} does not match the model: {len(missing)} missing keys "
-        f"{_preview(missing)}; {len(unexpected)} unexpected keys "
-        f"{_preview(unexpected)}")
+        f"{preview(missing)}; {len(unexpected)} unexpected keys "
+        f"{preview(unexpected)}")
   return traverse_util.unflatten_dict(flat)
-
-
-def _preview(keys, n=12):
-  shown = ", ".join(keys[:n])
-  return f"[{shown}{', …' if len(keys) > n else ''}]"
 
 
 # --------------------------------------------------------------------------
 # Reading files.
-
-
-def _load_torch_file(path):
-  """A `torch.save`d dict -> {key: numpy array} (torch imported lazily)."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs torch: pip install "
-                      "'hysac-jax[torch]' (or convert to safetensors)") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pickle errors have many types
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    first = first.split(". ")[0]  # torch's weights_only advice runs on
-    raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
-                          f"{type(e).__name__}: {first}") from e
-  return _state_dict_to_numpy(obj, path)
-
-
-def _state_dict_to_numpy(obj, source):
-  """Unwraps {"model"/"state_dict": …} and converts tensors to numpy."""
-  import torch  # pylint: disable=g-import-not-at-top
-  if isinstance(obj, dict):
-    for wrapper in ("state_dict", "model"):
-      if wrapper in obj and isinstance(obj[wrapper], dict):
-        obj = obj[wrapper]
-        break
-  if not isinstance(obj, dict) or not all(
-      isinstance(v, torch.Tensor) for v in obj.values()):
-    raise CheckpointError(f"{source} is not a state dict of tensors (got "
-                          f"{type(obj).__name__})")
-  return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point()
-          else v.numpy() for k, v in obj.items()}
 
 
 def _resolve_hf_dir(path_or_id):
@@ -252,7 +161,7 @@ def load_hf_state_dict(directory):
       shards = sorted(set(json.load(f)["weight_map"].values()))
     files = [os.path.join(directory, s) for s in shards]
   elif os.path.isfile(binary):
-    return _load_torch_file(binary)
+    return load_torch_file(binary)
   else:
     raise FileNotFoundError(
         f"no weights in {directory}: expected model.safetensors, "
@@ -356,7 +265,7 @@ def hysac_params_from_pytorch(checkpoint, clip_path, lora_alpha=1.0,
     source = os.fspath(checkpoint)
     if not os.path.isfile(source):
       raise FileNotFoundError(f"HySAC checkpoint not found: {source}")
-    state = _load_torch_file(source)
+    state = load_torch_file(source)
   else:
     source = "HySAC state dict"
     state = {k: _as_numpy(v) for k, v in checkpoint.items()}
@@ -386,7 +295,7 @@ def hysac_params_from_pytorch(checkpoint, clip_path, lora_alpha=1.0,
   if missing_head or others:
     raise CheckpointError(
         f"{source} does not match the HySAC release layout: missing head "
-        f"scalars {missing_head}; unexpected keys {_preview(sorted(others))}")
+        f"scalars {missing_head}; unexpected keys {preview(sorted(others))}")
   clip = params_from_state_dict(canonical, config, lora, source=source,
                                 ignore=_IGNORED_RELEASE)
   return config, lora, {"clip": clip, **head}

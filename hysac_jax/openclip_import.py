@@ -46,6 +46,8 @@ from flax import traverse_util
 
 from hysac_jax import convert
 from hysac_jax.data import preprocess
+from hysac_jax.formats.torch_state import (CheckpointError, load_torch_file,
+                                           preview)
 from hysac_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
 
 # OpenCLIP's `PreprocessCfg` defaults (open_clip/constants.py): OpenAI's
@@ -569,12 +571,11 @@ def params_from_openclip_state(state, config, source="checkpoint"):
            if k in state and tuple(np.shape(state[k])) != shape]
   if missing or unexpected or wrong:
     if len(missing) == len(expected):
-      raise convert.CheckpointError(
+      raise CheckpointError(
           f"{source} does not look like an OpenCLIP CLIP checkpoint: none of "
           f"the {len(expected)} expected keys (e.g. {missing[0]}) is present;"
           f" it has {len(state)} keys such as {sorted(state)[:5]}")
-    preview = convert._preview  # pylint: disable=protected-access
-    raise convert.CheckpointError(
+    raise CheckpointError(
         f"{source} does not match the OpenCLIP config: {len(missing)} "
         f"missing keys {preview(missing)}; {len(unexpected)} unexpected "
         f"keys {preview(unexpected)}; {len(wrong)} shape mismatches "
@@ -615,9 +616,9 @@ def load_state(checkpoint):
     try:
       return load_file(path)
     except Exception as e:
-      raise convert.CheckpointError(f"{path} is not a readable safetensors "
-                                    f"file: {e}") from e
-  return convert._load_torch_file(path)  # pylint: disable=protected-access
+      raise CheckpointError(f"{path} is not a readable safetensors "
+                            f"file: {e}") from e
+  return load_torch_file(path)
 
 
 def convert_openclip(config_name_or_path, checkpoint, out, curv_init=1.0,
