@@ -68,11 +68,18 @@ from hysac_jax import cli
 from hysac_jax import convert
 from hysac_jax import finite
 from hysac_jax import outdir
+from hysac_jax import release_format
 from hysac_jax import safety
 from hysac_jax import serving
+from hysac_jax.formats import hf_clip
+# Moved to formats/; still importable from here.
+from hysac_jax.formats.hf_clip import (  # pylint: disable=unused-import
+    hf_config, hf_state_dict, write_hf_clip)
+from hysac_jax.formats.torch_state import (  # pylint: disable=unused-import
+    to_torch_layout)
 from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import hysac as hysac_lib
-from hysac_jax.models.lora import LORA_A, LORA_B, merge_lora
+from hysac_jax.models.lora import merge_lora
 
 FORMATS = serving.EXPORT_FORMATS
 # What `export` writes: the serving formats above, which
@@ -82,21 +89,19 @@ WRITE_FORMATS = FORMATS + ("release",)
 EXPORT_FORMAT = serving.EXPORT_FORMAT
 EXPORT_VERSION = 2  # 2: the StableHLO safety functions take alpha
 HEAD_FILE = serving.HEAD_FILE
-HF_CONFIG_FILE = "config.json"
-HF_WEIGHTS_FILE = "model.safetensors"
+HF_CONFIG_FILE = hf_clip.CONFIG_FILE
+HF_WEIGHTS_FILE = hf_clip.WEIGHTS_FILE
 ORBAX_PARAMS_DIR = serving.ORBAX_PARAMS_DIR
 STABLEHLO_PARAMS_FILE = serving.STABLEHLO_PARAMS_FILE
 STABLEHLO_SUFFIX = serving.STABLEHLO_SUFFIX
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's lowering platforms
-# OpenAI CLIP configs say eos_token_id=2, which Hugging Face reads as "pool at
-# the highest token id" (our `eos_token_id=None`).
-_HF_ARGMAX_EOS = 2
 ModelDirError = serving.ModelDirError
 
 
 # --------------------------------------------------------------------------
-# Pure pieces: the head, the Flax -> Hugging Face mapping.
+# Pure pieces: the head (the Flax -> Hugging Face mapping is
+# `hysac_jax/formats/hf_clip.py`).
 
 
 def apply_head(features, head, modality):
@@ -119,69 +124,6 @@ def apply_head(features, head, modality):
   if head["mode"] == "euc":
     return hysac_lib.l2_normalize(features)
   return hysac_lib.lift(features, head[f"alpha_{modality}"], head["curv"])
-
-
-def to_torch_layout(path, array):
-  """Flax layout -> PyTorch layout (inverse of the conversion's transpose)
-  for kernels and LoRA matrices; other leaves as they are, float32."""
-  array = np.asarray(array, np.float32)
-  if path[-1] in ("kernel", LORA_A, LORA_B):
-    if array.ndim == 2:  # (in, out) -> (out, in)
-      return array.T
-    if array.ndim == 4:  # (kh, kw, in, out) -> (out, in, kh, kw)
-      return array.transpose(3, 2, 0, 1)
-  return array
-
-
-def hf_state_dict(clip_params, logit_scale):
-  """`CLIPModel` params (LoRA merged) -> a Hugging Face `CLIPModel` state dict.
-
-  Args:
-    clip_params: the "clip" sub-tree of HySAC params, without LoRA leaves.
-    logit_scale: the (clamped) logit scale; stored as its log, as HF does.
-
-  Returns:
-    {key: contiguous float32 NumPy array}, keys as `convert.torch_key`.
-  """
-  state = {}
-  for path, value in traverse_util.flatten_dict(clip_params).items():
-    if path[-1] in (LORA_A, LORA_B):
-      raise ValueError(f"param {'/'.join(path)} is a LoRA leaf: merge LoRA "
-                       "(merge_lora) before exporting to Hugging Face")
-    state[convert.torch_key(path)] = np.ascontiguousarray(
-        to_torch_layout(path, value))
-  state["logit_scale"] = np.asarray(np.log(logit_scale), np.float32)
-  return state
-
-
-def hf_config(config, logit_scale):
-  """A Hugging Face `CLIPModel` `config.json` dict for a `CLIPConfig`."""
-  t, v = config.text, config.vision
-  eos = _HF_ARGMAX_EOS if t.eos_token_id is None else t.eos_token_id
-
-  def tower(c):
-    return {"hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "hidden_act": c.hidden_act, "layer_norm_eps": c.layer_norm_eps,
-            "projection_dim": config.projection_dim}
-
-  return {
-      "architectures": ["CLIPModel"],
-      "model_type": "clip",
-      "projection_dim": config.projection_dim,
-      "logit_scale_init_value": float(np.log(logit_scale)),
-      "text_config": {
-          "model_type": "clip_text_model", **tower(t),
-          "vocab_size": t.vocab_size,
-          "max_position_embeddings": t.max_position_embeddings,
-          "eos_token_id": eos},
-      "vision_config": {
-          "model_type": "clip_vision_model", **tower(v),
-          "image_size": v.image_size, "patch_size": v.patch_size,
-          "num_channels": v.num_channels},
-  }
 
 
 def thresholds(bounds, curv, alpha=safety.DEFAULT_ALPHA):
@@ -255,24 +197,6 @@ def _write_head(out_dir, src, kind):
   with open(os.path.join(out_dir, HEAD_FILE), "w") as f:
     finite.dump(head_json(src, kind), f, indent=2)
     f.write("\n")
-
-
-def write_hf_clip(out_dir, config, clip_params, logit_scale):
-  """A Hugging Face `CLIPModel` directory (config.json, model.safetensors)
-  of `clip_params` (no LoRA leaves) at `out_dir` (created)."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  path = os.path.join(out_dir, HF_CONFIG_FILE)
-  hf = hf_config(config, logit_scale)
-  bad = finite.non_finite_paths(hf)
-  if bad:  # a null layer_norm_eps or logit scale would not load either
-    raise finite.NonFiniteError(f"cannot write {path}: {', '.join(bad)} "
-                                "not finite")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(path, "w") as f:
-    finite.dump(hf, f, indent=2)
-    f.write("\n")
-  save_file(hf_state_dict(clip_params, logit_scale),
-            os.path.join(out_dir, HF_WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def export_hf(src, out_dir):
@@ -393,7 +317,6 @@ def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS,
   Returns:
     {format: directory}.
   """
-  from hysac_jax import release_format  # pylint: disable=g-import-not-at-top
   unknown = [f for f in formats if f not in WRITE_FORMATS]
   if unknown:
     raise ValueError(f"unknown export formats {unknown}; known: "

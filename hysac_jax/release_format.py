@@ -19,7 +19,7 @@ v_proj, out_proj, fc1, fc2, patch_embedding])`, then loads the file with
 `load_state_dict(strict=True)`. Its keys, as current peft (0.21) writes
 them:
 
-| ours (`convert.torch_key`) | release |
+| ours (`torch_state.torch_key`) | release |
 | --- | --- |
 | `vision_model.….k_proj.weight` (a LoRA target) | `visual.base_model.model.vision_model.….k_proj.base_layer.weight` |
 | `vision_model.….k_proj.lora_A.weight` | `visual.base_model.model.vision_model.….k_proj.lora_A.default.weight` |
@@ -42,8 +42,9 @@ from flax import traverse_util
 
 from hysac_jax import convert
 from hysac_jax import finite
-from hysac_jax import export as export_lib
 from hysac_jax import safety
+from hysac_jax.formats.hf_clip import write_hf_clip
+from hysac_jax.formats.torch_state import to_torch_layout, torch_key
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models.clip import LoRAConfig
 from hysac_jax.models.lora import LORA_A, LORA_B
@@ -86,7 +87,7 @@ def release_key(path, targets=RELEASE_LORA.targets):
     e.g. `"visual.base_model.model.vision_model.encoder.layers.0.self_attn.
     k_proj.base_layer.weight"`.
   """
-  key = convert.torch_key(path)
+  key = torch_key(path)
   tower = _TOWER[path[0]]
   module, suffix = key.rsplit(".", 1)
   if path[-1] in (LORA_A, LORA_B):
@@ -174,7 +175,7 @@ def release_state_dict(config, params, lora, curv_init=1.0):
   towers = {}
   for path, value in with_release_lora(config, params, lora).items():
     towers[release_key(path)] = np.ascontiguousarray(
-        export_lib.to_torch_layout(path, value))
+        to_torch_layout(path, value))
   for tower in ("visual.", "textual."):
     state.update({k: v for k, v in towers.items() if k.startswith(tower)})
   return state
@@ -246,7 +247,6 @@ def export_release(src, out_dir):
     finite.dump({"traversal_alpha": float(src.traversal_alpha),
                  "curv_init": float(src.curv_init)}, f, indent=2)
     f.write("\n")
-  export_lib.write_hf_clip(clip_dir, src.config,
-                           base_clip_params(src.params),
-                           float(np.exp(state["logit_scale"])))
+  write_hf_clip(clip_dir, src.config, base_clip_params(src.params),
+                float(np.exp(state["logit_scale"])))
   return out_dir

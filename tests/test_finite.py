@@ -20,6 +20,7 @@ from hysac_jax import finite
 from hysac_jax import outdir
 from hysac_jax import run_lock
 from hysac_jax import safety
+from hysac_jax.formats import hf_clip
 from hysac_jax.models import sizes
 
 import tiny_runs
@@ -326,7 +327,7 @@ def test_an_hf_export_config_is_never_written_with_a_non_finite_value(
   config = dataclasses.replace(
       config, vision=dataclasses.replace(config.vision, layer_norm_eps=eps))
   with pytest.raises(finite.NonFiniteError) as e:
-    export.write_hf_clip(tmp_path / "hf", config, {}, logit_scale)
+    hf_clip.write_hf_clip(tmp_path / "hf", config, {}, logit_scale)
   assert str(e.value) == (f"cannot write {tmp_path / 'hf' / 'config.json'}: "
                           f"{field} not finite")
   assert not (tmp_path / "hf").exists()

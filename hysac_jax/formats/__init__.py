@@ -9,4 +9,5 @@ other format modules. Serving, training, evaluation and the tools
 
 - `torch_state`: PyTorch state dicts: key names, the layout transforms both
   ways, the one `.pt` / `.bin` reader, a key preview for errors.
+- `hf_clip`: the Hugging Face `CLIPModel` directory (its writer).
 """
