@@ -32,6 +32,7 @@ demo: $(RUNTIME)
 	$(PY) eval.py --config configs/tiny.py --workdir runs/tiny
 	$(PY) eval.py --workdir runs/tiny --task zeroshot --dataset synthetic_visu:shape
 	$(PY) eval.py --workdir runs/tiny --task zeroshot --dataset synthetic_visu:colour
+	$(PY) -m hysac_jax.demo runs/tiny
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
