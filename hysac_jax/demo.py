@@ -77,20 +77,34 @@ def properties(report, zeroshot):
   return out
 
 
+_MEANING = (
+    ("farther", "unsafe captions and images lie further from the origin "
+     "than safe ones"),
+    ("AUROC", "the distance from the origin alone classifies unsafe images"),
+    ("R@10", "retrieval finds the matching pair far above chance"),
+    ("traversal", "moving an unsafe image query toward the origin (safety "
+     "traversal) swaps unsafe top-1 captions for safe ones"),
+    ("zero-shot", "the prompts of a class classify images zero-shot"),
+)
+
+
 def closing_paragraph(run_dir, checks):
-  held = sum(ok for _, _, ok in checks)
+  """What the tables show, only for the promises that hold, and where the
+  report and plots are."""
+  shown, not_shown = [], []
+  for key, meaning in _MEANING:
+    related = [ok for name, _, ok in checks if key in name]
+    (shown if all(related) else not_shown).append(meaning)
   eval_dir = os.path.join(run_dir, "eval")
-  return (
-      f"What the tables show ({held} of {len(checks)} promises hold): "
-      "unsafe captions and images lie further from the origin than safe "
-      "ones, so the distance alone classifies unsafe content; retrieval "
-      "finds the matching pair far above chance; moving an unsafe image "
-      "query toward the origin (safety traversal) swaps unsafe top-1 "
-      "captions for safe ones; and the prompts of a class classify images "
-      "zero-shot. The report and its plots (distance histograms, Poincare "
-      f"disk, ROC curves) are in {os.path.join(eval_dir, 'test')}/, the "
-      f"zero-shot tables in {eval_dir}/zeroshot-*/. See README.md, "
-      "\"Quick start\", for what each number means.")
+  text = (f"What the tables show: {'; '.join(shown) or 'none of it'}."
+          if shown else "The tables show none of the promises.")
+  if not_shown:
+    text += (f" Not shown by this run (see the NOT MET lines): "
+             f"{'; '.join(not_shown)}.")
+  return (text + " The report and its plots (distance histograms, Poincare "
+          f"disk, ROC curves) are in {os.path.join(eval_dir, 'test')}/, the "
+          f"zero-shot tables in {eval_dir}/zeroshot-*/. README.md, \"Quick "
+          "start\", says what each number means.")
 
 
 def main(argv=None):

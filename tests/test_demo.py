@@ -68,13 +68,17 @@ def test_cli_reads_a_run_and_exits_by_what_holds(tmp_path, capsys):
     (d / "report.json").write_text(json.dumps(z))
   assert demo.main([str(tmp_path)]) == 0
   out = capsys.readouterr().out
-  assert "7 of 7 promises hold" in out and "NOT MET" not in out
+  assert "Not shown" not in out and "NOT MET" not in out
+  assert "retrieval finds the matching pair" in out
   assert str(tmp_path / "eval" / "test") in out
   zeroshot["shape"]["top1"] = 0.2
   (tmp_path / "eval" / "zeroshot-synthetic_visu_shape" / "report.json"
    ).write_text(json.dumps(zeroshot["shape"]))
   assert demo.main([str(tmp_path)]) == 0
-  assert "[NOT MET] zero-shot shape" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "[NOT MET] zero-shot shape" in out
+  assert ("Not shown by this run (see the NOT MET lines): the prompts of a "
+          "class classify images zero-shot") in out
   assert demo.main([str(tmp_path), "--strict"]) == 1
   assert "[NOT MET] zero-shot shape" in capsys.readouterr().out
 
