@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from hysac_jax import convert
+from hysac_jax import demo
 from hysac_jax import export
 from hysac_jax import predict
 import tiny_runs
@@ -45,14 +46,15 @@ def _parser_of(main, monkeypatch):
   return caught.value.parser
 
 
-@pytest.mark.parametrize("module", [predict, convert, export],
-                         ids=lambda m: m.__name__)
-def test_every_argparse_option_has_its_own_help(module, monkeypatch):
+@pytest.mark.parametrize("module,at_least", [
+    (predict, 5), (convert, 5), (export, 5), (demo, 1)],
+                         ids=lambda m: getattr(m, "__name__", str(m)))
+def test_every_argparse_option_has_its_own_help(module, at_least, monkeypatch):
   parser = _parser_of(module.main, monkeypatch)
   formatter = parser._get_formatter()  # pylint: disable=protected-access
   options = [a for a in parser._actions  # pylint: disable=protected-access
              if a.option_strings and a.help is not argparse.SUPPRESS]
-  assert len(options) >= 5  # the flags were found
+  assert len(options) >= at_least  # the flags were found
   bad = {a.option_strings[-1]: _bad_help(
       a.help and formatter._expand_help(a))  # pylint: disable=protected-access
          for a in options}
