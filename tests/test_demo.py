@@ -25,6 +25,16 @@ def good_reports():
   return report, zeroshot
 
 
+def write_run(run_dir, report, zeroshot):
+  """The report files `make demo`'s eval.py calls leave in `run_dir`."""
+  (run_dir / "eval" / "test").mkdir(parents=True)
+  (run_dir / "eval" / "test" / "report.json").write_text(json.dumps(report))
+  for attribute, z in zeroshot.items():
+    d = run_dir / "eval" / f"zeroshot-synthetic_visu_{attribute}"
+    d.mkdir()
+    (d / "report.json").write_text(json.dumps(z))
+
+
 def failing(checks):
   return [name for name, _, ok in checks if not ok]
 
@@ -60,12 +70,7 @@ def test_each_broken_promise_is_the_one_reported(edit, name):
 
 def test_cli_reads_a_run_and_exits_by_what_holds(tmp_path, capsys):
   report, zeroshot = good_reports()
-  (tmp_path / "eval" / "test").mkdir(parents=True)
-  (tmp_path / "eval" / "test" / "report.json").write_text(json.dumps(report))
-  for attribute, z in zeroshot.items():
-    d = tmp_path / "eval" / f"zeroshot-synthetic_visu_{attribute}"
-    d.mkdir()
-    (d / "report.json").write_text(json.dumps(z))
+  write_run(tmp_path, report, zeroshot)
   assert demo.main([str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert "Not shown" not in out and "NOT MET" not in out
@@ -90,12 +95,7 @@ def test_a_missing_report_or_field_is_one_line(tmp_path, capsys):
   assert "report.json" in err[0]
   report, zeroshot = good_reports()
   del report["retrieval"]
-  (tmp_path / "eval" / "test").mkdir(parents=True)
-  (tmp_path / "eval" / "test" / "report.json").write_text(json.dumps(report))
-  for attribute, z in zeroshot.items():
-    d = tmp_path / "eval" / f"zeroshot-synthetic_visu_{attribute}"
-    d.mkdir()
-    (d / "report.json").write_text(json.dumps(z))
+  write_run(tmp_path, report, zeroshot)
   assert demo.main([str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "'retrieval'" in err[0]
