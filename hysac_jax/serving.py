@@ -173,6 +173,13 @@ def batch_mesh(devices=None):
   return Mesh(np.asarray(devices), ("data",))
 
 
+def pad_rows(rows, size):
+  """`rows` with zero rows appended up to `size` (the caller drops them)."""
+  rows = np.asarray(rows)
+  pad = np.zeros((size - len(rows),) + rows.shape[1:], rows.dtype)
+  return np.concatenate([rows, pad]) if len(pad) else rows
+
+
 def _over_rows(fn, mesh):
   """`fn(batch)` on rows split across `mesh`: the batch is padded with zero
   rows to a multiple of the mesh size, placed row-sharded, and the output's
@@ -180,13 +187,10 @@ def _over_rows(fn, mesh):
   rows = NamedSharding(mesh, P("data"))
 
   def call(x):
-    x = np.asarray(x)
-    n, size = len(x), mesh.size
-    padded = -(-max(n, 1) // size) * size
-    if padded != n:
-      x = np.concatenate([x, np.zeros((padded - n,) + x.shape[1:], x.dtype)])
-    out = fn(jax.device_put(x, rows))
-    return out[:n] if padded != n else out
+    n = len(x)
+    padded = pad_rows(x, -(-max(n, 1) // mesh.size) * mesh.size)
+    out = fn(jax.device_put(padded, rows))
+    return out[:n] if len(padded) != n else out
   return call
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from hysac_jax import serving
 from hysac_jax.data import labelled_images
 
 IMAGE_BATCH = 64
@@ -78,13 +79,6 @@ def _global_mask(batch, emb):
       jax.sharding.NamedSharding(sharding.mesh, rows), mask)
 
 
-def pad_rows(rows, size):
-  """`rows` with zero rows appended up to `size` (the caller drops them)."""
-  rows = np.asarray(rows)
-  pad = np.zeros((size - len(rows),) + rows.shape[1:], rows.dtype)
-  return np.concatenate([rows, pad]) if len(pad) else rows
-
-
 def encode_batched(encode, x, batch, desc=None):
   """`encode` over rows of `x` in batches padded to a power of two <= batch,
   so that a handful of shapes is compiled whatever the count.
@@ -98,7 +92,7 @@ def encode_batched(encode, x, batch, desc=None):
                     len(starts) < 2, file=sys.stderr):
     chunk = x[start:start + batch]
     size = min(batch, 1 << (len(chunk) - 1).bit_length())
-    out.append(np.asarray(encode(pad_rows(chunk, size)))[:len(chunk)])
+    out.append(np.asarray(encode(serving.pad_rows(chunk, size)))[:len(chunk)])
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -165,7 +159,7 @@ def embed_images(model, image_set, batch_size=IMAGE_BATCH, desc="images",
           raise labelled_images.UnreadableImage(
               error + " (pass --skip_unreadable to leave such images out)")
       if rows:
-        out = np.asarray(model.encode_image(pad_rows(np.stack(rows), size)))
+        out = np.asarray(model.encode_image(serving.pad_rows(np.stack(rows), size)))
         emb.append(out[:len(rows)].astype(np.float32))
       bar.update(len(indices))
   if not emb:
