@@ -215,9 +215,8 @@ class _Divergence:
 
   def __init__(self, mesh):
     replicated = NamedSharding(mesh, P())
-    self._record = jax.jit(
-        lambda: (jnp.int32(-1), jnp.float32(0), jnp.float32(0)),
-        out_shardings=replicated)()
+    self._record = jax.device_put(
+        (np.int32(-1), np.float32(0), np.float32(0)), replicated)
     self._update = jax.jit(_first_non_finite, out_shardings=replicated)
 
   def track(self, metrics, step):
