@@ -24,6 +24,7 @@ the step. Every stage prints a flushed, time-stamped line.
 """
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -46,7 +47,6 @@ progress = timing.progress
 
 
 def bench_config(name, steps, log_every, data_dir):
-  import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{name}").get_config()
   global_batch = config.data.batch_size_per_device * jax.device_count()
   validation = 2 * config.data.eval_batch_size_per_device * jax.device_count()
@@ -98,6 +98,7 @@ def bare_rates(config, steps):
   first = step_lib.shard_batch(next(source), mesh)
   compiled = step_lib.make_train_step(config, mesh).lower(
       state, first, step_key).compile()
+  progress("bare: state built, step compiled")
   state, metrics = compiled(state, first, step_key)  # warm-up
   jax.block_until_ready(metrics)
   start = time.perf_counter()
@@ -106,6 +107,7 @@ def bare_rates(config, steps):
                               step_key)
   jax.block_until_ready((state, metrics))
   bare = (steps - 1) / (time.perf_counter() - start)
+  progress(f"bare: {steps - 1} steps timed, drawing each batch")
   source.close()
   source = batches()
   placed = [step_lib.shard_batch(next(source), mesh) for _ in range(steps)]

@@ -20,6 +20,7 @@ plots are. Exit 0 (with `--strict`: 1 when a property does not hold), 2
 when a report is missing or unreadable (one line, `demo: error: ...`).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -108,7 +109,6 @@ def closing_paragraph(run_dir, checks):
 
 
 def main(argv=None):
-  import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="python -m hysac_jax.demo",
       description="Checks and explains what make demo's reports show.")
