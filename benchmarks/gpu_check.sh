@@ -106,8 +106,8 @@ stage torch_bf16 60 "$PY" $B "${TORCH[@]}" --torch-modes bf16:128 \
 CLI_STEPS=${GPU_CHECK_CLI_STEPS:-60}
 if [[ $SIZE == tiny ]]; then CLI_BATCH=16; else CLI_BATCH=32; fi
 RUN=$OUT/cli_run
-CLI_DEVICES=$("$PY" -c "import jax; print(jax.device_count())" 2>/dev/null \
-              || echo 1)
+CLI_DEVICES=$(timeout 60 "$PY" -c "import jax; print(jax.device_count())" \
+              2>/dev/null || echo 1)
 CLI_GLOBAL=$((CLI_BATCH * CLI_DEVICES))
 stage cli_train 200 "$PY" train.py --config "configs/$SIZE.py" \
     --workdir "$RUN" --config.model.clip= \
