@@ -30,6 +30,13 @@ this model), `labels` str (N,), `modality` ("text" or "image") and `curv`;
 entries are ranked by −distance on the hyperboloid (cosine in "euc" mode).
 `top_k_traversed` ranks again after safety traversal of the query toward
 the origin with the bound of the pool's modality (as in the evaluation).
+
+`--index IDX` (an index of `python -m hysac_jax.index build`, embedded by
+this model: another one is refused) answers `top_k` from the index instead,
+each hit with the item's `unsafe` flag, after the `--traversal` (none,
+release, geodesic) of the query, leaving out unsafe items with
+`--safe-only`, by the `--backend` exact (default) or approx; the record's
+`"index"` says which traversal and back-end answered.
 `--redirect` also applies that traversal to the reported embedding and
 distance (with the input's own modality when there is no pool).
 
@@ -41,8 +48,8 @@ distance (with the input's own modality when there is no pool).
 Exit codes (`hysac_jax.cli`): 0 every input answered; 3 partial: some inputs
 (a missing, unreadable, truncated or oversized image, an empty caption) got
 an `{"type", "input", "error"}` line, the others were answered; 1 a model,
-bounds or pool that cannot be read: one `{"error": ..., "model" or "pool":
-...}` line on stdout and one `python -m hysac_jax.predict: error: ...` line
+bounds, pool or index that cannot be read (or an index of another model):
+one `{"error": ..., "model", "pool" or "index": ...}` line on stdout and one `python -m hysac_jax.predict: error: ...` line
 on stderr, nothing else; 2 bad command-line flags.
 """
 
@@ -62,11 +69,13 @@ from hysac_jax import cli
 from hysac_jax import convert
 from hysac_jax import input_file
 from hysac_jax import finite
+from hysac_jax import index as index_lib
 from hysac_jax import lorentz
 from hysac_jax import safety
 from hysac_jax import serving
 from hysac_jax.data import preprocess
 from hysac_jax.evaluation import embed as embed_lib
+from hysac_jax.formats import gallery
 
 BATCH = 32
 NO_BOUNDS_NOTE = ("no bounds: unsafe classification and traversal need the "
@@ -254,8 +263,34 @@ def rank(queries, pool, curv, mode, k):
           for row, idx in enumerate(order)]
 
 
+@dataclasses.dataclass
+class IndexQuery:
+  """Retrieval from a built index (`hysac_jax.index`).
+
+  Attributes:
+    index: `hysac_jax.index.Index`, checked against the model.
+    traversal: "none", "release" or "geodesic".
+    safe_only: leave out items flagged unsafe.
+    backend: "exact" or "approx".
+  """
+  index: object
+  traversal: str = "none"
+  safe_only: bool = False
+  backend: str = "exact"
+
+  def hits(self, emb, top_k):
+    """Q lists of `Index.search` records."""
+    return self.index.search(emb, top_k, backend=self.backend,
+                             traversal=self.traversal,
+                             safe_only=self.safe_only)
+
+  def describe(self):
+    return {"traversal": self.traversal, "safe_only": self.safe_only,
+            "backend": self.backend}
+
+
 def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
-           embedding=False):
+           embedding=False, index=None):
   """The JSON records of a batch of embeddings of one modality.
 
   Args:
@@ -266,6 +301,7 @@ def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
     top_k: retrievals per query.
     redirect: apply safety traversal to the reported embedding.
     embedding: include the embedding.
+    index: optional `IndexQuery` (instead of `pool`).
 
   Returns:
     N dicts (without "type" / "input").
@@ -315,6 +351,11 @@ def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
     finite_rows &= np.isfinite(dist)
   for i in np.flatnonzero(~finite_rows):
     records[i] = {"error": NON_FINITE_ERROR}
+  if index is not None:
+    rows = np.flatnonzero(finite_rows)
+    if len(rows):
+      for i, hits in zip(rows, index.hits(np.asarray(emb)[rows], top_k)):
+        records[i].update(top_k=hits, index=index.describe())
   if pool is not None:
     for rec, hits in zip(records, rank(emb, pool, model.curv, model.mode,
                                        top_k)):
@@ -330,14 +371,14 @@ def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
 
 
 def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
-            embedding=False, inputs=None):
+            embedding=False, inputs=None, index=None):
   """Answers every input; bad ones get an "error" record.
 
   Args:
     model: `serving.Model`.
     images: image file paths.
     texts: captions.
-    pool, top_k, redirect, embedding: as in `answer`.
+    pool, top_k, redirect, embedding, index: as in `answer`.
     inputs: [("image" or "text", value), ...] in the order to answer;
       default the images, then the texts.
 
@@ -369,7 +410,7 @@ def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
           model.encode_text)
       emb = embed_lib.encode_batched(encode, np.stack(arrays), BATCH)
       for rec, extra in zip(good, answer(model, emb, modality, pool, top_k,
-                                         redirect, embedding)):
+                                         redirect, embedding, index)):
         rec.update(extra)
   return records
 
@@ -381,11 +422,11 @@ def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
 PROG = "python -m hysac_jax.predict"
 
 
-def _fail(message, **context):
+def _fail(prog, message, **context):
   """A model, bounds or pool that cannot be read: one JSON error record on
   stdout (for the consumer of the JSON lines), one error line on stderr."""
   print(finite.dumps({"error": message, **context}), flush=True)
-  return cli.fail(PROG, message, cli.EXIT_ERROR)
+  return cli.fail(prog, message, cli.EXIT_ERROR)
 
 
 class _InOrder(argparse.Action):
@@ -397,9 +438,9 @@ class _InOrder(argparse.Action):
         (self.dest, v) for v in values]
 
 
-def _parser():
+def _parser(prog=PROG):
   parser = argparse.ArgumentParser(
-      prog=PROG,
+      prog=prog,
       description="Embed images and captions with a HySAC model; print one "
                   "JSON line per input (distance from the origin, unsafe "
                   "flag, optional embedding and retrievals).")
@@ -431,12 +472,46 @@ def _parser():
                            "(default 5)")
   parser.add_argument("--embedding", action="store_true",
                       help="print the embeddings")
+  add_index_flags(parser, required=False)
   parser.set_defaults(inputs=[])
   return parser
 
 
-def main(argv=None):
-  parser = _parser()
+def add_index_flags(parser, required):
+  """--index, --traversal, --safe-only, --backend (predict and
+  `python -m hysac_jax.index search`)."""
+  parser.add_argument("--index", required=required, default=None,
+                      help="an index of python -m hysac_jax.index build "
+                           "(embedded by this model): answer top_k from it")
+  parser.add_argument("--traversal", default="none",
+                      choices=index_lib.TRAVERSALS,
+                      help="with --index: move each query farther than b' "
+                           "toward the origin first (default none)")
+  parser.add_argument("--safe-only", action="store_true",
+                      help="with --index: leave out items flagged unsafe")
+  parser.add_argument("--backend", default="exact",
+                      choices=index_lib.BACKENDS,
+                      help="with --index: exact (JAX) or approx (FAISS)")
+
+
+def open_index(args, model):
+  """The `IndexQuery` of --index, checked against `model`.
+
+  Raises:
+    gallery.GalleryError, index.SearchError: naming the index.
+  """
+  index = index_lib.open(args.index, load_approx=args.backend == "approx")
+  index.check_model(model)
+  index.check_options(args.traversal, args.safe_only)
+  if args.backend == "approx":
+    index.backend("approx")  # an index without one fails here, not later
+  return IndexQuery(index, args.traversal, args.safe_only, args.backend)
+
+
+def main(argv=None, prog=PROG):
+  """The CLI; `prog` names it in error lines (`python -m hysac_jax.index
+  search` runs it too)."""
+  parser = _parser(prog)
   args = parser.parse_args(argv)
   if args.top_k < 1:
     parser.error("--top-k must be at least 1")
@@ -449,6 +524,11 @@ def main(argv=None):
     parser.error("nothing to do: give --image and/or --text")
   if args.save_pool and not args.pool:
     parser.error("--save-pool needs --pool CAPTIONS.txt")
+  if args.index and args.pool:
+    parser.error("give --pool or --index, not both")
+  if not args.index and (args.traversal != "none" or args.safe_only or
+                         args.backend != "exact"):
+    parser.error("--traversal, --safe-only and --backend need --index")
   try:
     model = serving.load_model(args.model, bounds_path=args.bounds,
                                checkpoint=args.checkpoint,
@@ -457,24 +537,31 @@ def main(argv=None):
           ckpt_lib.CheckpointError, OSError, ValueError,
           KeyError) as e:
     # OSError: a missing --bounds file, unreadable weights.
-    return _fail(str(e), model=args.model)
+    return _fail(prog, str(e), model=args.model)
   pool = None
   if args.pool:
     try:
       pool = load_pool(args.pool, model)
     except PoolError as e:
-      return _fail(str(e), pool=args.pool)
+      return _fail(prog, str(e), pool=args.pool)
     if args.save_pool:
       try:
         save_pool(pool, args.save_pool)
       except OSError as e:
-        return _fail(f"cannot write --save-pool {args.save_pool}: {e}",
+        return _fail(prog, f"cannot write --save-pool {args.save_pool}: {e}",
                      pool=args.save_pool)
       print(f"saved pool of {len(pool.labels)} to {args.save_pool}",
             file=sys.stderr)
+  index = None
+  if args.index:
+    try:
+      index = open_index(args, model)
+    except (gallery.GalleryError, index_lib.SearchError,
+            finite.NonFiniteError) as e:
+      return _fail(prog, str(e), index=args.index)
   records = predict(model, pool=pool, top_k=args.top_k,
                     redirect=args.redirect, embedding=args.embedding,
-                    inputs=args.inputs)
+                    inputs=args.inputs, index=index)
   for rec in records:
     print(finite.dumps(rec))
   return cli.EXIT_PARTIAL if any("error" in r for r in records) else (

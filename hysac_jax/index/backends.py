@@ -1,0 +1,279 @@
+"""Nearest gallery items by Lorentz distance: an exact and an approximate way.
+
+On the hyperboloid the geodesic distance `acosh(-c <x,y>_L) / sqrt(c)` is
+decreasing in the Lorentz inner product `<x,y>_L = x·y − x_t y_t`, so the
+nearest items are those of largest `<x,y>_L`, the plain inner product of
+the augmented vectors `[x, −x_t]` (query) and `[y, y_t]` (item).
+
+- `exact`: that score against every item, chunk by chunk in one jitted
+  `lax.scan` on the default device (memory: queries × `chunk` floats), with
+  a running top-k. Ties go to the lower item index, as everywhere in the
+  package (`predict.rank`, `evaluation.retrieval`).
+- `approx`: FAISS. Augmented item vectors have unequal norms (`||y||² + y_t²
+  = 2||y||² + 1/c` grows with the distance from the origin), which costs an
+  inner-product HNSW or IVF most of its recall. One more coordinate
+  equalises them: items `[y, y_t, sqrt(M² − ||[y, y_t]||²)]` and queries
+  `[x, −x_t, 0]`, M the largest item norm, give `||q − p||² = ||q||² + M² −
+  2 <x,y>_L`, so L2 nearest neighbours are the Lorentz nearest. An
+  `IndexHNSWFlat` (M=32, efConstruction 80, efSearch 128) serves up to
+  `HNSW_MAX` items, an `IndexIVFFlat` (nlist = sqrt(N), nprobe 24, k-means
+  on at most 64 × nlist items, 10 iterations) more. Each query takes
+  `RERANK` × k candidates, re-scored exactly; ties again to the lower index.
+
+Both return `(indices (Q, k) int64, distances (Q, k) float32)`, with -1 /
+inf where fewer than k items are allowed (`allowed`: the `--safe-only`
+mask).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hysac_jax import lorentz
+
+CHUNK = 65536
+HNSW_MAX = 200_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+IVF_NPROBE = 24
+IVF_TRAIN_PER_LIST = 64
+IVF_NITER = 10
+RERANK = 4
+APPROX_KINDS = ("auto", "hnsw", "ivf", "none")
+
+
+def time_component(points, curv):
+  """(..., d) space components -> (...,) time components sqrt(1/c + |x|²)."""
+  points = np.asarray(points, np.float64)
+  return np.sqrt(1.0 / curv + np.sum(points * points, axis=-1))
+
+
+# --------------------------------------------------------------------------
+# Exact.
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk"))
+def _exact_top_k(queries, items, items_t, allowed, curv, k, chunk):
+  """Top-k by Lorentz inner product over `items` (rows a multiple of chunk).
+
+  Args:
+    queries: (Q, d); items: (M, d), M = n · chunk; items_t: (M,) time
+      components; allowed: (M,) bool (False: padding or filtered out).
+
+  Returns:
+    ((Q, k) scores, -inf for a not-allowed pick; (Q, k) int32 indices).
+  """
+  q_t = jnp.sqrt(1.0 / curv + jnp.sum(queries * queries, axis=-1))
+  n_chunks = items.shape[0] // chunk
+  per_chunk = min(k, chunk)
+
+  def step(carry, c):
+    best, best_i = carry
+    rows = jax.lax.dynamic_slice_in_dim(items, c * chunk, chunk)
+    rows_t = jax.lax.dynamic_slice_in_dim(items_t, c * chunk, chunk)
+    ok = jax.lax.dynamic_slice_in_dim(allowed, c * chunk, chunk)
+    score = (jnp.matmul(queries, rows.T, precision=jax.lax.Precision.HIGHEST)
+             - q_t[:, None] * rows_t[None, :])
+    score = jnp.where(ok[None, :], score, -jnp.inf)
+    top, top_i = jax.lax.top_k(score, per_chunk)
+    # The running best come first and hold lower indices, and top_k keeps
+    # the first of equal values: ties go to the lower index.
+    merged = jnp.concatenate([best, top], axis=1)
+    merged_i = jnp.concatenate([best_i, top_i + c * chunk], axis=1)
+    keep, pos = jax.lax.top_k(merged, k)
+    return (keep, jnp.take_along_axis(merged_i, pos, axis=1)), None
+
+  init = (jnp.full((queries.shape[0], k), -jnp.inf, queries.dtype),
+          jnp.full((queries.shape[0], k), -1, jnp.int32))
+  (best, best_i), _ = jax.lax.scan(step, init, jnp.arange(n_chunks))
+  return best, best_i
+
+
+@jax.jit
+def _pair_distances(queries, picked, curv):
+  """(Q, d) queries, (Q, k, d) picked items -> (Q, k) distances, by the
+  formula `predict.rank` reports (`lorentz.pairwise_dist`)."""
+  return jax.vmap(lambda q, p: lorentz.pairwise_dist(q[None], p, curv)[0])(
+      queries, picked)
+
+
+def distances(queries, items, indices, curv):
+  """Lorentz distances of each query to its picked items (inf where -1)."""
+  safe = np.where(indices < 0, 0, indices)
+  out = np.asarray(_pair_distances(jnp.asarray(queries, jnp.float32),
+                                   jnp.asarray(items[safe], jnp.float32),
+                                   jnp.float32(curv)))
+  return np.where(indices < 0, np.inf, out).astype(np.float32)
+
+
+class Exact:
+  """Exact search: every item scored on device, `CHUNK` items at a time.
+
+  Args:
+    points: (N, d) float32 items.
+    curv: curvature magnitude.
+    chunk: items per matmul (a smaller gallery is one chunk).
+  """
+
+  name = "exact"
+
+  def __init__(self, points, curv, chunk=CHUNK):
+    self.points = np.asarray(points, np.float32)
+    self.curv = float(curv)
+    n = len(self.points)
+    self.chunk = min(chunk, 1 << max(n - 1, 0).bit_length())
+    rows = -(-max(n, 1) // self.chunk) * self.chunk
+    pad = rows - n
+    padded = np.concatenate([self.points, np.zeros(
+        (pad, self.points.shape[1]), np.float32)]) if pad else self.points
+    self._items = jnp.asarray(padded)
+    self._items_t = jnp.asarray(np.concatenate([
+        time_component(self.points, self.curv), np.zeros(pad)]), jnp.float32)
+    self._rows = rows
+
+  def search(self, queries, k, allowed=None):
+    """(Q, d) queries -> ((Q, k) int64 indices, (Q, k) float32 distances)."""
+    n = len(self.points)
+    mask = np.zeros(self._rows, bool)
+    mask[:n] = True if allowed is None else allowed
+    k_run = min(k, self._rows)
+    _, idx = _exact_top_k(jnp.asarray(queries, jnp.float32), self._items,
+                          self._items_t, jnp.asarray(mask),
+                          jnp.float32(self.curv), k_run, self.chunk)
+    idx = np.asarray(idx).astype(np.int64)
+    idx = np.where(mask[np.maximum(idx, 0)] & (idx >= 0), idx, -1)
+    if k_run < k:
+      idx = np.pad(idx, ((0, 0), (0, k - k_run)), constant_values=-1)
+    return idx, distances(queries, self.points, idx, self.curv)
+
+
+# --------------------------------------------------------------------------
+# Approximate (FAISS).
+
+
+def augment_items(points, curv, max_sq_norm):
+  """(N, d) items -> (N, d + 2) float32 `[y, y_t, sqrt(M² − |y|² − y_t²)]`."""
+  points = np.asarray(points, np.float32)
+  y_t = time_component(points, curv)
+  sq = np.sum(np.asarray(points, np.float64)**2, axis=-1) + y_t**2
+  extra = np.sqrt(np.maximum(max_sq_norm - sq, 0.0))
+  return np.concatenate([points, y_t[:, None].astype(np.float32),
+                         extra[:, None].astype(np.float32)], axis=1)
+
+
+def augment_queries(queries, curv):
+  """(Q, d) queries -> (Q, d + 2) float32 `[x, −x_t, 0]`."""
+  queries = np.asarray(queries, np.float32)
+  x_t = time_component(queries, curv).astype(np.float32)
+  return np.concatenate([queries, -x_t[:, None],
+                         np.zeros((len(queries), 1), np.float32)], axis=1)
+
+
+def max_sq_norm(points, curv):
+  """M²: the largest squared norm of the augmented items `[y, y_t]`."""
+  points = np.asarray(points, np.float64)
+  return float(np.max(2 * np.sum(points * points, axis=-1) + 1.0 / curv))
+
+
+def choose_kind(n, kind="auto"):
+  """"hnsw" up to `HNSW_MAX` items, else "ivf" (or `kind` itself)."""
+  if kind == "auto":
+    return "hnsw" if n <= HNSW_MAX else "ivf"
+  return kind
+
+
+def build_faiss(points, curv, kind="auto", seed=0):
+  """The FAISS structure over the equalised augmented items.
+
+  Returns:
+    (faiss index, params dict for the manifest: kind, M², and the kind's
+    parameters).
+  """
+  import faiss  # pylint: disable=g-import-not-at-top  # optional dependency
+  n, d = points.shape
+  kind = choose_kind(n, kind)
+  m_sq = max_sq_norm(points, curv)
+  params = {"kind": kind, "max_sq_norm": m_sq, "rerank": RERANK}
+  if kind == "hnsw":
+    index = faiss.IndexHNSWFlat(d + 2, HNSW_M)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    params.update(m=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION,
+                  ef_search=HNSW_EF_SEARCH)
+  elif kind == "ivf":
+    nlist = max(1, int(round(math.sqrt(n))))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d + 2), d + 2, nlist)
+    index.cp.niter = IVF_NITER
+    index.cp.seed = seed
+    sample = np.random.default_rng(seed).permutation(n)[
+        :IVF_TRAIN_PER_LIST * nlist]
+    index.train(augment_items(points[np.sort(sample)], curv, m_sq))
+    params.update(nlist=nlist, nprobe=min(IVF_NPROBE, nlist),
+                  train=len(sample), niter=IVF_NITER)
+  else:
+    raise ValueError(f"approximate index kind {kind!r}: expected one of "
+                     f"{APPROX_KINDS[:-1]}")
+  for start in range(0, n, CHUNK):  # bounded extra memory while adding
+    index.add(augment_items(points[start:start + CHUNK], curv, m_sq))
+  return index, params
+
+
+def rerank(queries, points, candidates, curv, k):
+  """The k best of FAISS's candidates by exact Lorentz inner product (ties:
+  lower index). candidates: (Q, C) int64, -1 for none."""
+  q = np.asarray(queries, np.float64)
+  out = np.full((len(q), k), -1, np.int64)
+  for row, cand in enumerate(candidates):
+    cand = np.unique(cand[cand >= 0])  # sorted: lower index first
+    if not len(cand):
+      continue
+    y = np.asarray(points[cand], np.float64)
+    score = y @ q[row] - time_component(y, curv) * time_component(q[row],
+                                                                   curv)
+    order = np.lexsort((cand, -score))[:k]
+    out[row, :len(order)] = cand[order]
+  return out
+
+
+class Approx:
+  """FAISS search over the equalised augmented items, re-ranked exactly.
+
+  Args:
+    points: (N, d) float32 items (the same rows FAISS holds).
+    curv: curvature magnitude.
+    faiss_index: from `build_faiss` (or `faiss.read_index`).
+    params: its params dict.
+  """
+
+  name = "approx"
+
+  def __init__(self, points, curv, faiss_index, params):
+    self.points = np.asarray(points, np.float32)
+    self.curv = float(curv)
+    self.index, self.params = faiss_index, dict(params)
+
+  def _search_params(self, allowed):
+    import faiss  # pylint: disable=g-import-not-at-top  # optional dependency
+    kw = {}
+    if allowed is not None:
+      bits = np.packbits(np.asarray(allowed, bool), bitorder="little")
+      self._bits = bits  # the selector reads this buffer during search
+      kw["sel"] = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
+    if self.params["kind"] == "hnsw":
+      return faiss.SearchParametersHNSW(efSearch=self.params["ef_search"],
+                                        **kw)
+    return faiss.SearchParametersIVF(nprobe=self.params["nprobe"], **kw)
+
+  def search(self, queries, k, allowed=None):
+    """(Q, d) queries -> ((Q, k) int64 indices, (Q, k) float32 distances)."""
+    n_cand = min(len(self.points), max(k * self.params["rerank"], k))
+    params = self._search_params(allowed)
+    if self.params["kind"] == "hnsw":
+      params.efSearch = max(params.efSearch, n_cand)
+    _, cand = self.index.search(augment_queries(queries, self.curv), n_cand,
+                                params=params)
+    idx = rerank(queries, self.points, cand, self.curv, k)
+    return idx, distances(queries, self.points, idx, self.curv)
