@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run.
+"""Orbax checkpoints of a training run: the store, which knows no model.
 
 A run directory holds three Orbax managers:
 
@@ -11,6 +11,9 @@ optimizer state, step, RNG key), `data` (the input iterator's state, JSON) and
 `meta` (epoch, early-stopping counters and metrics, JSON). Orbax writes into a
 temporary directory and renames it when complete, so a crash mid-save never
 leaves a checkpoint that looks finished.
+
+The store receives pytrees and returns them; restoring a run's model (which
+rebuilds the frozen weights from its config) is `hysac_jax.training.restore`.
 """
 
 import gc
@@ -18,18 +21,22 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from hysac_jax import cli
+from hysac_jax.formats.run_dir import (BEST_LOSS, BEST_RECALL,
+                                       CHECKPOINT_KINDS, LAST)
 
-LAST, BEST_LOSS, BEST_RECALL = "checkpoints", "best_loss", "best_recall"
 # The checkpoint kinds a run holds, as CLIs offer them (best first).
-KINDS = (BEST_RECALL, BEST_LOSS, LAST)
+KINDS = CHECKPOINT_KINDS
 SET_ASIDE = "unreadable"  # WORKDIR/unreadable/<kind>-<step>-<time>/
 
 
@@ -128,7 +135,6 @@ def remove_tmp_dirs(directory):
   """Removes the `*.orbax-checkpoint-tmp*` step directories a failed or
   killed save left in `directory` (Orbax leaves them beside best_* steps);
   notes each on stderr. Returns the removed paths."""
-  import shutil  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(directory):
     return []
   removed = [os.path.join(directory, e) for e in sorted(os.listdir(directory))
@@ -202,7 +208,6 @@ def silence_failed_restore_reports():
   Installed once a restore has failed, this filters exactly those errors
   (`_is_abandoned_read_error`); any other error still prints.
   """
-  import threading  # pylint: disable=g-import-not-at-top
 
   def quiet(hook, exc_of):
     if getattr(hook, "_hysac_quiet", False):
@@ -317,7 +322,6 @@ class RunCheckpoints:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       os.rename(os.path.join(self.workdir, kind, str(step)), target)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"hysac_jax: set aside {step}")
     self.managers[kind].reload()
     return target
@@ -353,71 +357,6 @@ class RunCheckpoints:
   def close(self):
     for manager in self.managers.values():
       manager.close()
-
-
-# ---------------------------------------------------- a run's state ---
-
-
-def state_tree(state, rng):
-  """What a checkpoint stores of a TrainState: the trainable part (frozen
-  weights are rebuilt from the config), optimizer state, step and RNG key."""
-  # The key is placed like the (replicated) step: on several processes
-  # Orbax writes only global arrays, not a host-local one.
-  rng_data = jax.device_put(jax.random.key_data(rng), state.step.sharding)
-  return {"trainable": state.trainable(),
-          "opt_state": state.opt_state, "step": state.step,
-          "rng": rng_data}
-
-
-def apply_state_tree(state, tree):
-  """`state` with the trainable params, optimizer state and step of `tree`."""
-  from hysac_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  params = step_lib.merge_params(state.params, tree["trainable"])
-  return state.replace(params=params, opt_state=tree["opt_state"],
-                       step=tree["step"])
-
-
-def restore_run(workdir, kind=BEST_RECALL, config=None):
-  """(config, state) of a training run's `kind` checkpoint, read-only.
-
-  Falls back to the latest checkpoint when the run has no `kind` one. The
-  frozen weights are rebuilt as the run built them (`initial_params`), the
-  trainable ones restored.
-
-  Args:
-    workdir: the run directory.
-    kind: BEST_RECALL, BEST_LOSS or LAST.
-    config: the run's config; default its saved config.json.
-  """
-  from hysac_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from hysac_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if config is None:
-    config = config_lib.load_run_config(workdir)
-  init_key, step_key = jax.random.split(jax.random.key(config.seed))
-  state = step_lib.create_train_state(config, init_key,
-                                      step_lib.initial_params(config))
-  # Read-only: evaluating or exporting a run creates nothing in it.
-  checkpoints = RunCheckpoints(workdir, config.train.keep_last,
-                               read_only=True)
-  try:
-    restored = restore_into(checkpoints, state, step_key, kind)
-  finally:
-    checkpoints.close()
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir} (looked in "
-                            f"{kind}/ and {LAST}/)")
-  return config, restored
-
-
-def restore_into(checkpoints, state, step_key, kind=BEST_RECALL):
-  """`state` with the trainable params (and optimizer state) of the newest
-  `kind` checkpoint of `checkpoints`, else of the latest one; None when the
-  run has neither."""
-  if checkpoints.latest_step(kind) is None:
-    kind = LAST
-  restored = checkpoints.restore(state_tree(state, step_key), kind=kind)
-  return None if restored is None else apply_state_tree(state, restored[0])
 
 
 def _json_safe(tree):

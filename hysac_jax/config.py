@@ -14,17 +14,23 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from hysac_jax import compilation_cache
 from hysac_jax import finite
+from hysac_jax.formats import detect
+from hysac_jax.formats.run_dir import CONFIG_FILE  # pylint: disable=unused-import
+from hysac_jax.models import clip as clip_lib
+from hysac_jax.models import sizes
 from hysac_jax.models.hysac import MODES
 
 DATASETS = ("synthetic_visu", "visu")
 SCHEDULES = ("constant", "warmup_cosine")
-# Tower compute dtypes (`config.model.dtype`).
-DTYPES = ("float32", "bfloat16", "float16", "float64")
-CONFIG_FILE = "config.json"
+# Tower compute dtypes (`config.model.dtype`), the one table: float64 is for
+# verification under jax_enable_x64.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "float16": jnp.float16, "float64": jnp.float64}
 
 
 def base_config():
@@ -130,8 +136,6 @@ def _bad(field, value, expected):
 
 
 def _check_model(m):
-  from hysac_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  from hysac_jax.models import sizes  # pylint: disable=g-import-not-at-top
   if m.mode not in MODES:
     _bad("model.mode", m.mode, " or ".join(map(repr, MODES)))
   if m.dtype not in DTYPES:
@@ -163,26 +167,16 @@ def _check_model(m):
 def _check_init_from(path):
   """`model.init_from` must be a converted directory; a run or an export
   gets the commands that make one from it."""
-  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
   expected = "a converted directory (python -m hysac_jax.convert)"
   if not os.path.isdir(os.path.expanduser(path)):
     _bad("model.init_from", path, f"{expected}; there is no directory "
          f"{path}")
   try:
-    kind = serving.detect_kind(os.path.expanduser(path))
-  except serving.ModelDirError as e:
+    kind = detect.detect_kind(os.path.expanduser(path))
+  except detect.ModelDirError as e:
     _bad("model.init_from", path, f"{expected}; {e}")
-  make = ("export it as hf (python -m hysac_jax.export --format hf --out "
-          "OUT) and convert that (python -m hysac_jax.convert --clip OUT/hf "
-          "--out DIR; its head is kept)")
-  hints = {"run": f"this is a training run: to start from its weights, "
-                  f"{make}",
-           "hf": "this is an hf export: convert it (python -m "
-                 "hysac_jax.convert --clip PATH --out DIR; its head is kept)",
-           "orbax": f"this is an orbax export: from its run, {make}",
-           "stablehlo": f"this is a stablehlo export: from its run, {make}"}
   if kind != "converted":
-    _bad("model.init_from", path, f"{expected}; {hints[kind]}")
+    _bad("model.init_from", path, f"{expected}; {detect.how_to_convert(kind)}")
 
 
 def _check_data(d):

@@ -6,7 +6,7 @@
 Every process of a multi-process run calls this once, before any other JAX
 call. Process 0 hosts the coordinator; the others connect to it. After it,
 `jax.devices()` lists the devices of all processes and one jitted program runs
-over all of them (`hysac_jax.step_lib.make_mesh`).
+over all of them (`hysac_jax.training.step.make_mesh`).
 
 JAX aborts a process that cannot register with the coordinator within
 `initialization_timeout` from C++ (SIGABRT, "DEADLINE_EXCEEDED ...

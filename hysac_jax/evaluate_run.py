@@ -18,6 +18,7 @@ from hysac_jax import finite
 from hysac_jax import outdir
 from hysac_jax import serving
 from hysac_jax.evaluation import embed as embed_lib
+from hysac_jax.formats import detect
 
 SPLITS = ("train", "validation", "test")
 
@@ -40,6 +41,7 @@ def embed_quadruples(model, config, split):
   process's batch is `eval_batch_size_per_device` (not that times the local
   devices, which would all land on the first one).
   """
+  # The input pipeline (grain, TFDS) is heavy: imported when data is read.
   from hysac_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.prepare(config.data, model.image_size)
   batches = pipeline.make_dataset(config.data, split, model.image_size,
@@ -56,8 +58,8 @@ def saved_config(directory, flag):
   --config). `flag` ("--workdir" or "--model") names it in errors: a
   --workdir must be a training run."""
   try:
-    kind = serving.detect_kind(os.path.expanduser(directory))
-  except serving.ModelDirError:
+    kind = detect.detect_kind(os.path.expanduser(directory))
+  except detect.ModelDirError:
     if flag == "--workdir":  # load_run_config names what is missing
       return config_lib.load_run_config(directory)
     raise
@@ -83,6 +85,7 @@ def check_default_out(path):
 
 def _check_inputs(config, workdir, model_dir, split):
   """(source directory, config): everything checked before the restore."""
+  # The input pipeline (grain, TFDS) is heavy: imported when data is read.
   from hysac_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   if (workdir is None) == (model_dir is None):
     raise ValueError("give exactly one of workdir or model_dir")

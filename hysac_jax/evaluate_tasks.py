@@ -23,6 +23,7 @@ import json
 import os
 import re
 
+import importlib_resources
 import jax
 import numpy as np
 
@@ -30,8 +31,12 @@ from hysac_jax import config as config_lib
 from hysac_jax import evaluate_run
 from hysac_jax import finite
 from hysac_jax import serving
+from hysac_jax.data import coco_captions
 from hysac_jax.data import labelled_images
+from hysac_jax.evaluation import captions
 from hysac_jax.evaluation import embed as embed_lib
+from hysac_jax.evaluation import prompt_safety
+from hysac_jax.evaluation import zeroshot
 
 TASKS = ("zeroshot", "retrieval", "unsafe_prompts")
 SHIPPED_CLASS_PROMPTS = ("imagenet2012", "cifar10", "cifar100")
@@ -45,7 +50,6 @@ SYNTHETIC_PREFIXES = ("synthetic_visu:", "synthetic:")
 
 def shipped_class_prompts(tfds_name):
   """(class names, templates) shipped for a TFDS builder name, or None."""
-  import importlib_resources  # pylint: disable=g-import-not-at-top
   base = str(tfds_name or "").split(":")[0]
   if base not in SHIPPED_CLASS_PROMPTS:
     return None
@@ -115,7 +119,6 @@ def class_prompts(class_names, tfds_name=None, prompts_file=None,
     raise ValueError(f"prompt file {prompts_file} holds neither "
                      "{'prompts': {class: [...]}} nor {'templates': [...]}")
   if templates_file:
-    from hysac_jax.evaluation import prompt_safety  # pylint: disable=g-import-not-at-top
     templates = prompt_safety.read_lines(templates_file, "template")
     return ([_fill(templates, n, templates_file) for n in names], names,
             templates_file)
@@ -192,12 +195,12 @@ def run_zeroshot(model, dataset, split="test", config=None, data_dir=None,
                  prompts_file=None, templates_file=None, batch_size=None,
                  skip_unreadable=False, max_examples=None):
   """Zero-shot classification of `dataset`; returns the report dict."""
-  from hysac_jax.evaluation import zeroshot
   image_set = _prefix(open_image_set(dataset, split, model, config,
                                      data_dir), max_examples)
   attribute = _synthetic_attribute(dataset)
   if attribute is not None and not (prompts_file or templates_file):
-    from hysac_jax.data import synthetic
+    # TFDS is heavy: imported for the synthetic split only.
+    from hysac_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     by_class = synthetic.class_prompts(attribute)
     prompts = [by_class[c] for c in image_set.class_names]
     names, source = image_set.class_names, "synthetic captions"
@@ -226,8 +229,6 @@ def run_zeroshot(model, dataset, split="test", config=None, data_dir=None,
 def run_retrieval(model, captions_file, images_dir=None, split="test",
                   batch_size=None, skip_unreadable=False, max_examples=None):
   """Multi-caption retrieval over a COCO-style caption file."""
-  from hysac_jax.data import coco_captions
-  from hysac_jax.evaluation import captions
   data = coco_captions.read_captions(captions_file, images_dir, split)
   n_images = len(data.image_paths)
   if max_examples and max_examples < n_images:
@@ -255,7 +256,6 @@ def run_retrieval(model, captions_file, images_dir=None, split="test",
 
 
 def _prompt_sets(safe_file, unsafe_file):
-  from hysac_jax.evaluation import prompt_safety
   prompts = prompt_safety.default_prompts()
   source = {"safe": "shipped", "unsafe": "shipped"}
   for side, path in (("safe", safe_file), ("unsafe", unsafe_file)):
@@ -267,7 +267,8 @@ def _prompt_sets(safe_file, unsafe_file):
 
 def _visu_groups(model, config, split):
   """{"text": (S, U), "image": (V, G)} embeddings of the config's split."""
-  from hysac_jax.data import pipeline
+  # The input pipeline (grain, TFDS) is heavy: imported when data is read.
+  from hysac_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   if config is None:
     raise ValueError("the ViSU quadruples need a config (--config, or the "
                      "run's config.json); or pass --dataset DIR with safe/ "
@@ -288,7 +289,6 @@ def run_unsafe_prompts(model, dataset=None, split="test", config=None,
   two classes) for images, or on the config's ViSU split for text and
   images.
   """
-  from hysac_jax.evaluation import prompt_safety
   # Before any embedding: a NaN margin would call every item safe.
   finite.check_number(margin, "run_unsafe_prompts", "margin")
   prompts, source = _prompt_sets(safe_prompts, unsafe_prompts)
@@ -340,9 +340,6 @@ def run(task, source, out_dir=None, checkpoint="best_recall", plots=True,
   Returns:
     (report, out_dir, console text).
   """
-  from hysac_jax.evaluation import captions
-  from hysac_jax.evaluation import prompt_safety
-  from hysac_jax.evaluation import zeroshot
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
   source = os.path.abspath(os.path.expanduser(source))

@@ -19,7 +19,7 @@ adapters or optimizer state. A non-empty `OUT/<format>/` is refused unless
 
 `--format release` writes the PyTorch HySAC release's own format instead
 (`hysac_model.pth` with the LoRA unmerged, `hysac_bounds.json`, `clip/`; see
-`hysac_jax/release_format.py`), for the release's code.
+`hysac_jax/formats/release.py`), for the release's code.
 
 `hysac_jax.serving.load_model(dir)` reads any of the three serving formats
 (and a training run or a converted directory) as a `serving.Model` with
@@ -61,17 +61,22 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
+from jax import export as jax_export
+from safetensors.numpy import save_file
 
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
-from hysac_jax import convert
 from hysac_jax import finite
 from hysac_jax import outdir
-from hysac_jax import release_format
 from hysac_jax import safety
 from hysac_jax import serving
+from hysac_jax.formats import detect
+from hysac_jax.formats import exports
 from hysac_jax.formats import hf_clip
+from hysac_jax.formats import release
+from hysac_jax.formats.torch_state import CheckpointError
 # Moved to formats/; still importable from here.
 from hysac_jax.formats.hf_clip import (  # pylint: disable=unused-import
     hf_config, hf_state_dict, write_hf_clip)
@@ -81,22 +86,22 @@ from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models.lora import merge_lora
 
-FORMATS = serving.EXPORT_FORMATS
+FORMATS = exports.EXPORT_KINDS
 # What `export` writes: the serving formats above, which
 # `serving.load_model` reads back, and the HySAC release's own
-# (`hysac_jax/release_format.py`).
+# (`hysac_jax/formats/release.py`).
 WRITE_FORMATS = FORMATS + ("release",)
-EXPORT_FORMAT = serving.EXPORT_FORMAT
+EXPORT_FORMAT = exports.EXPORT_FORMAT
 EXPORT_VERSION = 2  # 2: the StableHLO safety functions take alpha
-HEAD_FILE = serving.HEAD_FILE
+HEAD_FILE = exports.HEAD_FILE
 HF_CONFIG_FILE = hf_clip.CONFIG_FILE
 HF_WEIGHTS_FILE = hf_clip.WEIGHTS_FILE
-ORBAX_PARAMS_DIR = serving.ORBAX_PARAMS_DIR
-STABLEHLO_PARAMS_FILE = serving.STABLEHLO_PARAMS_FILE
-STABLEHLO_SUFFIX = serving.STABLEHLO_SUFFIX
+ORBAX_PARAMS_DIR = exports.ORBAX_PARAMS_DIR
+STABLEHLO_PARAMS_FILE = exports.STABLEHLO_PARAMS_FILE
+STABLEHLO_SUFFIX = exports.STABLEHLO_SUFFIX
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's lowering platforms
-ModelDirError = serving.ModelDirError
+ModelDirError = exports.ModelDirError
 
 
 # --------------------------------------------------------------------------
@@ -171,7 +176,7 @@ def load_source(model_dir, bounds_path=None, checkpoint=ckpt_lib.BEST_RECALL,
   Returns:
     `serving.Model` (float32 NumPy params, unrolled layers).
   """
-  kind = serving.detect_kind(os.path.expanduser(os.fspath(model_dir)))
+  kind = detect.detect_kind(os.path.expanduser(os.fspath(model_dir)))
   if kind in FORMATS:
     raise ModelDirError(f"{model_dir} is already an export ({kind}); export "
                         "from the training run or converted directory")
@@ -210,7 +215,6 @@ def export_hf(src, out_dir):
 
 def export_orbax(src, out_dir):
   """Writes the merged HySAC params with Orbax (+ hysac_head.json)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   target = os.path.join(out_dir, ORBAX_PARAMS_DIR)
@@ -249,7 +253,6 @@ def stablehlo_exports(src, platforms=DEFAULT_PLATFORMS):
     `classify_unsafe(emb, curv, bound, alpha)`, `traverse_to_safe(emb,
     curv, bound, alpha)` (see the module docstring).
   """
-  from jax import export as jax_export  # pylint: disable=g-import-not-at-top
   module = hysac_lib.HySAC(src.config, None, mode=src.mode,
                            curv_init=src.curv_init)
   params_spec = jax.tree.map(
@@ -284,7 +287,6 @@ def stablehlo_exports(src, platforms=DEFAULT_PLATFORMS):
 
 def export_stablehlo(src, out_dir, platforms=DEFAULT_PLATFORMS):
   """Writes serialised `jax.export` functions, params and hysac_head.json."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   for name, exported in stablehlo_exports(src, platforms).items():
     with open(os.path.join(out_dir, name + STABLEHLO_SUFFIX), "wb") as f:
@@ -323,7 +325,7 @@ def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS,
                      f"{WRITE_FORMATS}")
   check_out(out, formats, overwrite)
   if "release" in formats:
-    release_format.check_source(src)
+    release.check_source(src)
   merged = src
   if src.lora is not None and any(f != "release" for f in formats):
     merged = copy.copy(src)
@@ -332,7 +334,7 @@ def export(src, out, formats=FORMATS, platforms=DEFAULT_PLATFORMS,
   writers = {"hf": lambda d: export_hf(merged, d),
              "orbax": lambda d: export_orbax(merged, d),
              "stablehlo": lambda d: export_stablehlo(merged, d, platforms),
-             "release": lambda d: release_format.export_release(src, d)}
+             "release": lambda d: release.export_release(src, d)}
   for f in formats:
     outdir.write_in_place(os.path.join(out, f), writers[f])
   return {f: os.path.join(out, f) for f in formats}
@@ -396,7 +398,7 @@ def main(argv=None):
                       merge="release" not in args.format)
     written = export(src, out, tuple(dict.fromkeys(args.format)),
                      tuple(args.platforms), args.overwrite)
-  except (ModelDirError, convert.CheckpointError, ValueError, OSError) as e:
+  except (ModelDirError, CheckpointError, ValueError, OSError) as e:
     # OSError: a missing bounds file, an --out that cannot be written.
     return cli.fail(prog, e)
   for fmt, directory in written.items():

@@ -42,6 +42,9 @@ STATS = ("avg", "low_05", "up_95")
 # How a point is moved to distance b' (`traverse_to_safe(method=)`).
 TRAVERSAL_METHODS = ("geodesic", "release")
 DEFAULT_ALPHA = 0.8
+# Our bounds file, in a run directory and a converted one (the release names
+# its own `hysac_bounds.json`: `formats.release.BOUNDS_FILE`).
+BOUNDS_FILE = "bounds.json"
 # Which safe group's bound each modality's queries are traversed to.
 SAFE_GROUP = {"text": "S", "image": "V"}
 

@@ -5,7 +5,7 @@
     points = model.encode_text(["a photo of a cat"])
     unsafe, distance = model.classify_unsafe(points, "text")
 
-`load_model(path)` recognises (`detect_kind`):
+`load_model(path)` recognises (`detect_kind`, `hysac_jax.formats.detect`):
 
 | kind | what the directory holds | written by |
 | --- | --- | --- |
@@ -39,102 +39,43 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
+from jax import export as jax_export
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from safetensors.numpy import load_file
 
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import finite
+from hysac_jax import run_lock
 from hysac_jax import safety
+from hysac_jax.data.tokenizer import tokenize
+from hysac_jax.formats import converted as converted_lib
+from hysac_jax.formats import detect
+from hysac_jax.formats import hf_clip
+from hysac_jax.formats import release
+from hysac_jax.formats import run_dir
+# The export directories' names, importable from here as before.
+from hysac_jax.formats.exports import (  # pylint: disable=unused-import
+    EXPORT_FORMAT, EXPORT_KINDS, HEAD_FILE, ORBAX_PARAMS_DIR,
+    STABLEHLO_FUNCTIONS, STABLEHLO_PARAMS_FILE, STABLEHLO_SUFFIX,
+    ModelDirError, read_head)
 from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models.clip import CLIPConfig
+from hysac_jax.models.lora import merge_lora as merge
+from hysac_jax.training.restore import restore_run
 
-KINDS = ("run", "converted", "hf", "orbax", "stablehlo")
-EXPORT_FORMATS = ("hf", "orbax", "stablehlo")
-EXPORT_FORMAT = "hysac_jax.export"
-HEAD_FILE = "hysac_head.json"
-ORBAX_PARAMS_DIR = "params"
-STABLEHLO_PARAMS_FILE = "params.safetensors"
-STABLEHLO_FUNCTIONS = ("encode_image", "encode_text", "classify_unsafe",
-                       "traverse_to_safe")
-STABLEHLO_SUFFIX = ".jax_exported"
-BOUNDS_FILES = ("bounds.json", "hysac_bounds.json")
-_RUN_DIRS = (ckpt_lib.LAST, ckpt_lib.BEST_RECALL, ckpt_lib.BEST_LOSS)
-
-
-class ModelDirError(ValueError):
-  """A model directory of the wrong kind, or an incomplete one."""
+KINDS = detect.MODEL_KINDS  # the model kinds (not `checkpoint.KINDS`)
+EXPORT_FORMATS = EXPORT_KINDS
+BOUNDS_FILES = (safety.BOUNDS_FILE, release.BOUNDS_FILE)
+detect_kind = detect.detect_kind  # the one detector, importable from here
 
 
 # --------------------------------------------------------------------------
-# What a directory holds; its bounds.
-
-
-def _read_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ModelDirError(f"{path} is not valid JSON: {e}") from None
-
-
-def detect_kind(path):
-  """What a model directory holds: one of `KINDS`.
-
-  Raises:
-    ModelDirError: naming the directory and what was expected.
-  """
-  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
-  path = os.fspath(path)
-  expected = ("expected a training run (config.json + checkpoints/), a "
-              "converted model (python -m hysac_jax.convert) or an export "
-              "(hysac_head.json, python -m hysac_jax.export)")
-  if not os.path.isdir(path):
-    what = "a file" if os.path.exists(path) else "missing"
-    raise ModelDirError(f"model directory {path} is {what}: {expected}")
-  head_file = os.path.join(path, HEAD_FILE)
-  if os.path.isfile(head_file):
-    head = _read_json(head_file)
-    if (head.get("format") == EXPORT_FORMAT
-        and head.get("kind") in EXPORT_FORMATS):
-      return head["kind"]
-    raise ModelDirError(f"{head_file} is not a {EXPORT_FORMAT} head file "
-                        f"(format {head.get('format')!r}, kind "
-                        f"{head.get('kind')!r})")
-  cfg_file = os.path.join(path, convert.CONFIG_FILE)
-  release = os.path.join(path, "hysac_model.pth")
-  if not os.path.isfile(cfg_file) and os.path.isfile(release):
-    raise ModelDirError(
-        f"{path} is in the PyTorch release's format (hysac_model.pth), for "
-        "the release's code: convert it first (python -m hysac_jax.convert "
-        f"--clip {os.path.join(path, 'clip')} --hysac-checkpoint "
-        f"{release} --out DIR)")
-  if not os.path.isfile(cfg_file):
-    inside = sorted(d for d in os.listdir(path)
-                    if os.path.isfile(os.path.join(path, d, HEAD_FILE)))
-    if inside:  # `export --out` itself, not one of its formats
-      raise ModelDirError(
-          f"{path} holds exports, not a model: pass one of them, e.g. "
-          f"{os.path.join(path, inside[0])} (found: {', '.join(inside)})")
-    raise ModelDirError(f"{path} has neither {HEAD_FILE} nor config.json: "
-                        f"{expected}")
-  meta = _read_json(cfg_file)
-  if meta.get("format") == convert.FORMAT:
-    return "converted"
-  if "model" in meta and "train" in meta:
-    if not any(os.path.isdir(os.path.join(path, d)) for d in _RUN_DIRS):
-      raise ModelDirError(f"{path} has a training config but no "
-                          "checkpoints (checkpoints/, best_recall/): did "
-                          "the run save any?")
-    return "run"
-  if meta.get("model_type") == "clip":
-    raise ModelDirError(f"{path} is a plain Hugging Face CLIP directory "
-                        f"without {HEAD_FILE}: convert it first "
-                        "(python -m hysac_jax.convert --clip DIR --out ..)")
-  raise ModelDirError(f"{cfg_file} is neither a run config nor a "
-                      f"{convert.FORMAT} config: {expected}")
+# Bounds.
 
 
 def find_bounds(directories, bounds_path=None):
@@ -160,7 +101,6 @@ def find_bounds(directories, bounds_path=None):
 def _tokenize_if_text(ids, context_length):
   if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids
                               and isinstance(ids[0], str)):
-    from hysac_jax.data.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
     return tokenize(ids, max_len=context_length)
   return ids
 
@@ -344,29 +284,6 @@ class StableHLOModel(Model):
 # Loaders, one per kind.
 
 
-def _read_head(directory, kind):
-  path = os.path.join(directory, HEAD_FILE)
-  if not os.path.isfile(path):
-    raise ModelDirError(f"{directory} is not a {kind} export: {HEAD_FILE} "
-                        "is missing")
-  head = _read_json(path)
-  if head.get("format") != EXPORT_FORMAT or head.get("kind") != kind:
-    raise ModelDirError(f"{path} describes a {head.get('kind')!r} export "
-                        f"(format {head.get('format')!r}), not {kind!r}")
-  # Every number a verdict depends on, checked where it is read.
-  for field in ("curv", "curv_init", "alpha_image", "alpha_text",
-                "logit_scale"):
-    finite.check_number(head.get(field), path, field, positive=True)
-  finite.check_number(head.get("traversal_alpha", safety.DEFAULT_ALPHA),
-                      path, "traversal_alpha")
-  for field, value in (head.get("stored_logs") or {}).items():
-    finite.check_number(value, path, f"stored_logs.{field}")
-  if head.get("bounds") is not None:
-    head["bounds"] = safety.validate_bounds(head["bounds"],
-                                            f"{path}: bounds")
-  return head
-
-
 def _from_export_params(kind, directory, head, clip_params_or_tree, dtype,
                         devices):
   if "clip" in clip_params_or_tree:
@@ -387,16 +304,14 @@ def _from_export_params(kind, directory, head, clip_params_or_tree, dtype,
 
 
 def _load_hf(directory, dtype, devices):
-  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
-  head = _read_head(directory, "hf")
-  _, clip_params = convert.clip_params_from_hf(directory)
+  head = read_head(directory, "hf")
+  _, clip_params = hf_clip.clip_params_from_hf(directory)
   return _from_export_params("hf", directory, head, clip_params, dtype,
                              devices)
 
 
 def _load_orbax(directory, dtype, devices):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  head = _read_head(directory, "orbax")
+  head = read_head(directory, "orbax")
   params_dir = os.path.join(directory, ORBAX_PARAMS_DIR)
 
   def restore():
@@ -415,9 +330,7 @@ def _load_orbax(directory, dtype, devices):
 
 def _load_stablehlo(directory, dtype, devices):
   del dtype, devices  # the exported functions fixed both (float32, 1 device)
-  from jax import export as jax_export  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  head = _read_head(directory, "stablehlo")
+  head = read_head(directory, "stablehlo")
   if head.get("version", 1) < 2:
     raise ModelDirError(f"{directory} is a version-{head.get('version', 1)} "
                         "stablehlo export, whose safety functions take no "
@@ -445,12 +358,11 @@ def _load_stablehlo(directory, dtype, devices):
 
 def _load_run(directory, checkpoint, dtype, merge_lora, bounds_path,
               devices):
-  from hysac_jax.models.lora import merge_lora as merge  # pylint: disable=g-import-not-at-top
   # Before the restore: a bad bounds file fails in a second, not a minute;
   # an explicit one is the only one read.
   bounds, bounds_source = find_bounds(
       [directory, os.path.join(directory, checkpoint)], bounds_path)
-  config, state = ckpt_lib.restore_run(directory, checkpoint)
+  config, state = restore_run(directory, checkpoint)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32),
                         jax.device_get(state.params))
   lora = state.model.lora
@@ -461,7 +373,8 @@ def _load_run(directory, checkpoint, dtype, merge_lora, bounds_path,
       curv_init=config.model.curv_init, lora=lora, dtype=dtype,
       bounds=bounds, bounds_source=bounds_source,
       traversal_alpha=finite.check_number(
-          config.eval.traversal_alpha, os.path.join(directory, "config.json"),
+          config.eval.traversal_alpha,
+          os.path.join(directory, run_dir.CONFIG_FILE),
           "eval.traversal_alpha"),
       source={"run": directory, "checkpoint": checkpoint,
               **_restored_checkpoint(directory, checkpoint)},
@@ -473,8 +386,6 @@ def _restored_checkpoint(directory, kind):
   (the newest `kind` step, else the latest checkpoint, as `restore_into`
   falls back) and whether a train.py holds the run now (its lock), so a
   report can say it evaluated an intermediate checkpoint."""
-  from hysac_jax import run_lock  # pylint: disable=g-import-not-at-top
-
   def newest(k):
     d = os.path.join(directory, k)
     steps = [int(e) for e in os.listdir(d) if e.isdigit()] if (
@@ -492,13 +403,11 @@ def _restored_checkpoint(directory, kind):
 
 
 def _load_converted(directory, dtype, merge_lora, bounds_path, devices):
-  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
-  from hysac_jax.models.lora import merge_lora as merge  # pylint: disable=g-import-not-at-top
   bounds, bounds_source = find_bounds([directory], bounds_path)
-  converted = convert.read_converted(directory)
+  converted = converted_lib.read_converted(directory)
   # Its images would be normalised with OpenAI's mean/std here: refuse
   # another (an OpenCLIP import) rather than embed them wrongly.
-  convert.check_preprocess(directory, converted.preprocess)
+  converted_lib.check_preprocess(directory, converted.preprocess)
   params, lora = converted.params, converted.lora
   if merge_lora and lora is not None:
     params, lora = merge(params, lora), None

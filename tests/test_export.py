@@ -14,11 +14,12 @@ from flax import traverse_util
 from configs import tiny
 from hysac_jax import convert
 from hysac_jax import export
+from hysac_jax import pretrained
 from hysac_jax import safety
 from hysac_jax import serving
-from hysac_jax.training import step as step_lib
 from hysac_jax.models.clip import CLIPModel
 from hysac_jax.models.lora import merge_lora
+from hysac_jax.training import step as step_lib
 from numerics import assert_float32_parity, tower_error_terms
 import tiny_runs
 
@@ -29,7 +30,7 @@ def assert_close(got, want, modality):
   """Two float32 computations of one tower's outputs (an export against the
   live model, merged against unmerged LoRA): the error-model bound of
   tests/numerics.py for the tiny config's towers."""
-  cfg = step_lib.model_from_config(tiny_config()).clip
+  cfg = pretrained.model_from_config(tiny_config()).clip
   assert_float32_parity(got, want, *tower_error_terms(cfg, TOWER[modality]))
 # Head scalars (stored logs) away from their initial values.
 HEAD = {"log_curv": math.log(0.7), "log_alpha_image": math.log(0.2),
@@ -77,7 +78,7 @@ def live_points(model, params, ids, pixels):
 def live():
   """The tiny HySAC module and its 'trained' params (LoRA not merged)."""
   config = tiny_config()
-  model = step_lib.model_from_config(config)
+  model = pretrained.model_from_config(config)
   params = trained(step_lib.init_model_params(model, jax.random.key(0)))
   return model, jax.device_get(params)
 

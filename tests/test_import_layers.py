@@ -1,7 +1,10 @@
 """The package's imports point down (STYLE.md; issue 23).
 
 Reads the sources of `hysac_jax/` with `ast`, function-local imports
-included, and runs nothing of the package.
+included, and runs nothing of the package. `LAYERS` is the README's map
+("Where things live"): a module imports from its own layer or the layers
+below, never above, and no two modules import each other, however
+indirectly.
 """
 
 import ast
@@ -11,12 +14,34 @@ import pytest
 
 PACKAGE = "hysac_jax"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# What a format module may import: the formats, the models, geometry and
-# generic IO; nothing of serving, training, evaluation or the CLIs.
+# What a format module may import: the formats, the models, geometry,
+# bounds, image normalisation and generic IO; nothing of serving, training,
+# evaluation or the CLIs.
 FORMATS = f"{PACKAGE}.formats"
 FORMATS_MAY_IMPORT = (FORMATS, f"{PACKAGE}.models", f"{PACKAGE}.lorentz",
+                      f"{PACKAGE}.safety", f"{PACKAGE}.data.preprocess",
                       f"{PACKAGE}.finite", f"{PACKAGE}.outdir",
                       f"{PACKAGE}.input_file")
+# The layers, bottom first: (name, the modules in it, by prefix; the longest
+# prefix that matches places a module). The README's "Where things live"
+# draws the same map.
+LAYERS = (
+    ("primitives", ("lorentz", "finite", "outdir", "input_file", "cli",
+                    "run_log", "run_lock", "compilation_cache",
+                    "distributed")),
+    ("models", ("models",)),
+    ("metrics, losses, safety, data",
+     ("evaluation", "losses", "safety", "data")),
+    ("formats", ("formats",)),
+    ("the schema, the model from a config, the run's store",
+     ("config", "pretrained", "checkpoint")),
+    ("serving, training, evaluation tasks",
+     ("serving", "training", "evaluation.embed", "evaluate_run",
+      "evaluate_tasks")),
+    ("tools", ("convert", "export", "predict", "index", "openclip_import",
+               "release_format")),
+    ("the package and its demo", ("", "demo")),
+)
 
 
 def package_sources(root=ROOT):
@@ -148,6 +173,20 @@ def circles(edges):
   return sorted(out)
 
 
+def layer_of(module):
+  """(index, name) of the layer `module` (e.g. "hysac_jax.formats.hf_clip")
+  lies in: the longest matching prefix of `LAYERS`."""
+  rest = module[len(PACKAGE) + 1:] if module != PACKAGE else ""
+  best = None
+  for index, (name, prefixes) in enumerate(LAYERS):
+    for prefix in prefixes:
+      inside = (prefix == "" and rest == "") or (
+          prefix and (rest == prefix or rest.startswith(prefix + ".")))
+      if inside and (best is None or len(prefix) > best[0]):
+        best = (len(prefix), index, name)
+  return None if best is None else best[1:]
+
+
 @pytest.fixture(scope="module")
 def graph():
   return import_graph(package_sources())
@@ -176,8 +215,9 @@ def test_no_module_imports_a_private_name_from_another(graph):
 def test_formats_import_only_models_geometry_and_generic_io(graph):
   edges, _ = graph
   formats = [m for m in edges if _within(m, (FORMATS,))]
-  assert f"{FORMATS}.torch_state" in formats
-  assert f"{FORMATS}.hf_clip" in formats
+  for name in ("torch_state", "hf_clip", "converted", "release", "exports",
+               "run_dir", "openclip", "detect"):
+    assert f"{FORMATS}.{name}" in formats
   wrong = [f"{m} -> {target}" for m in formats for target in edges[m]
            if _within(target, (PACKAGE,))
            and not _within(target, FORMATS_MAY_IMPORT)]
@@ -186,12 +226,57 @@ def test_formats_import_only_models_geometry_and_generic_io(graph):
 
 def test_export_and_release_format_are_in_no_import_circle(graph):
   edges, _ = graph
-  pair = {f"{PACKAGE}.export", f"{PACKAGE}.release_format"}
+  pair = {f"{PACKAGE}.export", f"{FORMATS}.release"}
   assert [c for c in circles(edges) if pair & set(c)] == []
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="issue 23: the 6-module circle is not broken yet")
 def test_the_package_has_no_import_circle(graph):
   edges, _ = graph
   assert circles(edges) == []
+
+
+def test_every_module_lies_in_a_layer(graph):
+  edges, _ = graph
+  assert [m for m in edges if layer_of(m) is None] == []
+
+
+def test_imports_point_down_the_layers(graph):
+  edges, _ = graph
+  upward = []
+  for module, targets in edges.items():
+    here = layer_of(module)
+    for target in targets:
+      there = layer_of(target)
+      if here and there and there[0] > here[0]:
+        upward.append(f"{module} ({here[1]}) -> {target} ({there[1]})")
+  assert upward == []
+
+
+def test_the_layer_map_places_modules_as_the_readme_does():
+  assert layer_of(f"{PACKAGE}.formats.detect")[1] == "formats"
+  assert layer_of(f"{PACKAGE}.evaluation.retrieval")[0] < layer_of(
+      f"{PACKAGE}.evaluation.embed")[0]
+  assert layer_of(PACKAGE)[0] == len(LAYERS) - 1
+  assert layer_of(f"{PACKAGE}.training.step")[0] > layer_of(
+      f"{PACKAGE}.pretrained")[0]
+
+
+def test_only_train_py_imports_the_training_loop(graph):
+  edges, _ = graph
+  loop = f"{PACKAGE}.training.loop"
+  assert [m for m, targets in edges.items() if loop in targets] == []
+
+
+def test_the_checkpoint_store_builds_no_model(graph):
+  edges, _ = graph
+  store = edges[f"{PACKAGE}.checkpoint"]
+  assert [t for t in store if _within(t, (f"{PACKAGE}.training",
+                                          f"{PACKAGE}.models",
+                                          f"{PACKAGE}.pretrained"))] == []
+
+
+def test_the_train_step_reads_no_file_format(graph):
+  edges, _ = graph
+  step = edges[f"{PACKAGE}.training.step"]
+  assert [t for t in step if _within(t, (FORMATS, f"{PACKAGE}.convert",
+                                         f"{PACKAGE}.serving"))] == []

@@ -1,4 +1,4 @@
-"""OpenCLIP import (hysac_jax/openclip_import.py and `convert --open-clip`).
+"""OpenCLIP import (hysac_jax/formats/openclip.py and `convert --open-clip`).
 
 The reference is open_clip's own torch model (`open_clip.model.CLIP`, built
 from the same config dict, random weights, `.double()`); both sides run in
@@ -20,12 +20,13 @@ import torch
 from flax.traverse_util import flatten_dict as flax_flat
 
 from hysac_jax import cli
-from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import convert
 from hysac_jax import export
-from hysac_jax import openclip_import as oi
+from hysac_jax.formats import openclip as oi
+from hysac_jax import pretrained
 from hysac_jax import serving
 from hysac_jax.models.clip import CLIPModel
+from hysac_jax.training import restore as restore_lib
 from numerics import (assert_float32_parity, assert_float64_parity,
                       to_float64, tower_error_terms)
 from open_clip_import import load_open_clip
@@ -406,7 +407,8 @@ def test_cli_usage_errors(tiny_files, tmp_path, capsys):
   config, checkpoint, _ = tiny_files
   code, line = run_cli(["--open-clip", str(config), "--out",
                         str(tmp_path)], capsys)
-  assert code == cli.EXIT_USAGE and "--open-clip needs --checkpoint" in line
+  assert code == cli.EXIT_USAGE and (
+      "--open-clip needs --open-clip-weights" in line)
   code, line = run_cli(["--clip", "x", "--checkpoint", str(checkpoint),
                         "--out", str(tmp_path)], capsys)
   assert code == cli.EXIT_USAGE and "go with --open-clip" in line
@@ -483,7 +485,7 @@ def test_run_compatibility_checks_towers_and_mean_std(open_clip, tmp_path):
   same.mkdir()
   _, checkpoint = write_hub_layout(same, torch_model, cfg, wrap=False)
   oi.convert_openclip(same, checkpoint, tmp_path / "ok")
-  convert.check_run_compatible(tmp_path / "ok", tiny)  # passes
+  pretrained.check_run_compatible(tmp_path / "ok", tiny)  # passes
   other = tmp_path / "other"
   other.mkdir()
   _, checkpoint = write_hub_layout(other, torch_model, cfg, mean=[0.5] * 3,
@@ -491,17 +493,17 @@ def test_run_compatibility_checks_towers_and_mean_std(open_clip, tmp_path):
   oi.convert_openclip(other, checkpoint, tmp_path / "mean")
   with pytest.raises(ValueError, match=r"image_mean \[0.5, 0.5, 0.5\], but "
                      "the image pipelines use OpenAI's"):
-    convert.check_run_compatible(tmp_path / "mean", tiny)
+    pretrained.check_run_compatible(tmp_path / "mean", tiny)
   other_eps = dataclasses.replace(
       tiny, vision=dataclasses.replace(tiny.vision, layer_norm_eps=1e-6))
   with pytest.raises(ValueError, match=r"vision.layer_norm_eps 1e-05 \(run: "
                      r"1e-06\)"):
-    convert.check_run_compatible(tmp_path / "ok", other_eps)
+    pretrained.check_run_compatible(tmp_path / "ok", other_eps)
   # Hugging Face configs pool at eos id 49407, the named sizes at the
   # largest id: the same position on the OpenAI vocabulary.
   hf_like = dataclasses.replace(
       tiny, text=dataclasses.replace(tiny.text, eos_token_id=49407))
-  convert.check_run_compatible(tmp_path / "ok", hf_like)
+  pretrained.check_run_compatible(tmp_path / "ok", hf_like)
 
 
 # ------------------------------------------- round trip through training ---
@@ -655,9 +657,8 @@ def test_gelu_model_trains_as_config_model_clip_and_evaluates_from_it(
   assert not summary["preempted"]
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["model"]["clip"] == str(gelu_converted)
-  from hysac_jax.training import step as step_lib
-  assert step_lib.model_from_config(config).clip.text.hidden_act == "gelu"
-  _, state = ckpt_lib.restore_run(workdir, config=config)
+  assert pretrained.model_from_config(config).clip.text.hidden_act == "gelu"
+  _, state = restore_lib.restore_run(workdir, config=config)
   start = convert.read_converted(gelu_converted)
   params = jax.device_get(state.params)
   frozen = ("clip", "vision_model", "encoder", "layers_1", "mlp", "fc1",

@@ -24,9 +24,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hysac_jax import distributed
-from hysac_jax.training import step as step_lib
-from hysac_jax.training import loop as loop_lib
+from hysac_jax import pretrained
 from hysac_jax.data import pipeline
+from hysac_jax.training import loop as loop_lib
 
 import tiny_runs
 
@@ -156,7 +156,7 @@ def pod_and_reference(data_dir, tmp_path_factory):
   logs = tmp_path_factory.mktemp("logs")
   # Build the dataset first: the reference and the pod share data_dir.
   config = pod_config(data_dir)
-  image_size = step_lib.model_from_config(config).clip.vision.image_size
+  image_size = pretrained.model_from_config(config).clip.vision.image_size
   pipeline.open_builder(config.data, image_size)
   address = f"127.0.0.1:{free_port()}"
   cmd = ([sys.executable, str(ROOT / "train.py"), f"--workdir={pod}",
@@ -301,7 +301,7 @@ def test_sigterm_on_one_process_stops_every_process_at_the_same_step(
   # service (no per-step collective of ours) makes both save the same step.
   pod = tmp_path / "pod"
   config = pod_config(data_dir)
-  image_size = step_lib.model_from_config(config).clip.vision.image_size
+  image_size = pretrained.model_from_config(config).clip.vision.image_size
   pipeline.open_builder(config.data, image_size)
   address = f"127.0.0.1:{free_port()}"
   total = 4 * 40

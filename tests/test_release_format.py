@@ -1,4 +1,4 @@
-"""Export in the HySAC release's format (hysac_jax/release_format.py)."""
+"""Export in the HySAC release's format (hysac_jax/formats/release.py)."""
 
 import dataclasses
 import math
@@ -16,11 +16,12 @@ from flax import traverse_util
 from configs import tiny
 from hysac_jax import convert
 from hysac_jax import export
-from hysac_jax import release_format
+from hysac_jax import pretrained
 from hysac_jax import safety
 from hysac_jax import serving
-from hysac_jax.training import step as step_lib
+from hysac_jax.formats import release as release_format
 from hysac_jax.models.clip import LoRAConfig
+from hysac_jax.training import step as step_lib
 from numerics import (assert_float32_parity, assert_float64_parity,
                       to_float64, tower_error_terms)
 import tiny_runs
@@ -110,7 +111,7 @@ def save_converted(directory, model, params, lora, bounds=True):
 @pytest.fixture(scope="module")
 def source():
   """A 'trained' tiny model with the release's LoRA: (HySAC module, params)."""
-  model = step_lib.model_from_config(tiny_config())
+  model = pretrained.model_from_config(tiny_config())
   params = trained(step_lib.init_model_params(model, jax.random.key(0)))
   return model, params
 

@@ -12,14 +12,15 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import config as config_lib
 from hysac_jax import convert
 from hysac_jax import export
+from hysac_jax import pretrained
 from hysac_jax import serving
 from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import lora as lora_lib
 from hysac_jax.models import sizes
+from hysac_jax.training import restore as restore_lib
 from hysac_jax.training import step as step_lib
 from numerics import assert_float32_parity, tower_error_terms
 import tiny_runs
@@ -143,27 +144,26 @@ def test_scanned_towers_equal_unrolled_in_float64_forward_and_lora_grads(
 
 def test_scanned_layers_draw_a_different_dropout_key_per_layer(
     monkeypatch, unrolled_params):
-  """Every LoRA dropout mask of the scanned towers comes from its own key:
-  were the dropout stream not split over the scan, all layers would share
-  their masks."""
+  """Every layer of the scanned towers draws its LoRA dropout masks (one
+  draw for all its targets) from its own key: were the dropout stream not
+  split over the scan, all layers would share their masks."""
   config, lora, params = unrolled_params
   seen = []
-  real = lora_lib.dropout_keep_mask
+  real = lora_lib.keep_masks
 
-  def recording(rng, shape, rate):
+  def recording(rng, rows, widths, rate):
     jax.debug.callback(lambda k: seen.append(tuple(np.ravel(k))),
                        jax.random.key_data(rng))
-    return real(rng, shape, rate)
+    return real(rng, rows, widths, rate)
 
-  monkeypatch.setattr(lora_lib, "dropout_keep_mask", recording)
+  monkeypatch.setattr(lora_lib, "keep_masks", recording)
   model = clip_lib.CLIPModel(config, lora, scan=True)
   ids = jnp.asarray(tiny_runs.random_inputs(2)[0])
   out = model.apply({"params": clip_lib.stack_layers(params)}, ids,
                     deterministic=False, rngs={"dropout": jax.random.key(0)},
                     method="encode_text")
   jax.block_until_ready(out)
-  targets = [t for t in lora.targets if t != "patch_embedding"]
-  assert len(seen) == config.text.num_hidden_layers * len(targets)
+  assert len(seen) == config.text.num_hidden_layers
   assert len(set(seen)) == len(seen)
 
 
@@ -171,16 +171,16 @@ def test_a_scanned_run_starts_from_the_unrolled_runs_values():
   """build_params stacks converted (unrolled) weights and draws LoRA A per
   layer path: the scanned start is the unrolled start, stacked."""
   given = step_lib.random_clip_params(
-      step_lib.model_from_config(tiny_config(False)), seed=2)
+      pretrained.model_from_config(tiny_config(False)), seed=2)
   built = {}
   for scan in (False, True):
-    model = step_lib.model_from_config(tiny_config(scan))
+    model = pretrained.model_from_config(tiny_config(scan))
     assert model.scan_layers is scan
     built[scan] = step_lib.build_params(model, jax.random.key(5), given)
   assert_trees_equal(built[True], clip_lib.stack_layers(flat_to_tree(
       built[False])))
   # A scanned tree given to an unrolled model is unstacked as well.
-  model = step_lib.model_from_config(tiny_config(False))
+  model = pretrained.model_from_config(tiny_config(False))
   again = step_lib.build_params(model, jax.random.key(5), built[True])
   assert_trees_equal(again, built[False])
 
@@ -196,7 +196,7 @@ def test_scanned_and_unrolled_train_steps_agree_in_float64():
   about lr * sign(g), would turn a rounding difference in a near-zero
   gradient into 2 * lr.)"""
   given = step_lib.random_clip_params(
-      step_lib.model_from_config(tiny_config(False)), seed=2)
+      pretrained.model_from_config(tiny_config(False)), seed=2)
   ids, pixels = tiny_runs.random_inputs(8)
   batch = {"safe_image": pixels, "unsafe_image": pixels[::-1].copy(),
            "safe_ids": ids, "unsafe_ids": ids[::-1].copy()}
@@ -206,7 +206,7 @@ def test_scanned_and_unrolled_train_steps_agree_in_float64():
     for scan in (False, True):
       config = tiny_config(scan)
       config.model.lora.dropout = 0.0
-      model = step_lib.model_from_config(config).clone(dtype=jnp.float64)
+      model = pretrained.model_from_config(config).clone(dtype=jnp.float64)
       # LoRA B drawn in the unrolled layout, so both start from one tree.
       start = tiny_runs.with_trained_lora(clip_lib.unstack_layers(
           flat_to_tree(step_lib.build_params(model, jax.random.key(5),
@@ -303,7 +303,7 @@ def test_an_unrolled_run_saved_before_scan_layers_restores(tmp_path):
   path.write_text(json.dumps(saved))
   config = config_lib.load_run_config(run)
   assert config.model.scan_layers is False
-  _, restored = ckpt_lib.restore_run(run)
+  _, restored = restore_lib.restore_run(run)
   assert not clip_lib.is_scanned(restored.params)
   assert_trees_equal(restored.params, state.params)
   served = serving.load_model(run)

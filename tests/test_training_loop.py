@@ -21,6 +21,7 @@ from hysac_jax import cli
 from hysac_jax import config as config_lib
 from hysac_jax import evaluate_run
 from hysac_jax.training import loop as loop_lib
+from hysac_jax.training import restore as restore_lib
 
 import tiny_runs
 
@@ -599,4 +600,4 @@ def test_restoring_a_run_without_checkpoints_names_the_kind_asked(tmp_path):
   with pytest.raises(FileNotFoundError,
                      match=f"no checkpoint in {tmp_path} .looked in "
                            f"{ckpt_lib.BEST_LOSS}/ and {ckpt_lib.LAST}/"):
-    ckpt_lib.restore_run(tmp_path, ckpt_lib.BEST_LOSS)
+    restore_lib.restore_run(tmp_path, ckpt_lib.BEST_LOSS)

@@ -23,8 +23,9 @@ from flax import traverse_util
 
 from configs import vitl14
 from hysac_jax import lorentz
-from hysac_jax.training import step as step_lib
+from hysac_jax import pretrained
 from hysac_jax.models import hysac as hysac_lib
+from hysac_jax.training import step as step_lib
 
 BATCH = 8
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -78,7 +79,7 @@ def copy_state(state):
 @pytest.fixture(scope="module")
 def params():
   """Tiny HySAC params; LoRA B is made non-zero so that A gets gradients."""
-  model = step_lib.model_from_config(tiny_config())
+  model = pretrained.model_from_config(tiny_config())
   params = step_lib.init_model_params(model, jax.random.key(0))
   rng = np.random.default_rng(1)
   flat_params = traverse_util.flatten_dict(jax.device_get(params))
@@ -92,7 +93,7 @@ def params():
 def _run(config, mesh, params, batch):
   """(initial state copy, new state, metrics, compiled step) of one step,
   float64 towers."""
-  model = step_lib.model_from_config(config).clone(dtype=jnp.float64)
+  model = pretrained.model_from_config(config).clone(dtype=jnp.float64)
   state = step_lib.create_train_state(config, jax.random.key(2),
                                        init_params=params, mesh=mesh,
                                        model=model)

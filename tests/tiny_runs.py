@@ -13,8 +13,10 @@ from configs import tiny
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import config as config_lib
 from hysac_jax import convert
+from hysac_jax import pretrained
 from hysac_jax import safety
 from hysac_jax.data import pipeline
+from hysac_jax.training import restore as restore_lib
 from hysac_jax.training import step as step_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +120,7 @@ def save_converted(path, seed, lora_b_scale, curv, alpha, rank=4):
   curvature `curv`, both feature scales `alpha`), without bounds."""
   c = tiny.get_config()
   c.model.lora.rank = rank
-  module = step_lib.model_from_config(c)
+  module = pretrained.model_from_config(c)
   params = with_trained_lora(
       step_lib.init_model_params(module, jax.random.key(seed)), lora_b_scale,
       {"log_curv": math.log(curv), "log_alpha_image": math.log(alpha),
@@ -137,7 +139,7 @@ def save_run(workdir, config, transform=None, step=4, bounds=None):
     state = state.replace(params=transform(state.params))
   config_lib.save_config(config, workdir)
   checkpoints = ckpt_lib.RunCheckpoints(workdir)
-  checkpoints.save(step, ckpt_lib.state_tree(state, step_key), {},
+  checkpoints.save(step, restore_lib.state_tree(state, step_key), {},
                    {"step": step}, kind=ckpt_lib.BEST_RECALL)
   checkpoints.close()
   if bounds is not None:

@@ -10,7 +10,7 @@ Entry points for eval.py and train.py:
 The tasks of `eval.py --task` have their own modules: `zeroshot` (class
 embeddings from prompts, top-K and mean per-class recall), `captions`
 (multi-caption retrieval), `prompt_safety` (prompt-based vs distance-based
-unsafe classification) and `embedding` (batched, padded embedding with a
+unsafe classification) and `embed` (batched, padded embedding with a
 loaded model).
 """
 

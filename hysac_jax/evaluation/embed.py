@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from hysac_jax import serving
 from hysac_jax.data import labelled_images
+from hysac_jax.data.tokenizer import tokenize
 
 IMAGE_BATCH = 64
 TEXT_BATCH = 256
@@ -98,7 +99,6 @@ def encode_batched(encode, x, batch, desc=None):
 
 def embed_texts(model, texts, batch_size=TEXT_BATCH, desc=None):
   """(M, D) float32 embeddings of M strings, in order (`encode_batched`)."""
-  from hysac_jax.data.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
   texts = list(texts)
   if not texts:
     raise ValueError("no text to embed")

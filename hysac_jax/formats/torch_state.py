@@ -17,6 +17,8 @@ rename plus a transpose:
 import re
 
 import numpy as np
+from safetensors.numpy import load_file
+
 
 from hysac_jax.models.lora import LORA_A, LORA_B
 
@@ -88,6 +90,46 @@ def preview(keys, n=12):
   """`"[a, b, …]"`: the first `n` of `keys`, for an error message."""
   shown = ", ".join(keys[:n])
   return f"[{shown}{', …' if len(keys) > n else ''}]"
+
+
+def key_mismatch(source, what, target, expected, missing, unexpected, state,
+                 wrong=None):
+  """The `CheckpointError` of a state dict whose keys do not fit a model.
+
+  Args:
+    source: the file, for the message.
+    what: the checkpoint expected, e.g. "a CLIP".
+    target: what it was matched against, e.g. "the model".
+    expected: how many keys were expected.
+    missing, unexpected: the keys (lists).
+    state: the state dict (a few of its keys are named when none fit).
+    wrong: optional list of shape mismatches, one line each.
+  """
+  if len(missing) == expected:
+    return CheckpointError(
+        f"{source} does not look like {what} checkpoint: none of the "
+        f"{expected} expected keys (e.g. {missing[0]}) is present; it has "
+        f"{len(state)} keys such as {sorted(state)[:5]}")
+  shapes = ("" if wrong is None else
+            f"; {len(wrong)} shape mismatches {preview(wrong)}")
+  return CheckpointError(
+      f"{source} does not match {target}: {len(missing)} missing keys "
+      f"{preview(missing)}; {len(unexpected)} unexpected keys "
+      f"{preview(unexpected)}{shapes}")
+
+
+def load_safetensors(path):
+  """A `.safetensors` file -> {key: numpy array}; `CheckpointError` naming
+  it when it cannot be read.
+
+  bfloat16 tensors load as ml_dtypes' bfloat16 (registered with numpy by
+  jax); callers cast them to float32, exactly.
+  """
+  try:
+    return load_file(path)
+  except Exception as e:
+    raise CheckpointError(f"{path} is not a readable safetensors file: "
+                          f"{e}") from e
 
 
 def load_torch_file(path):

@@ -14,7 +14,6 @@ checkpoint continues with exactly the batches and keys it would have used.
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import resource
@@ -32,12 +31,18 @@ from tqdm import tqdm
 
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import config as config_lib
+from hysac_jax import evaluation
+from hysac_jax import pretrained
 from hysac_jax import run_lock
 from hysac_jax import run_log
 from hysac_jax import safety
 from hysac_jax.evaluation import embed as embed_lib
+from hysac_jax.formats import detect
+from hysac_jax.formats import exports
+from hysac_jax.formats import release
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.training import prefetch as prefetch_lib
+from hysac_jax.training import restore as restore_lib
 from hysac_jax.training import step as step_lib
 
 
@@ -108,8 +113,8 @@ def state_encoder(state, mesh, eval_step):
 
 def validate(state, config, mesh, eval_step, image_size, desc="validation"):
   """Validation loss terms and recall sum over the whole validation split."""
-  from hysac_jax import evaluation
-  from hysac_jax.data import pipeline
+  # The input pipeline (grain, TFDS) is heavy: imported when data is read.
+  from hysac_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   batches = pipeline.make_dataset(config.data, "validation", image_size,
                                   seed=config.seed)
   emb, metrics = embed_lib.embed_split(state_encoder(state, mesh, eval_step), batches,
@@ -274,29 +279,26 @@ def _move_run_aside(workdir):
   return target
 
 
+# What training would overwrite, by what `detect.holds` finds there; a run,
+# an empty or a new directory, or other files are trained into.
+_NOT_A_RUN = {
+    **{k: f"an export ({exports.HEAD_FILE})"
+       for k in exports.EXPORT_KINDS + (detect.EXPORT,)},
+    detect.RELEASE: f"a model in the release's format ({release.MODEL_FILE})",
+    "converted": "a converted model",
+    detect.HF_CLIP: f"a {config_lib.CONFIG_FILE} of another kind",
+    detect.FOREIGN: f"a {config_lib.CONFIG_FILE} of another kind",
+    detect.UNREADABLE: f"a {config_lib.CONFIG_FILE} that is not valid JSON",
+}
+
+
 def _other_kind_of_directory(workdir):
   """What `workdir` holds when it is a model directory of another kind (an
   export, a converted model, the release's format), which training would
   overwrite; None for a run, an empty or a new directory, or other files."""
-  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
-  from hysac_jax import serving  # pylint: disable=g-import-not-at-top
-  if os.path.isfile(os.path.join(workdir, serving.HEAD_FILE)):
-    return f"an export ({serving.HEAD_FILE})"
-  if os.path.isfile(os.path.join(workdir, "hysac_model.pth")):
-    return "a model in the release's format (hysac_model.pth)"
-  path = os.path.join(workdir, config_lib.CONFIG_FILE)
-  if not os.path.isfile(path):
+  if not os.path.isdir(workdir):
     return None
-  try:
-    with open(path) as f:
-      meta = json.load(f)
-  except (ValueError, OSError):  # JSONDecodeError, UnicodeDecodeError
-    return f"a {config_lib.CONFIG_FILE} that is not valid JSON"
-  if isinstance(meta, dict) and "model" in meta and "train" in meta:
-    return None
-  if isinstance(meta, dict) and meta.get("format") == convert.FORMAT:
-    return "a converted model"
-  return f"a {config_lib.CONFIG_FILE} of another kind"
+  return _NOT_A_RUN.get(detect.holds(workdir, strict=False))
 
 
 def open_run_dir(workdir, resume=None, overwrite=False):
@@ -508,7 +510,7 @@ class _Run:
     self.preemption.saving = True
     try:
       self.checkpoints.save(self.step,
-                            ckpt_lib.state_tree(self.state, self.step_key),
+                            restore_lib.state_tree(self.state, self.step_key),
                             self.batches.get_state(), meta, kind=kind)
     finally:
       self.preemption.saving = False
@@ -516,12 +518,13 @@ class _Run:
 
 def _open_run(config, workdir, startup):
   """Data, model and a fresh train state: everything before a restore."""
-  from hysac_jax.data import pipeline
+  # The input pipeline (grain, TFDS) is heavy: imported when data is read.
+  from hysac_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config_lib.save_config(config, workdir)
   run = _Run(config, workdir,
              run_log.StartupTimes(startup, enabled=jax.process_index() == 0))
   run.mesh = step_lib.make_mesh()
-  model = step_lib.model_from_config(config)
+  model = pretrained.model_from_config(config)
   run.image_size = model.clip.vision.image_size
   pipeline.prepare(config.data, run.image_size)
   # Two batches on the devices ahead of the step; a checkpoint's data
@@ -536,7 +539,7 @@ def _open_run(config, workdir, startup):
   run.startup.mark("data")
 
   init_key, run.step_key = jax.random.split(jax.random.key(config.seed))
-  params = step_lib.initial_params(config)
+  params = pretrained.initial_params(config)
   run.startup.mark("params")
   run.state = step_lib.create_train_state(
       config, init_key, params, mesh=run.mesh, total_steps=run.total_steps,
@@ -563,9 +566,9 @@ def _restore_or_init(run, resume, fallback_checkpoint):
     resume = run.checkpoints.latest_step() is not None
   if resume:
     tree, data_state, meta = _restore_latest(
-        run.checkpoints, ckpt_lib.state_tree(run.state, run.step_key),
+        run.checkpoints, restore_lib.state_tree(run.state, run.step_key),
         fallback_checkpoint)
-    run.state = ckpt_lib.apply_state_tree(run.state, tree)
+    run.state = restore_lib.apply_state_tree(run.state, tree)
     run.step_key = jax.random.wrap_key_data(tree["rng"])
     run.batches.set_state(data_state)
     run.stopper = EarlyStopping.from_json(meta["early_stopping"])
@@ -773,16 +776,16 @@ def _final_bounds(run):
   config, checkpoints = run.config, run.checkpoints
   if config.model.mode != "hyp":  # no bounds: skip the validation pass
     return None
-  best = ckpt_lib.restore_into(checkpoints, run.state, run.step_key)
+  best = restore_lib.restore_into(checkpoints, run.state, run.step_key)
   emb, _, curv = validate(best, config, run.mesh, run.eval_step,
                           run.image_size, desc="bounds")
   bounds = safety.compute_bounds(emb["S"], emb["U"], emb["V"], emb["G"],
                                  curv)
   if jax.process_index() == 0:
     safety.save_bounds(bounds, os.path.join(checkpoints.workdir,
-                                            "bounds.json"))
+                                            safety.BOUNDS_FILE))
     for k in (ckpt_lib.BEST_RECALL, ckpt_lib.BEST_LOSS):
       d = os.path.join(checkpoints.workdir, k)
       if os.path.isdir(d):
-        safety.save_bounds(bounds, os.path.join(d, "bounds.json"))
+        safety.save_bounds(bounds, os.path.join(d, safety.BOUNDS_FILE))
   return bounds

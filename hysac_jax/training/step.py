@@ -44,6 +44,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hysac_jax import losses
 from hysac_jax import lorentz
+from hysac_jax.config import DTYPES  # pylint: disable=unused-import
+from hysac_jax.pretrained import (  # pylint: disable=unused-import
+    initial_params, model_from_config)
 from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models import lora as lora_lib
@@ -52,8 +55,6 @@ DATA_AXIS = "data"
 LABELS = ("frozen", "lora", "head", "base")
 LORA_NAMES = ("lora_A", "lora_B")
 BATCH_KEYS = ("safe_image", "unsafe_image", "safe_ids", "unsafe_ids")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-          "float16": jnp.float16}
 
 
 # ----------------------------------------------------------------- params ---
@@ -103,63 +104,9 @@ def merge_params(params, trainable):
 
 
 # ------------------------------------------------------------------ model ---
-
-
-def model_from_config(config):
-  """The HySAC module described by `config.model`.
-
-  The architecture comes from `config.model.clip` (a Hugging Face CLIP
-  directory or hub id, or a directory written by `hysac_jax.convert`) when
-  set, else from the named `config.model.size`.
-  """
-  from hysac_jax import convert
-  from hysac_jax.models import sizes
-
-  m = config.model
-  if m.clip:
-    clip_config = (convert.converted_clip_config(m.clip)
-                   or sizes.clip_config_from_hf(m.clip))
-  else:
-    clip_config = sizes.get_clip_config(m.size)
-  lora = None
-  if m.lora.rank > 0:
-    lora = clip_lib.LoRAConfig(rank=m.lora.rank, alpha=m.lora.alpha,
-                               dropout=m.lora.dropout,
-                               targets=tuple(m.lora.targets))
-  if m.dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of "
-                     f"{sorted(DTYPES)}")
-  attention = m.attention
-  clip_lib.attention_implementation(attention, DTYPES[m.dtype], 64)  # checks
-  return hysac_lib.HySAC(clip=clip_config, lora=lora, mode=m.mode,
-                         dtype=DTYPES[m.dtype],
-                         remat=clip_lib.remat_policy_name(m.remat),
-                         curv_init=m.curv_init,
-                         attention=None if attention == "auto" else attention,
-                         scan_layers=bool(m.scan_layers))
-
-
-def initial_params(config):
-  """Pretrained weights a run starts from, or None for a random init.
-
-  `config.model.init_from` (a directory written by `python -m
-  hysac_jax.convert`: CLIP, LoRA and head) wins over `config.model.clip` (a
-  Hugging Face CLIP directory or hub id, converted here, or a converted
-  directory, read as `init_from`). A resumed,
-  evaluated or exported run reads its frozen weights from the same place.
-  """
-  from hysac_jax import convert  # pylint: disable=g-import-not-at-top
-  init_from, clip = config.model.init_from, config.model.clip
-  if not init_from and clip and convert.converted_clip_config(clip):
-    init_from = clip  # A converted directory: its params, as --init_from.
-  if init_from:
-    # The towers are built from the config: the weights must fit them.
-    convert.check_run_compatible(init_from, model_from_config(config).clip)
-    return convert.read_converted(init_from).params
-  if clip:
-    _, params = convert.clip_params_from_hf(clip)
-    return params
-  return None
+# The module and the weights a config describes come from `hysac_jax.
+# pretrained` (which reads the files); `model_from_config` and
+# `initial_params` stay importable from here.
 
 
 def init_model_params(model, rng):
