@@ -93,8 +93,9 @@ def begin(final, progress):
   if os.path.isdir(work) and os.path.isfile(path):
     before = _read_json(path, "build progress")
     if before != json.loads(finite.dumps(progress)):
-      differ = sorted(k for k in set(before) | set(progress)
-                      if before.get(k) != progress.get(k))
+      after = json.loads(finite.dumps(progress))
+      differ = [k for k in list(after) + sorted(set(before) - set(after))
+                if before.get(k) != after.get(k)]
       raise GalleryError(
           f"a partial build at {work} was started with another "
           f"{', '.join(differ)}: rerun that build, or remove {work} to "

@@ -47,9 +47,16 @@ APPROX_KINDS = ("auto", "hnsw", "ivf", "none")
 
 
 def time_component(points, curv):
-  """(..., d) space components -> (...,) time components sqrt(1/c + |x|²)."""
-  points = np.asarray(points, np.float64)
-  return np.sqrt(1.0 / curv + np.sum(points * points, axis=-1))
+  """(N, d) or (d,) space components -> time components sqrt(1/c + |x|²),
+  float64 (summed in float64, CHUNK rows at a time: no float64 copy of a
+  large gallery)."""
+  points = np.asarray(points)
+  if points.ndim == 1:
+    return time_component(points[None], curv)[0]
+  sq = np.concatenate([np.einsum("ij,ij->i", p, p) for p in (
+      np.asarray(points[s:s + CHUNK], np.float64)
+      for s in range(0, len(points), CHUNK))]) if len(points) else np.zeros(0)
+  return np.sqrt(1.0 / curv + sq)
 
 
 # --------------------------------------------------------------------------
@@ -95,10 +102,11 @@ def _exact_top_k(queries, items, items_t, allowed, curv, k, chunk):
 
 @jax.jit
 def _pair_distances(queries, picked, curv):
-  """(Q, d) queries, (Q, k, d) picked items -> (Q, k) distances, by the
-  formula `predict.rank` reports (`lorentz.pairwise_dist`)."""
-  return jax.vmap(lambda q, p: lorentz.pairwise_dist(q[None], p, curv)[0])(
-      queries, picked)
+  """(Q, d) queries, (Q, k, d) picked items -> (Q, k) distances
+  (`lorentz.dist`: accurate for near pairs too)."""
+  # Same shapes (no broadcasting), so `dist` takes its near-pair form.
+  return lorentz.dist(jnp.broadcast_to(queries[:, None, :], picked.shape),
+                      picked, curv)
 
 
 def distances(queries, items, indices, curv):
@@ -159,7 +167,7 @@ def augment_items(points, curv, max_sq_norm):
   """(N, d) items -> (N, d + 2) float32 `[y, y_t, sqrt(M² − |y|² − y_t²)]`."""
   points = np.asarray(points, np.float32)
   y_t = time_component(points, curv)
-  sq = np.sum(np.asarray(points, np.float64)**2, axis=-1) + y_t**2
+  sq = 2 * y_t**2 - 1.0 / curv  # |y|² + y_t²
   extra = np.sqrt(np.maximum(max_sq_norm - sq, 0.0))
   return np.concatenate([points, y_t[:, None].astype(np.float32),
                          extra[:, None].astype(np.float32)], axis=1)
@@ -175,8 +183,7 @@ def augment_queries(queries, curv):
 
 def max_sq_norm(points, curv):
   """M²: the largest squared norm of the augmented items `[y, y_t]`."""
-  points = np.asarray(points, np.float64)
-  return float(np.max(2 * np.sum(points * points, axis=-1) + 1.0 / curv))
+  return float(np.max(2 * time_component(points, curv)**2 - 1.0 / curv))
 
 
 def choose_kind(n, kind="auto"):
