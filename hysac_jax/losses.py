@@ -214,19 +214,18 @@ def hysac_loss(S, U, V, G, curv, logit_scale, config: Any, *, mask=None,
     def con(t, v):
       return cosine_contrastive_loss(t, v, logit_scale, mask, groups)
 
-  terms = {
-      "contrastive_safe": con(S, V),
-      "contrastive_unsafe": con(U, G),
-      "contrastive_cross_a": con(S, G),
-      "contrastive_cross_b": con(U, V),
-  }
+  # The four contrastive terms run as one batched problem (and the three
+  # entailment terms as another): the same values as four (three) separate
+  # calls, with a quarter (a third) of the ops to compile.
+  texts, images = jnp.stack([S, U, S, U]), jnp.stack([V, G, G, V])
+  contrastive = jax.vmap(con)(texts, images)
+  terms = dict(zip(TERM_NAMES[:4], contrastive))
   if mode == "hyp":
     def ent(x, y):
       return entailment_loss(x, y, curv, aperture_scale, mask)
-    terms["entail_safe"] = ent(S, V)
-    terms["entail_unsafe"] = ent(U, G)
-    terms["entail_d"] = ent(V, U)
-    stacked = jnp.stack([terms[k] for k in TERM_NAMES])
+    entail = jax.vmap(ent)(jnp.stack([S, U, V]), jnp.stack([V, G, U]))
+    terms.update(zip(TERM_NAMES[4:], entail))
+    stacked = jnp.concatenate([contrastive, entail])
     # The release divides the normalised weighted sum by the number of terms
     # (7) as well: a constant factor, kept so logged losses match the release.
     total = jnp.sum(term_weights(entail_weight) * stacked) / len(TERM_NAMES)
@@ -234,5 +233,5 @@ def hysac_loss(S, U, V, G, curv, logit_scale, config: Any, *, mask=None,
     zero = jnp.zeros((), jnp.float32)
     for k in TERM_NAMES[4:]:
       terms[k] = zero
-    total = sum(terms[k] for k in TERM_NAMES[:4]) / 4.0
+    total = jnp.sum(contrastive) / 4.0
   return total, terms
