@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from hysac_jax.convert import hysac_params_from_pytorch
+from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import lora as lora_lib
 from hysac_jax.models import sizes
 from hysac_jax.models.clip import CLIPModel, LoRAConfig, dummy_inputs
@@ -177,6 +178,61 @@ def test_dropout_mask_drops_exactly_26_of_256():
   assert abs(float(keep.mean()) - p) < 5 * math.sqrt(p * (1 - p) / n)
   with pytest.raises(ValueError, match="dropout rate"):
     lora_lib.dropout_keep_mask(jax.random.key(0), (4,), 1.0)
+
+
+def test_one_draw_gives_each_input_its_own_independent_mask():
+  """`keep_masks` slices one draw into per-input masks: each at the exact
+  rate, independent of the others (agreement p² + (1-p)²), widths that are
+  not a multiple of four included."""
+  rows, widths = 4096, {"k_proj": 64, "v_proj": 64, "fc2": 258}
+  masks = lora_lib.keep_masks(jax.random.key(3), rows, widths, 0.1)
+  assert {k: m.shape for k, m in masks.items()} == {
+      k: (rows, w) for k, w in widths.items()}
+  p = 230 / 256
+  for m in masks.values():
+    n = m.size
+    assert abs(float(m.mean()) - p) < 5 * math.sqrt(p * (1 - p) / n)
+  k, v = np.asarray(masks["k_proj"]), np.asarray(masks["v_proj"])
+  agree, want = float((k == v).mean()), p * p + (1 - p) * (1 - p)
+  assert abs(agree - want) < 5 * math.sqrt(want * (1 - want) / k.size)
+  # The one-input draw is the same function.
+  one = lora_lib.dropout_keep_mask(jax.random.key(3), (8, 16, 64), 0.1)
+  np.testing.assert_array_equal(
+      one, lora_lib.keep_masks(jax.random.key(3), 128, {"x": 64}, 0.1)[
+          "x"].reshape(8, 16, 64))
+
+
+def test_an_encoder_layer_hands_every_lora_target_its_own_mask(monkeypatch):
+  """Dropout on: the layer draws once and each targeted dense layer gets
+  its own (N, in) mask; off (deterministic) none gets one."""
+  seen = {}
+  real = lora_lib.lora_dense
+
+  def recording(x, kernel, a, b, scale, keep):
+    seen[(x.shape, kernel.shape[1], len(seen))] = keep
+    return real(x, kernel, a, b, scale, keep)
+
+  monkeypatch.setattr(lora_lib, "lora_dense", recording)
+  lora = clip_lib.LoRAConfig(rank=2, dropout=0.1)
+  layer = clip_lib.EncoderLayer(16, 64, 2, "quick_gelu", 1e-5, lora)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 16)),
+                  jnp.float32)
+  params = layer.init(jax.random.key(0), x)
+  seen.clear()
+  layer.apply(params, x, deterministic=False,
+              rngs={"dropout": jax.random.key(1)})
+  masks = [np.asarray(m) for m in seen.values()]
+  targets = [t for t in clip_lib.LAYER_LORA_SITES if t in lora.targets]
+  assert len(masks) == len(targets)
+  assert all(m.dtype == bool and m.shape[0] == 10 for m in masks)
+  assert sorted(m.shape[1] for m in masks) == sorted(
+      64 if t == "fc2" else 16 for t in targets)
+  same_width = [m for m in masks if m.shape[1] == 16]
+  assert all(not np.array_equal(a, b) for i, a in enumerate(same_width)
+             for b in same_width[i + 1:])
+  seen.clear()
+  layer.apply(params, x)
+  assert all(m is None for m in seen.values())
 
 
 def test_lora_dropout_preserves_the_expectation_and_needs_an_rng():

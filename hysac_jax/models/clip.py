@@ -117,6 +117,9 @@ def _lora_kwargs(lora, name):
   return dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
 
 
+# The LoRA-able dense layers of an encoder layer, in the order their dropout
+# masks take the words of the layer's one random draw.
+LAYER_LORA_SITES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum")
 REMAT_POLICIES = ("none", "dots_saveable", "full")
 
@@ -206,8 +209,12 @@ class Attention(nn.Module):
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
-    """x: (B, L, D) -> (B, L, D); causal: token i sees tokens <= i."""
+  def __call__(self, x, deterministic=True, keep=None):
+    """x: (B, L, D) -> (B, L, D); causal: token i sees tokens <= i.
+
+    `keep`: optional {projection name: dropout mask} (`EncoderLayer.keep_masks`).
+    """
+    keep = keep or {}
     b, l, d = x.shape
     h = self.num_heads
     hd = d // h
@@ -219,10 +226,12 @@ class Attention(nn.Module):
     def heads(t):  # (B, L, D) -> (B, L, H, hd)
       return t.reshape(b, l, h, hd)
 
-    q = heads(proj("q_proj")(x, deterministic) * jnp.asarray(hd**-0.5,
-                                                              self.dtype))
-    k = heads(proj("k_proj")(x, deterministic))
-    v = heads(proj("v_proj")(x, deterministic))
+    def project(name, t):
+      return proj(name)(t, deterministic, keep.get(name))
+
+    q = heads(project("q_proj", x) * jnp.asarray(hd**-0.5, self.dtype))
+    k = heads(project("k_proj", x))
+    v = heads(project("v_proj", x))
     impl = attention_implementation(self.implementation, self.dtype, hd)
     if impl == "einsum" or jnp.dtype(self.dtype) == jnp.dtype(jnp.float64):
       # float64 towers verify the math (parity tests): jax's XLA attention
@@ -231,7 +240,7 @@ class Attention(nn.Module):
     else:
       out = jax.nn.dot_product_attention(
           q, k, v, scale=1.0, is_causal=self.causal, implementation=impl)
-    return proj("out_proj")(out.reshape(b, l, d), deterministic)
+    return project("out_proj", out.reshape(b, l, d))
 
 
 class MLP(nn.Module):
@@ -243,15 +252,16 @@ class MLP(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
-    """x: (B, L, D) -> (B, L, D)."""
+  def __call__(self, x, deterministic=True, keep=None):
+    """x: (B, L, D) -> (B, L, D); `keep` as in `Attention`."""
+    keep = keep or {}
     y = lora_lib.LoRADense(self.intermediate_size, dtype=self.dtype,
                            name="fc1", **_lora_kwargs(self.lora, "fc1"))(
-                               x, deterministic)
+                               x, deterministic, keep.get("fc1"))
     y = activation(self.hidden_act)(y)
     return lora_lib.LoRADense(self.hidden_size, dtype=self.dtype, name="fc2",
                               **_lora_kwargs(self.lora, "fc2"))(
-                                  y, deterministic)
+                                  y, deterministic, keep.get("fc2"))
 
 
 class EncoderLayer(nn.Module):
@@ -267,6 +277,21 @@ class EncoderLayer(nn.Module):
   attention: str | None = None
   scan_carry: bool = False  # return (x, None), the body of an `nn.scan`
 
+  def keep_masks(self, rows, deterministic):
+    """The layer's LoRA dropout masks, {target: (rows, in) bool}, from one
+    draw of its own key (`lora_lib.keep_masks`); {} when dropout is off."""
+    lora = self.lora
+    if (deterministic or lora is None or lora.rank <= 0
+        or lora.dropout <= 0.0):
+      return {}
+    widths = {name: self.hidden_size for name in LAYER_LORA_SITES}
+    widths["fc2"] = self.intermediate_size
+    widths = {name: w for name, w in widths.items() if name in lora.targets}
+    if not widths:
+      return {}
+    return lora_lib.keep_masks(self.make_rng("dropout"), rows, widths,
+                               lora.dropout)
+
   @nn.compact
   def __call__(self, x, deterministic=True):
     """x: (B, L, D) -> (B, L, D) (or ((B, L, D), None) under `scan_carry`)."""
@@ -274,14 +299,15 @@ class EncoderLayer(nn.Module):
       return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                           name=name)
 
+    keep = self.keep_masks(x.shape[0] * x.shape[1], deterministic)
     y = norm("layer_norm1")(x)
     y = Attention(self.hidden_size, self.num_heads, self.lora, self.dtype,
                   self.causal, self.attention, name="self_attn")(
-                      y, deterministic)
+                      y, deterministic, keep)
     x = x + y
     y = norm("layer_norm2")(x)
     y = MLP(self.hidden_size, self.intermediate_size, self.hidden_act,
-            self.lora, self.dtype, name="mlp")(y, deterministic)
+            self.lora, self.dtype, name="mlp")(y, deterministic, keep)
     return (x + y, None) if self.scan_carry else x + y
 
 

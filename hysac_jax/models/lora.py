@@ -109,15 +109,42 @@ def dropout_keep_mask(rng, shape, rate):
   Returns:
     bool array of `shape`, True where the element is kept.
   """
-  threshold = _drop_threshold(rate)
   shape = tuple(shape)
   lead, last = (shape[:-1], shape[-1]) if shape else ((), 1)
-  words = -(-last // 4)
-  bits = jax.random.bits(rng, lead + (words,), jnp.uint32)
-  # (..., words) uint32 -> (..., words, 4) uint8 -> (..., last) bytes.
-  bytes_ = jax.lax.bitcast_convert_type(bits, jnp.uint8)
-  bytes_ = bytes_.reshape(lead + (4 * words,))[..., :last].reshape(shape)
-  return bytes_ >= jnp.uint8(threshold)
+  rows = math.prod(lead)
+  return keep_masks(rng, rows, {"x": last}, rate)["x"].reshape(shape)
+
+
+def keep_masks(rng, rows, widths, rate):
+  """Keep-masks of several LoRA inputs from one random draw.
+
+  A transformer layer has a LoRA input per target (k, v, out, fc1, fc2):
+  drawing them together gives each layer one threefry hash graph instead of
+  one per target, which is most of what LoRA dropout adds to the compiled
+  train step (and the kernels it launches). Every input owns its own words
+  of the draw, so the masks are independent, each as `dropout_keep_mask`'s.
+
+  Args:
+    rng: PRNG key.
+    rows: N, the rows of every (flattened) input.
+    widths: {name: input width} (insertion order fixes the words used).
+    rate: nominal drop probability in [0, 1).
+
+  Returns:
+    {name: (rows, width) bool}, True where the element is kept.
+  """
+  threshold = _drop_threshold(rate)
+  words = {name: -(-width // 4) for name, width in widths.items()}
+  bits = jax.random.bits(rng, (rows, sum(words.values())), jnp.uint32)
+  masks, start = {}, 0
+  for name, width in widths.items():
+    part = bits[:, start:start + words[name]]
+    start += words[name]
+    # (rows, words) uint32 -> (rows, words, 4) uint8 -> (rows, width) bytes.
+    bytes_ = jax.lax.bitcast_convert_type(part, jnp.uint8)
+    bytes_ = bytes_.reshape(rows, 4 * words[name])[:, :width]
+    masks[name] = bytes_ >= jnp.uint8(threshold)
+  return masks
 
 
 def _drop_threshold(rate):
@@ -211,8 +238,13 @@ class LoRADense(nn.Module):
   kernel_init: Any = nn.initializers.lecun_normal()
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
-    """x: (..., in) -> (..., features) in `dtype`."""
+  def __call__(self, x, deterministic=True, keep=None):
+    """x: (..., in) -> (..., features) in `dtype`.
+
+    `keep`, an optional (N, in) bool mask over the flattened input, is the
+    dropout mask drawn by the caller (see `keep_masks`); without it the
+    layer draws its own when dropout is on and not `deterministic`.
+    """
     d_in = x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (d_in, self.features),
                         self.param_dtype)
@@ -223,7 +255,7 @@ class LoRADense(nn.Module):
                      self.param_dtype)
       b = self.param(LORA_B, INITIALIZERS[LORA_B], (self.rank, self.features),
                      self.param_dtype)
-      y = _apply_lora(self, x, kernel, a, b, deterministic)
+      y = _apply_lora(self, x, kernel, a, b, deterministic, keep)
       y = y.reshape(x.shape[:-1] + (self.features,))
     else:
       y = x @ kernel
@@ -282,15 +314,21 @@ class LoRAPatchConv(nn.Module):
     return y.reshape(x.shape[:-1] + (self.features,))
 
 
-def _apply_lora(module, x, kernel, a, b, deterministic):
-  """Flattens x to (N, in), draws the dropout mask, calls `lora_dense`."""
+def _apply_lora(module, x, kernel, a, b, deterministic, keep=None):
+  """Flattens x to (N, in), draws the dropout mask unless given, calls
+  `lora_dense`."""
   x2 = x.reshape(-1, x.shape[-1])
   scale = module.alpha / module.rank
-  keep = None
   if module.dropout > 0.0 and not deterministic:
-    keep = dropout_keep_mask(module.make_rng("dropout"), x2.shape,
-                             module.dropout)
+    if keep is None:
+      keep = dropout_keep_mask(module.make_rng("dropout"), x2.shape,
+                               module.dropout)
+    elif keep.shape != x2.shape:
+      raise ValueError(f"{module.name}: dropout mask of shape {keep.shape} "
+                       f"for an input of {x2.shape}")
     scale = scale / keep_probability(module.dropout)
+  else:
+    keep = None
   return lora_dense(x2, kernel, a.astype(x.dtype), b.astype(x.dtype), scale,
                     keep)
 
