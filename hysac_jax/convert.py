@@ -129,7 +129,7 @@ def _release_extras(directory, out):
   return release.read_extras(directory)
 
 
-def main(argv=None):
+def _parser():
   parser = argparse.ArgumentParser(
       prog="python -m hysac_jax.convert",
       description="Convert Hugging Face CLIP (and a HySAC release "
@@ -141,7 +141,7 @@ def main(argv=None):
                       help="OpenCLIP model name (open_clip's bundled "
                            "config) or config JSON / open_clip_config.json")
   parser.add_argument("--open-clip-weights", "--checkpoint",
-                      dest="checkpoint", default=None,
+                      dest="open_clip_weights", default=None,
                       help="the OpenCLIP weights (.safetensors, .pt, .bin); "
                            "--checkpoint is its old spelling")
   parser.add_argument("--force-quick-gelu", action="store_true",
@@ -161,6 +161,11 @@ def main(argv=None):
                            "curvature (default 1.0, the release's)")
   parser.add_argument("--lora-alpha", type=float, default=1.0,
                       help="LoRA alpha of the checkpoint (release: 1)")
+  return parser
+
+
+def main(argv=None):
+  parser = _parser()
   args = parser.parse_args(argv)
   for flag, value in (("--curv-init", args.curv_init),
                       ("--lora-alpha", args.lora_alpha)):
@@ -175,7 +180,7 @@ def main(argv=None):
     return cli.fail(parser.prog, e)
   if args.open_clip is not None:
     return _main_open_clip(parser, args, out)
-  if args.checkpoint or args.force_quick_gelu:
+  if args.open_clip_weights or args.force_quick_gelu:
     return cli.fail(parser.prog, "--open-clip-weights and --force-quick-gelu "
                     "go with --open-clip (for --clip use --hysac-checkpoint)",
                     cli.EXIT_USAGE)
@@ -194,7 +199,7 @@ def main(argv=None):
 
 def _main_open_clip(parser, args, out):
   """The --open-clip branch of `main`."""
-  if not args.checkpoint:
+  if not args.open_clip_weights:
     return cli.fail(parser.prog, "--open-clip needs --open-clip-weights FILE "
                     "(the OpenCLIP weights; old spelling --checkpoint)",
                     cli.EXIT_USAGE)
@@ -203,7 +208,8 @@ def _main_open_clip(parser, args, out):
                     "with --clip, not --open-clip", cli.EXIT_USAGE)
   def write(directory):
     return openclip.convert_openclip(
-        args.open_clip, args.checkpoint, directory, curv_init=args.curv_init,
+        args.open_clip, args.open_clip_weights, directory,
+        curv_init=args.curv_init,
         force_quick_gelu=args.force_quick_gelu)[1]
 
   try:

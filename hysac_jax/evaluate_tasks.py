@@ -91,33 +91,7 @@ def class_prompts(class_names, tfds_name=None, prompts_file=None,
   """
   names = [n.replace("_", " ") for n in class_names]
   if prompts_file:
-    with open(prompts_file, encoding="utf-8") as f:
-      try:
-        data = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"prompt file {prompts_file} is not valid JSON: "
-                         f"{e}") from None
-    if isinstance(data, dict) and isinstance(data.get("prompts"), dict):
-      out = []
-      for raw in class_names:
-        given = data["prompts"].get(raw)
-        if given is None:
-          given = data["prompts"].get(raw.replace("_", " "))
-        given = [p for p in (given or []) if str(p).strip()]
-        if not given:
-          raise ValueError(f"class {raw!r} has no prompt in {prompts_file}")
-        out.append([str(p) for p in given])
-      return out, list(class_names), prompts_file
-    if isinstance(data, dict) and data.get("templates"):
-      if data.get("classes") is not None:
-        if len(data["classes"]) != len(class_names):
-          raise ValueError(f"{prompts_file} names {len(data['classes'])} "
-                           f"classes; the dataset has {len(class_names)}")
-        names = list(data["classes"])
-      return ([_fill(data["templates"], n, prompts_file) for n in names],
-              names, prompts_file)
-    raise ValueError(f"prompt file {prompts_file} holds neither "
-                     "{'prompts': {class: [...]}} nor {'templates': [...]}")
+    return _prompts_from_file(class_names, names, prompts_file)
   if templates_file:
     templates = prompt_safety.read_lines(templates_file, "template")
     return ([_fill(templates, n, templates_file) for n in names], names,
@@ -129,6 +103,38 @@ def class_prompts(class_names, tfds_name=None, prompts_file=None,
             list(names), f"shipped ({tfds_name})")
   return ([[GENERIC_TEMPLATE.format(n)] for n in names], names,
           f"generic ({GENERIC_TEMPLATE!r})")
+
+
+def _prompts_from_file(class_names, names, prompts_file):
+  """`class_prompts` of a prompt JSON file (per-class prompts, or templates
+  with optional class names); `names` are the dataset's display names."""
+  with open(prompts_file, encoding="utf-8") as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"prompt file {prompts_file} is not valid JSON: "
+                       f"{e}") from None
+  if isinstance(data, dict) and isinstance(data.get("prompts"), dict):
+    out = []
+    for raw in class_names:
+      given = data["prompts"].get(raw)
+      if given is None:
+        given = data["prompts"].get(raw.replace("_", " "))
+      given = [p for p in (given or []) if str(p).strip()]
+      if not given:
+        raise ValueError(f"class {raw!r} has no prompt in {prompts_file}")
+      out.append([str(p) for p in given])
+    return out, list(class_names), prompts_file
+  if isinstance(data, dict) and data.get("templates"):
+    if data.get("classes") is not None:
+      if len(data["classes"]) != len(class_names):
+        raise ValueError(f"{prompts_file} names {len(data['classes'])} "
+                         f"classes; the dataset has {len(class_names)}")
+      names = list(data["classes"])
+    return ([_fill(data["templates"], n, prompts_file) for n in names],
+            names, prompts_file)
+  raise ValueError(f"prompt file {prompts_file} holds neither "
+                   "{'prompts': {class: [...]}} nor {'templates': [...]}")
 
 
 # --------------------------------------------------------------------------

@@ -76,6 +76,7 @@ from hysac_jax.formats import detect
 from hysac_jax.formats import exports
 from hysac_jax.formats import hf_clip
 from hysac_jax.formats import release
+from hysac_jax.formats.exports import head_json, thresholds  # pylint: disable=unused-import
 from hysac_jax.formats.torch_state import CheckpointError
 # Moved to formats/; still importable from here.
 from hysac_jax.formats.hf_clip import (  # pylint: disable=unused-import
@@ -92,7 +93,7 @@ FORMATS = exports.EXPORT_KINDS
 # (`hysac_jax/formats/release.py`).
 WRITE_FORMATS = FORMATS + ("release",)
 EXPORT_FORMAT = exports.EXPORT_FORMAT
-EXPORT_VERSION = 2  # 2: the StableHLO safety functions take alpha
+EXPORT_VERSION = exports.EXPORT_VERSION
 HEAD_FILE = exports.HEAD_FILE
 HF_CONFIG_FILE = hf_clip.CONFIG_FILE
 HF_WEIGHTS_FILE = hf_clip.WEIGHTS_FILE
@@ -129,35 +130,6 @@ def apply_head(features, head, modality):
   if head["mode"] == "euc":
     return hysac_lib.l2_normalize(features)
   return hysac_lib.lift(features, head[f"alpha_{modality}"], head["curv"])
-
-
-def thresholds(bounds, curv, alpha=safety.DEFAULT_ALPHA):
-  """{"text": b', "image": b'} from the bounds (None without bounds)."""
-  if bounds is None:
-    return None
-  return {m: safety.modality_threshold(curv, bounds, m, alpha)
-          for m in safety.SAFE_GROUP}
-
-
-def head_json(src, kind):
-  """The contents of `hysac_head.json` for an export of `kind`."""
-  values = {k: float(v) for k, v in
-            hysac_lib.head_scalars(src.params, src.curv_init).items()}
-  how = ("points = exp_map0(alpha_<modality> * features, curv): space "
-         "components on the Lorentz hyperboloid of curvature -curv"
-         if src.mode == "hyp" else "points = features / ||features||")
-  return {
-      "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "kind": kind,
-      "mode": src.mode, "curv_init": float(src.curv_init), **values,
-      "stored_logs": {k: float(src.params[k]) for k in hysac_lib.HEAD_NAMES},
-      "bounds": src.bounds,
-      "thresholds": thresholds(src.bounds, values["curv"],
-                               src.traversal_alpha),
-      "traversal_alpha": float(src.traversal_alpha),
-      "apply": how,
-      "clip": src.config.to_dict(),
-      "source": src.source,
-  }
 
 
 # --------------------------------------------------------------------------
@@ -199,9 +171,7 @@ def _numpy(params):
 
 
 def _write_head(out_dir, src, kind):
-  with open(os.path.join(out_dir, HEAD_FILE), "w") as f:
-    finite.dump(head_json(src, kind), f, indent=2)
-    f.write("\n")
+  exports.write_head(out_dir, head_json(src, kind))
 
 
 def export_hf(src, out_dir):

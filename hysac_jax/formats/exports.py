@@ -12,8 +12,9 @@ Each export kind is one directory, `OUT/<kind>/`, holding `hysac_head.json`
 | `orbax` | `params/` (the merged HySAC param tree) |
 | `stablehlo` | `<function>.jax_exported` for `STABLEHLO_FUNCTIONS`, `params.safetensors` |
 
-`read_head` reads and checks the head file; `hysac_jax.export` writes the
-directories and `hysac_jax.serving` loads them.
+`head_json` / `write_head` write the head file and `read_head` reads and
+checks it; `hysac_jax.export` writes the weights and `hysac_jax.serving`
+loads them.
 """
 
 import json
@@ -21,9 +22,11 @@ import os
 
 from hysac_jax import finite
 from hysac_jax import safety
+from hysac_jax.models import hysac as hysac_lib
 
 EXPORT_KINDS = ("hf", "orbax", "stablehlo")
 EXPORT_FORMAT = "hysac_jax.export"
+EXPORT_VERSION = 2  # 2: the StableHLO safety functions take alpha
 HEAD_FILE = "hysac_head.json"
 ORBAX_PARAMS_DIR = "params"
 STABLEHLO_PARAMS_FILE = "params.safetensors"
@@ -51,6 +54,43 @@ def head_kind(head):
       and head.get("kind") in EXPORT_KINDS):
     return head["kind"]
   return None
+
+
+def thresholds(bounds, curv, alpha=safety.DEFAULT_ALPHA):
+  """{"text": b', "image": b'} from the bounds (None without bounds)."""
+  if bounds is None:
+    return None
+  return {m: safety.modality_threshold(curv, bounds, m, alpha)
+          for m in safety.SAFE_GROUP}
+
+
+def head_json(src, kind):
+  """The contents of `hysac_head.json` for an export of `kind` of `src` (a
+  `serving.Model`: params, config, mode, curv_init, bounds, alpha, source)."""
+  values = {k: float(v) for k, v in
+            hysac_lib.head_scalars(src.params, src.curv_init).items()}
+  how = ("points = exp_map0(alpha_<modality> * features, curv): space "
+         "components on the Lorentz hyperboloid of curvature -curv"
+         if src.mode == "hyp" else "points = features / ||features||")
+  return {
+      "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "kind": kind,
+      "mode": src.mode, "curv_init": float(src.curv_init), **values,
+      "stored_logs": {k: float(src.params[k]) for k in hysac_lib.HEAD_NAMES},
+      "bounds": src.bounds,
+      "thresholds": thresholds(src.bounds, values["curv"],
+                               src.traversal_alpha),
+      "traversal_alpha": float(src.traversal_alpha),
+      "apply": how,
+      "clip": src.config.to_dict(),
+      "source": src.source,
+  }
+
+
+def write_head(out_dir, head):
+  """Writes the head dict (`head_json`) as `out_dir/hysac_head.json`."""
+  with open(os.path.join(out_dir, HEAD_FILE), "w") as f:
+    finite.dump(head, f, indent=2)
+    f.write("\n")
 
 
 def read_head(directory, kind):

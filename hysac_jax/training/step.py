@@ -195,6 +195,19 @@ def build_params(model, rng, given=None, *, sharding=None):
   unrolled = model.clone(scan_layers=False) if scanned else model
   want = traverse_util.flatten_dict(abstract_params(unrolled))
   have = traverse_util.flatten_dict(clip_lib.unstack_layers(given))
+  _check_given(want, have)
+  values = _host_leaves(model, rng, want, have)
+  if scanned:
+    flat = traverse_util.flatten_dict(clip_lib.stack_layers(
+        traverse_util.unflatten_dict(dict(zip(want, values)))))
+    want, values = list(flat), list(flat.values())
+  placed = _place(values, sharding)
+  return traverse_util.unflatten_dict(dict(zip(want, placed)))
+
+
+def _check_given(want, have):
+  """Raises unless the flat `have` fits the flat model shapes `want`: no
+  unknown leaf, every frozen leaf present, every shape the model's."""
   unknown = [k for k in have if k not in want]
   if unknown:
     raise KeyError("init params hold leaves the model does not have: "
@@ -207,6 +220,12 @@ def build_params(model, rng, given=None, *, sharding=None):
     if tuple(np.shape(v)) != tuple(want[k].shape):
       raise ValueError(f"init param {'/'.join(k)} has shape {np.shape(v)}, "
                        f"the model expects {want[k].shape}")
+
+
+def _host_leaves(model, rng, want, have):
+  """Every leaf of `want`, in its order: the given one (cast to the param
+  dtype), else a head scalar at its init, else a LoRA matrix made on the
+  host from (`rng`, its path)."""
   head = hysac_lib.head_init(model.clip.projection_dim, model.curv_init)
   words = [int(w) for w in np.ravel(jax.device_get(_key_data(rng)))]
   # float64 towers (verification under jax_enable_x64) keep float64 params.
@@ -222,19 +241,18 @@ def build_params(model, rng, given=None, *, sharding=None):
     else:
       values.append(lora_lib.host_init(k[-1], spec.shape, dtype,
                                        words + [_leaf_seed(k)]))
-  if scanned:
-    flat = traverse_util.flatten_dict(clip_lib.stack_layers(
-        traverse_util.unflatten_dict(dict(zip(want, values)))))
-    want, values = list(flat), list(flat.values())
+  return values
+
+
+def _place(values, sharding):
+  """`values` placed by `sharding` (None: the default device), copied."""
   if sharding is not None and not sharding.is_fully_addressable:
     # Several processes: each places its own (identical) copy on its
     # devices; device_put would first compare every leaf across hosts.
-    placed = [_from_host(v, sharding) if isinstance(v, np.ndarray)
-              else jax.device_put(v, sharding, may_alias=False)
-              for v in values]
-  else:
-    placed = jax.device_put(values, sharding, may_alias=False)
-  return traverse_util.unflatten_dict(dict(zip(want, placed)))
+    return [_from_host(v, sharding) if isinstance(v, np.ndarray)
+            else jax.device_put(v, sharding, may_alias=False)
+            for v in values]
+  return jax.device_put(values, sharding, may_alias=False)
 
 
 def _from_host(value, sharding):
@@ -582,22 +600,9 @@ def train_step(state, batch, rng, *, loss_config, num_groups=1,
   if accum_steps == 1:
     (_, metrics), grads = grad_fn(trainable, batch, rng)
   else:
-    micro = _micro_batches(batch, accum_steps, num_groups)
-
-    def body(carry, xs):
-      index, mb = xs
-      (_, m), g = grad_fn(trainable, mb, jax.random.fold_in(rng, index))
-      return jax.tree.map(jnp.add, carry, (g, m)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    zero_metrics = jax.eval_shape(
-        lambda: grad_fn(trainable, jax.tree.map(lambda x: x[0], micro),
-                        rng)[0][1])
-    zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                zero_metrics)
-    (grads, metrics), _ = jax.lax.scan(
-        body, (zeros, zero_metrics), (jnp.arange(accum_steps), micro))
-    grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
+    grads, metrics = _accumulated(
+        grad_fn, trainable, _micro_batches(batch, accum_steps, num_groups),
+        rng, accum_steps)
 
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, trainable)
@@ -609,6 +614,27 @@ def train_step(state, batch, rng, *, loss_config, num_groups=1,
   metrics = dict(metrics, grad_norm=grad_norm,
                  lr=learning_rate(new_state))
   return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+
+
+def _accumulated(grad_fn, trainable, micro, rng, accum_steps):
+  """(gradients, metrics) averaged over the `accum_steps` micro-batches of
+  `micro` (leading axis), one `lax.scan` step each; micro-batch j's key is
+  `rng` folded with j."""
+
+  def body(carry, xs):
+    index, mb = xs
+    (_, m), g = grad_fn(trainable, mb, jax.random.fold_in(rng, index))
+    return jax.tree.map(jnp.add, carry, (g, m)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
+  zero_metrics = jax.eval_shape(
+      lambda: grad_fn(trainable, jax.tree.map(lambda x: x[0], micro),
+                      rng)[0][1])
+  zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                              zero_metrics)
+  (grads, metrics), _ = jax.lax.scan(
+      body, (zeros, zero_metrics), (jnp.arange(accum_steps), micro))
+  return jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
 
 
 def make_train_step(config, mesh, compiler_options=None):
