@@ -35,16 +35,20 @@ from hysac_jax.formats.converted import (  # pylint: disable=unused-import
     CONFIG_FILE, FORMAT, FORMAT_VERSION, PARAMS_FILE, Converted,
     check_preprocess, converted_clip_config, initial_head, read_converted,
     save_pretrained)
-from hysac_jax.formats.converted import SUMMARY_FILE as HEAD_FILE
+from hysac_jax.formats.converted import SUMMARY_FILE
 from hysac_jax.formats.hf_clip import (  # pylint: disable=unused-import
     clip_params_from_hf, clip_template, load_hf_state_dict,
     params_from_state_dict)
 from hysac_jax.formats.release import (  # pylint: disable=unused-import
     RELEASE_HEAD, hysac_params_from_pytorch)
-from hysac_jax.formats.torch_state import CheckpointError
+from hysac_jax.formats.torch_state import (  # pylint: disable=unused-import
+    CheckpointError, StateDictError)
 from hysac_jax.models.lora import merge_lora
 from hysac_jax.pretrained import check_run_compatible  # pylint: disable=unused-import
 
+# The converted directory's head.json under its old name here (not
+# `formats.exports.HEAD_FILE`, an export's hysac_head.json).
+HEAD_FILE = SUMMARY_FILE
 RELEASE_BOUNDS_FILE = release.BOUNDS_FILE
 RELEASE_EXTRAS_FILE = release.EXTRAS_FILE
 
@@ -188,11 +192,11 @@ def main(argv=None):
     outdir.write_in_place(out, lambda d: convert(
         args.clip, d, args.hysac_checkpoint, merge=args.merge_lora,
         curv_init=args.curv_init, lora_alpha=args.lora_alpha))
-  except (CheckpointError, ValueError, OSError, ImportError) as e:
+  except (StateDictError, ValueError, OSError, ImportError) as e:
     # ValueError: a bad config.json; OSError: missing or unwritable files;
     # ImportError: torch, needed for .pth / .bin checkpoints.
     return cli.fail(parser.prog, e)
-  with open(os.path.join(out, HEAD_FILE)) as f:
+  with open(os.path.join(out, SUMMARY_FILE)) as f:
     print(f"wrote {out}: {json.load(f)['values']}")
   return 0
 
@@ -214,7 +218,7 @@ def _main_open_clip(parser, args, out):
 
   try:
     model = outdir.write_in_place(out, write)
-  except (CheckpointError, ValueError, OSError, ImportError) as e:
+  except (StateDictError, ValueError, OSError, ImportError) as e:
     # ValueError: a config the Flax CLIP cannot reproduce (names the field).
     return cli.fail(parser.prog, e)
   print(f"wrote {out}: activation {model.config.text.hidden_act}, image "

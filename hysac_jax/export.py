@@ -77,7 +77,7 @@ from hysac_jax.formats import exports
 from hysac_jax.formats import hf_clip
 from hysac_jax.formats import release
 from hysac_jax.formats.exports import head_json, thresholds  # pylint: disable=unused-import
-from hysac_jax.formats.torch_state import CheckpointError
+from hysac_jax.formats.torch_state import StateDictError
 # Moved to formats/; still importable from here.
 from hysac_jax.formats.hf_clip import (  # pylint: disable=unused-import
     hf_config, hf_state_dict, write_hf_clip)
@@ -368,7 +368,7 @@ def main(argv=None):
                       merge="release" not in args.format)
     written = export(src, out, tuple(dict.fromkeys(args.format)),
                      tuple(args.platforms), args.overwrite)
-  except (ModelDirError, CheckpointError, ValueError, OSError) as e:
+  except (ModelDirError, StateDictError, ValueError, OSError) as e:
     # OSError: a missing bounds file, an --out that cannot be written.
     return cli.fail(prog, e)
   for fmt, directory in written.items():

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from hysac_jax import finite
 from hysac_jax.data.preprocess import CLIP_MEAN, CLIP_STD
-from hysac_jax.formats.torch_state import CheckpointError
+from hysac_jax.formats.torch_state import StateDictError
 from hysac_jax.models.clip import CLIPConfig, LoRAConfig
 from hysac_jax.models.hysac import HEAD_NAMES, HySAC, head_scalars
 
@@ -117,7 +117,7 @@ def read_meta(path):
 
   Raises:
     FileNotFoundError: `path` has no config.json.
-    CheckpointError: its config.json is not a converted directory's.
+    StateDictError: its config.json is not a converted directory's.
   """
   cfg_file = os.path.join(os.fspath(path), CONFIG_FILE)
   if not os.path.isfile(cfg_file):
@@ -126,7 +126,7 @@ def read_meta(path):
   with open(cfg_file) as f:
     meta = json.load(f)
   if not is_converted_config(meta):
-    raise CheckpointError(f"{cfg_file} is not a {FORMAT} config; write it "
+    raise StateDictError(f"{cfg_file} is not a {FORMAT} config; write it "
                           "with `python -m hysac_jax.convert`")
   return meta
 
@@ -160,7 +160,7 @@ def converted_clip_config(path):
   (e.g. a Hugging Face CLIP directory or hub id)."""
   try:
     return CLIPConfig.from_dict(read_meta(path)["clip"])
-  except (FileNotFoundError, CheckpointError):
+  except (FileNotFoundError, StateDictError):
     return None
 
 

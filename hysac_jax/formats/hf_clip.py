@@ -17,7 +17,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from hysac_jax import finite
-from hysac_jax.formats.torch_state import (CheckpointError, key_mismatch,
+from hysac_jax.formats.torch_state import (StateDictError, key_mismatch,
                                            load_safetensors, load_torch_file,
                                            to_flax_layout, to_torch_layout,
                                            torch_key, torch_shape)
@@ -126,7 +126,7 @@ def hub_path(path_or_id, config_only=False):
   if os.path.isdir(path) or (config_only and os.path.isfile(path)):
     return path
   if os.path.exists(path):
-    raise CheckpointError(f"{path} is a file; expected a Hugging Face "
+    raise StateDictError(f"{path} is a file; expected a Hugging Face "
                           "CLIP directory (config.json + weights) or hub id")
   try:
     # huggingface_hub is slow to import and only a hub id needs it.
@@ -197,7 +197,7 @@ def params_from_state_dict(state, config, lora=None, source="checkpoint",
     Nested param dict (float32 numpy leaves) in the `CLIPModel` layout.
 
   Raises:
-    CheckpointError: listing missing and unexpected keys, or naming a key
+    StateDictError: listing missing and unexpected keys, or naming a key
       whose shape is wrong with both shapes.
   """
   template = clip_template(config, lora)
@@ -211,7 +211,7 @@ def params_from_state_dict(state, config, lora=None, source="checkpoint",
     array = np.asarray(state[key])
     expected = torch_shape(path, spec.shape)
     if tuple(array.shape) != expected:
-      raise CheckpointError(
+      raise StateDictError(
           f"{source}: shape mismatch for {key}: checkpoint has "
           f"{tuple(array.shape)}, the model expects {expected}")
     flat[path] = np.ascontiguousarray(to_flax_layout(path, array)).astype(

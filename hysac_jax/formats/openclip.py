@@ -559,7 +559,7 @@ def params_from_openclip_state(state, config, source="checkpoint"):
     The nested `CLIPModel` param dict, float32 numpy leaves.
 
   Raises:
-    CheckpointError: listing every missing key, unexpected key and shape
+    StateDictError: listing every missing key, unexpected key and shape
       mismatch (with both shapes).
   """
   state = _unwrap(state)

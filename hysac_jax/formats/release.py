@@ -45,7 +45,7 @@ from hysac_jax import finite
 from hysac_jax import safety
 from hysac_jax.formats.hf_clip import (clip_template, hub_path,
                                        params_from_state_dict, write_hf_clip)
-from hysac_jax.formats.torch_state import (CheckpointError, load_torch_file,
+from hysac_jax.formats.torch_state import (StateDictError, load_torch_file,
                                            preview, to_torch_layout,
                                            torch_key)
 from hysac_jax.models import hysac as hysac_lib
@@ -298,7 +298,7 @@ def _lora_from_state(canonical, alpha, dropout):
   if not ranks:
     return None
   if len(ranks) > 1:
-    raise CheckpointError(f"LoRA ranks differ across layers: {sorted(ranks)}")
+    raise StateDictError(f"LoRA ranks differ across layers: {sorted(ranks)}")
   order = LoRAConfig().targets
   return LoRAConfig(rank=ranks.pop(), alpha=alpha, dropout=dropout,
                     targets=tuple(sorted(targets, key=lambda t: (
@@ -324,7 +324,7 @@ def _read_state(checkpoint):
 
 def _split_state(state, source):
   """A release state dict -> (tower keys in HF names, head logs by our
-  names); raises `CheckpointError` on keys of neither."""
+  names); raises `StateDictError` on keys of neither."""
   canonical, head, others = {}, {}, []
   for key, array in state.items():
     tower, name = _release_key(key)
@@ -340,11 +340,11 @@ def _split_state(state, source):
   missing_head = [f"{k} (-> {v})" for k, v in RELEASE_HEAD.items()
                   if v not in head]
   if not canonical:
-    raise CheckpointError(
+    raise StateDictError(
         f"{source} is not a HySAC checkpoint: no `visual.`/`textual.` tower "
         f"keys; it has {len(state)} keys such as {sorted(state)[:5]}")
   if missing_head or others:
-    raise CheckpointError(
+    raise StateDictError(
         f"{source} does not match the HySAC release layout: missing head "
         f"scalars {missing_head}; unexpected keys {preview(sorted(others))}")
   return canonical, head
@@ -397,9 +397,9 @@ def read_extras(directory):
     with open(extras_file) as f:
       extras = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{extras_file} is not valid JSON: {e}") from None
+    raise StateDictError(f"{extras_file} is not valid JSON: {e}") from None
   if not isinstance(extras, dict) or "traversal_alpha" not in extras:
-    raise CheckpointError(f"{extras_file}: expected an object with "
+    raise StateDictError(f"{extras_file}: expected an object with "
                           "traversal_alpha")
   return finite.check_number(extras["traversal_alpha"], extras_file,
                              "traversal_alpha")

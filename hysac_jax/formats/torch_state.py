@@ -31,8 +31,14 @@ _TORCH_FROM_FLAX = {n: tuple(int(i) for i in np.argsort(p))
                     for n, p in _FLAX_FROM_TORCH.items()}
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that does not match the model (names the file and keys)."""
+class StateDictError(ValueError):
+  """A state dict (a weights file) that does not match the model, or cannot
+  be read: names the file and keys. Not `checkpoint.CheckpointError`, an
+  Orbax step of a run that cannot be restored."""
+
+
+# Its old name, still importable (here and from `hysac_jax.convert`).
+CheckpointError = StateDictError
 
 
 def torch_key(path):
@@ -94,7 +100,7 @@ def preview(keys, n=12):
 
 def key_mismatch(source, what, target, expected, missing, unexpected, state,
                  wrong=None):
-  """The `CheckpointError` of a state dict whose keys do not fit a model.
+  """The `StateDictError` of a state dict whose keys do not fit a model.
 
   Args:
     source: the file, for the message.
@@ -106,20 +112,20 @@ def key_mismatch(source, what, target, expected, missing, unexpected, state,
     wrong: optional list of shape mismatches, one line each.
   """
   if len(missing) == expected:
-    return CheckpointError(
+    return StateDictError(
         f"{source} does not look like {what} checkpoint: none of the "
         f"{expected} expected keys (e.g. {missing[0]}) is present; it has "
         f"{len(state)} keys such as {sorted(state)[:5]}")
   shapes = ("" if wrong is None else
             f"; {len(wrong)} shape mismatches {preview(wrong)}")
-  return CheckpointError(
+  return StateDictError(
       f"{source} does not match {target}: {len(missing)} missing keys "
       f"{preview(missing)}; {len(unexpected)} unexpected keys "
       f"{preview(unexpected)}{shapes}")
 
 
 def load_safetensors(path):
-  """A `.safetensors` file -> {key: numpy array}; `CheckpointError` naming
+  """A `.safetensors` file -> {key: numpy array}; `StateDictError` naming
   it when it cannot be read.
 
   bfloat16 tensors load as ml_dtypes' bfloat16 (registered with numpy by
@@ -128,7 +134,7 @@ def load_safetensors(path):
   try:
     return load_file(path)
   except Exception as e:
-    raise CheckpointError(f"{path} is not a readable safetensors file: "
+    raise StateDictError(f"{path} is not a readable safetensors file: "
                           f"{e}") from e
 
 
@@ -136,7 +142,7 @@ def load_torch_file(path):
   """A `torch.save`d state dict (`.pt`, `.pth`, `.bin`) -> {key: numpy array}.
 
   Unwraps `{"state_dict": …}` / `{"model": …}`; floating tensors become
-  float32. Raises `CheckpointError` naming the file when it cannot be read.
+  float32. Raises `StateDictError` naming the file when it cannot be read.
   """
   try:
     # torch is optional and slow to import: only reading these files needs it.
@@ -149,7 +155,7 @@ def load_torch_file(path):
   except Exception as e:  # pickle errors have many types
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     first = first.split(". ")[0]  # torch's weights_only advice runs on
-    raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
+    raise StateDictError(f"{path} is not a readable PyTorch checkpoint: "
                           f"{type(e).__name__}: {first}") from e
   return _state_dict_to_numpy(obj, path)
 
@@ -164,7 +170,7 @@ def _state_dict_to_numpy(obj, source):
         break
   if not isinstance(obj, dict) or not all(
       isinstance(v, torch.Tensor) for v in obj.values()):
-    raise CheckpointError(f"{source} is not a state dict of tensors (got "
+    raise StateDictError(f"{source} is not a state dict of tensors (got "
                           f"{type(obj).__name__})")
   return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point()
           else v.numpy() for k, v in obj.items()}
