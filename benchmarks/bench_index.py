@@ -144,13 +144,11 @@ def main():
   start = time.perf_counter()
   from hysac_jax.index import backends  # pylint: disable=g-import-not-at-top
   structure, params = backends.build_faiss(points, CURV, args.approx)
-  index = index_lib.Index(index.points, index.labels, index.distance,
-                          index.unsafe, index.modality, index.model,
-                          faiss_index=structure, approx_params=params)
   approx_build = time.perf_counter() - start
   progress(f"approx back-end {params} built in {approx_build:.1f} s; peak "
            f"RSS {peak_rss_gib():.1f} GiB")
-  exact, approx = index.backend("exact"), index.backend("approx")
+  exact = index.backend("exact")
+  approx = backends.Approx(points, CURV, structure, params)
   points_t = backends.time_component(points, CURV).astype(np.float32)
 
   # Recall@10 of approx against exact, and exact against NumPy.

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -36,6 +37,9 @@ BACKENDS = ("exact", "approx")
 # Leaves up to this size are hashed whole; larger ones by a strided sample
 # and their float64 sum (a merged LoRA changes every entry).
 _HASH_WHOLE = 1 << 16
+# One compiled program per chunk shape, rather than eager ops over a whole
+# gallery.
+_origin_distance = jax.jit(safety.origin_distance, static_argnames=("mode",))
 
 
 class SearchError(ValueError):
@@ -119,7 +123,9 @@ class Index:
       approx: None, or a FAISS kind ("auto", "hnsw", "ivf") to build.
     """
     points = np.asarray(points, np.float32)
-    distance = np.asarray(safety.origin_distance(points, curv))
+    distance = np.concatenate([
+        np.asarray(_origin_distance(points[s:s + backends.CHUNK], curv))
+        for s in range(0, len(points), backends.CHUNK)])
     model = {"fingerprint": None, "curv": float(curv),
              "traversal_alpha": alpha, "bound": bound, "threshold": None}
     unsafe = np.full(len(points), gallery.UNKNOWN, np.int8)
