@@ -420,6 +420,10 @@ def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
 
 
 PROG = "python -m hysac_jax.predict"
+# What `serving.load_model` raises for a model, --bounds or weights that
+# cannot be read (OSError: a missing --bounds file, unreadable weights).
+MODEL_ERRORS = (serving.ModelDirError, convert.CheckpointError,
+                ckpt_lib.CheckpointError, OSError, ValueError, KeyError)
 
 
 def _fail(prog, message, **context):
@@ -494,6 +498,15 @@ def add_index_flags(parser, required):
                       help="with --index: exact (JAX) or approx (FAISS)")
 
 
+def check_alpha_flag(parser, alpha):
+  """A usage error unless --traversal-alpha (when given) is finite."""
+  if alpha is not None:
+    try:
+      finite.check_number(alpha, "", "--traversal-alpha")
+    except finite.NonFiniteError as e:
+      parser.error(str(e))
+
+
 def open_index(args, model):
   """The `IndexQuery` of --index, checked against `model`.
 
@@ -515,11 +528,7 @@ def main(argv=None, prog=PROG):
   args = parser.parse_args(argv)
   if args.top_k < 1:
     parser.error("--top-k must be at least 1")
-  if args.traversal_alpha is not None:
-    try:
-      finite.check_number(args.traversal_alpha, "", "--traversal-alpha")
-    except finite.NonFiniteError as e:
-      parser.error(str(e))
+  check_alpha_flag(parser, args.traversal_alpha)
   if not args.image and not args.text and not args.save_pool:
     parser.error("nothing to do: give --image and/or --text")
   if args.save_pool and not args.pool:
@@ -533,10 +542,7 @@ def main(argv=None, prog=PROG):
     model = serving.load_model(args.model, bounds_path=args.bounds,
                                checkpoint=args.checkpoint,
                                traversal_alpha=args.traversal_alpha)
-  except (serving.ModelDirError, convert.CheckpointError,
-          ckpt_lib.CheckpointError, OSError, ValueError,
-          KeyError) as e:
-    # OSError: a missing --bounds file, unreadable weights.
+  except MODEL_ERRORS as e:
     return _fail(prog, str(e), model=args.model)
   pool = None
   if args.pool:

@@ -223,6 +223,12 @@ def read_items(directory, manifest):
     if len(shard["labels"]) != entry["count"]:
       raise GalleryError(f"shard {path} is corrupt: {len(shard['labels'])} "
                          f"items, the manifest says {entry['count']}")
+    # Fail closed: a NaN point or distance would rank or flag at random.
+    for key in ("points", "distance"):
+      try:
+        finite.check_finite_array(shard[key], f"shard {path}", key)
+      except finite.NonFiniteError as e:
+        raise GalleryError(f"{e} (corrupt)") from None
     parts.append(shard)
   keys = ("points", "labels", "distance", "unsafe")
   if not parts:

@@ -29,7 +29,6 @@ import sys
 
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
-from hysac_jax import convert
 from hysac_jax import finite
 from hysac_jax import outdir
 from hysac_jax import predict
@@ -84,8 +83,7 @@ def _load_model(args):
     return serving.load_model(args.model, bounds_path=args.bounds,
                               checkpoint=args.checkpoint,
                               traversal_alpha=args.traversal_alpha)
-  except (serving.ModelDirError, convert.CheckpointError,
-          ckpt_lib.CheckpointError, OSError, ValueError, KeyError) as e:
+  except predict.MODEL_ERRORS as e:
     raise cli.CLIError(str(e)) from None
 
 
@@ -95,22 +93,25 @@ def run_build(argv):
   args = parser.parse_args(argv)
   if args.shard_size < 1:
     parser.error("--shard-size must be at least 1")
-  if args.traversal_alpha is not None:
-    try:
-      finite.check_number(args.traversal_alpha, "", "--traversal-alpha")
-    except finite.NonFiniteError as e:
-      parser.error(str(e))
+  predict.check_alpha_flag(parser, args.traversal_alpha)
   # Before the model loads: a bad --out fails in a second.
   outdir.check(args.out, args.overwrite, "--out")
   model = _load_model(args)
-  manifest = build_lib.build(
-      model, args.out, images=args.images, captions=args.captions,
-      split=args.split, shard_size=args.shard_size, approx=args.approx,
-      overwrite=args.overwrite, progress_bar=not args.quiet,
-      build_args={"model": os.path.abspath(args.model),
-                  "bounds": args.bounds and os.path.abspath(args.bounds),
-                  "traversal_alpha": args.traversal_alpha,
-                  "checkpoint": args.checkpoint})
+  try:
+    manifest = build_lib.build(
+        model, args.out, images=args.images, captions=args.captions,
+        split=args.split, shard_size=args.shard_size, approx=args.approx,
+        overwrite=args.overwrite, progress_bar=not args.quiet,
+        build_args={"model": os.path.abspath(args.model),
+                    "bounds": args.bounds and os.path.abspath(args.bounds),
+                    "traversal_alpha": args.traversal_alpha,
+                    "checkpoint": args.checkpoint})
+  except KeyboardInterrupt:
+    work = gallery.building_dir(args.out)
+    done = len(gallery.done_shards(work)) if os.path.isdir(work) else 0
+    raise cli.CLIError(f"interrupted: {done} shard(s) kept in {work}; rerun "
+                       "the same command to resume", cli.EXIT_INTERRUPTED
+                       ) from None
   print(finite.dumps({"index": args.out, "count": manifest["count"],
                       "modality": manifest["modality"],
                       "skipped": len(manifest["skipped"]),

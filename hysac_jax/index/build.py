@@ -73,6 +73,9 @@ def image_source(images, split="test"):
   if os.path.exists(images) and not os.path.isdir(images):
     raise BuildError(f"--images {images} is a file: expected a directory "
                      "of images or a TFDS dataset")
+  if not os.path.exists(images) and (os.sep in images or
+                                     images.startswith(".")):
+    raise BuildError(f"--images {images}: no such directory")
   try:
     return labelled_images.from_tfds(images, split)
   except ValueError as e:
