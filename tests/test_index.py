@@ -316,6 +316,16 @@ def test_an_interrupted_build_resumes_where_it_stopped(
   np.testing.assert_allclose(again.points, first.points, rtol=1e-6)
 
 
+def test_a_shard_of_unreadable_images_only_is_kept_empty(model, images,
+                                                         tmp_path):
+  out = tmp_path / "idx"
+  manifest = build_lib.build(model, out, images=str(images), shard_size=1,
+                             approx="none", progress_bar=False)
+  assert manifest["shards"][0] == {"file": gallery.shard_name(0), "count": 0}
+  assert manifest["count"] == 7 and len(manifest["skipped"]) == 1
+  assert hysac_jax.index.open(out).labels == readable(images)
+
+
 def test_a_corrupt_shard_is_named_in_one_line(capsys, built, images,
                                               tmp_path):
   broken = tmp_path / "idx"

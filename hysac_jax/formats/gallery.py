@@ -27,6 +27,7 @@ catch a corrupt shard's bytes.
 
 import json
 import os
+import re
 import shutil
 import zipfile
 
@@ -41,6 +42,7 @@ PROGRESS = "progress.json"
 APPROX_FILE = "approx.faiss"
 SHARD_KEYS = ("points", "labels", "distance", "unsafe", "skipped")
 UNKNOWN, SAFE, UNSAFE = -1, 0, 1
+_SHARD = re.compile(r"shard-(\d{5})\.npz")
 
 
 class GalleryError(ValueError):
@@ -111,14 +113,15 @@ def begin(final, progress):
 def done_shards(work):
   """The shard indices already written in a building dir (complete files
   only: a shard is renamed into place when written)."""
-  return sorted(int(f[6:11]) for f in os.listdir(work)
-                if f.startswith("shard-") and f.endswith(".npz"))
+  return sorted(int(m.group(1)) for m in map(_SHARD.fullmatch,
+                                              os.listdir(work)) if m)
 
 
 def write_shard(work, i, points, labels, distance, unsafe, skipped):
   """Writes shard `i` atomically (a temporary file, then renamed)."""
   path = os.path.join(work, shard_name(i))
-  tmp = path + ".tmp.npz"
+  # A write killed midway leaves only this, which `done_shards` ignores.
+  tmp = os.path.join(work, f".{shard_name(i)}.tmp.npz")
   np.savez(tmp, points=np.asarray(points, np.float32),
            labels=np.asarray(list(labels), dtype=str),
            distance=np.asarray(distance, np.float32),
@@ -223,6 +226,8 @@ def read_items(directory, manifest):
     if len(shard["labels"]) != entry["count"]:
       raise GalleryError(f"shard {path} is corrupt: {len(shard['labels'])} "
                          f"items, the manifest says {entry['count']}")
+    if not len(shard["labels"]):  # all its items unreadable: (0, 0) points
+      shard["points"] = np.zeros((0, manifest["dim"]), np.float32)
     # Fail closed: a NaN point or distance would rank or flag at random.
     for key in ("points", "distance"):
       try:

@@ -134,6 +134,8 @@ def _errors(image_set, image_size):
 
 def _flags(model, points, modality, labels, threshold):
   """(distance, unsafe int8) of a shard; raises on a non-finite one."""
+  if not len(labels):  # every source item of the shard was unreadable
+    return np.zeros(0, np.float32), np.zeros(0, np.int8)
   distance = np.asarray(safety.origin_distance(points, model.curv))
   bad = np.flatnonzero(~(np.all(np.isfinite(points), axis=1)
                          & np.isfinite(distance)))
@@ -203,10 +205,11 @@ def build(model, out, *, images=None, captions=None, split="test",
                              "shard_size": shard_size})
   n_shards = -(-len(names) // shard_size)
   done = set(gallery.done_shards(work))
-  with tqdm(total=len(names), desc=f"indexing {modality}s", file=sys.stderr,
-            disable=not progress_bar, unit=modality) as bar:
-    bar.update(sum(min(shard_size, len(names) - i * shard_size)
-                   for i in done if i < n_shards))
+  kept = sum(min(shard_size, len(names) - i * shard_size) for i in done
+             if i < n_shards)
+  # `initial`: the resumed shards count as done, not in the rate.
+  with tqdm(total=len(names), initial=kept, desc=f"indexing {modality}s",
+            file=sys.stderr, disable=not progress_bar, unit=modality) as bar:
     for i in range(n_shards):
       if i in done:
         continue
