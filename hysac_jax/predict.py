@@ -49,8 +49,9 @@ Exit codes (`hysac_jax.cli`): 0 every input answered; 3 partial: some inputs
 (a missing, unreadable, truncated or oversized image, an empty caption) got
 an `{"type", "input", "error"}` line, the others were answered; 1 a model,
 bounds, pool or index that cannot be read (or an index of another model):
-one `{"error": ..., "model", "pool" or "index": ...}` line on stdout and one `python -m hysac_jax.predict: error: ...` line
-on stderr, nothing else; 2 bad command-line flags.
+one `{"error": ..., "model", "pool" or "index": ...}` line on stdout and
+one `python -m hysac_jax.predict: error: ...` line on stderr, nothing else;
+2 bad command-line flags.
 """
 
 import argparse
