@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -77,9 +78,13 @@ def test_exact_search_equals_a_float64_brute_force_ties_included():
   points[200:230] = points[10:40]  # exact duplicates: ties to the lower
   queries = np.concatenate([points[10:20], clustered(rng, 20)])
   want = brute_force(queries, points, 12)
-  for chunk in (16, 64, backends.CHUNK):  # several chunks merged, or one
-    idx, dist = backends.Exact(points, CURV, chunk=chunk).search(queries, 12)
-    assert idx.tolist() == want, chunk
+  # Several chunks merged, or one; on the 4 devices (ties across them: the
+  # duplicates lie on other devices than their originals), or on one.
+  for chunk, devices in ((16, None), (64, None), (backends.CHUNK, None),
+                         (16, jax.local_devices()[:1])):
+    idx, dist = backends.Exact(points, CURV, chunk=chunk,
+                               devices=devices).search(queries, 12)
+    assert idx.tolist() == want, (chunk, devices)
     np.testing.assert_allclose(
         dist, np.take_along_axis(dist_f64(queries, points), idx, 1),
         rtol=1e-5, atol=1e-5)

@@ -6,8 +6,9 @@ nearest items are those of largest `<x,y>_L`, the plain inner product of
 the augmented vectors `[x, −x_t]` (query) and `[y, y_t]` (item).
 
 - `exact`: that score against every item, chunk by chunk in one jitted
-  `lax.scan` on the default device (memory: queries × `chunk` floats), with
-  a running top-k. Ties go to the lower item index, as everywhere in the
+  `lax.scan` (memory: queries × `chunk` floats), with a running top-k; the
+  items are split in blocks across the local devices, whose top-k are
+  merged. Ties go to the lower item index, as everywhere in the
   package (`predict.rank`, `evaluation.retrieval`).
 - `approx`: FAISS. Augmented item vectors have unequal norms (`||y||² + y_t²
   = 2||y||² + 1/c` grows with the distance from the origin), which costs an
@@ -33,6 +34,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hysac_jax import lorentz
 
@@ -120,30 +124,73 @@ def distances(queries, items, indices, curv):
   return np.where(indices < 0, np.inf, out).astype(np.float32)
 
 
+def _sharded_search(mesh, k, chunk):
+  """A jitted (queries, items, items_t, allowed, curv) -> (Q, k) indices:
+  each device's top-k of its rows (`_exact_top_k`), merged. Device i holds
+  the i-th block of rows, so the merge, in device order, still breaks ties
+  by the lower index."""
+  rows, whole = P("data"), P()
+
+  def local(queries, items, items_t, allowed, curv):
+    best, idx = _exact_top_k(queries, items, items_t, allowed, curv, k, chunk)
+    offset = jax.lax.axis_index("data") * items.shape[0]
+    return best[None], jnp.where(idx >= 0, idx + offset, -1)[None]
+
+  per_device = jax.shard_map(local, mesh=mesh,
+                             in_specs=(whole, rows, rows, rows, whole),
+                             out_specs=(rows, rows),
+                             # The scan's carry starts replicated (-inf).
+                             check_vma=False)
+
+  @jax.jit
+  def search(queries, items, items_t, allowed, curv):
+    best, idx = per_device(queries, items, items_t, allowed, curv)
+    q = queries.shape[0]
+    best = jnp.moveaxis(best, 0, 1).reshape(q, -1)  # (Q, devices * k)
+    idx = jnp.moveaxis(idx, 0, 1).reshape(q, -1)
+    _, pos = jax.lax.top_k(best, k)
+    return jnp.take_along_axis(idx, pos, axis=1)
+
+  return search
+
+
 class Exact:
   """Exact search: every item scored on device, `CHUNK` items at a time.
+
+  The items are split in blocks of rows across `devices` (default: every
+  local device), so a gallery may fill the memory of all of them; each
+  device ranks its block and the blocks' top-k are merged.
 
   Args:
     points: (N, d) float32 items.
     curv: curvature magnitude.
-    chunk: items per matmul (a smaller gallery is one chunk).
+    chunk: items per matmul (a smaller block is one chunk).
+    devices: the devices holding the items.
   """
 
   name = "exact"
 
-  def __init__(self, points, curv, chunk=CHUNK):
+  def __init__(self, points, curv, chunk=CHUNK, devices=None):
     self.points = np.asarray(points, np.float32)
     self.curv = float(curv)
-    n = len(self.points)
-    self.chunk = min(chunk, 1 << max(n - 1, 0).bit_length())
-    rows = -(-max(n, 1) // self.chunk) * self.chunk
+    devices = list(jax.local_devices() if devices is None else devices)
+    self._mesh = Mesh(np.asarray(devices), ("data",))
+    n, n_dev = len(self.points), len(devices)
+    per_device = -(-max(n, 1) // n_dev)
+    self.chunk = min(chunk, 1 << max(per_device - 1, 0).bit_length())
+    rows = -(-per_device // self.chunk) * self.chunk * n_dev
     pad = rows - n
     padded = np.concatenate([self.points, np.zeros(
         (pad, self.points.shape[1]), np.float32)]) if pad else self.points
-    self._items = jnp.asarray(padded)
-    self._items_t = jnp.asarray(np.concatenate([
-        time_component(self.points, self.curv), np.zeros(pad)]), jnp.float32)
+    place = NamedSharding(self._mesh, P("data"))
+    self._items = jax.device_put(padded, place)
+    del padded
+    self._items_t = jax.device_put(np.concatenate([
+        time_component(self.points, self.curv), np.zeros(pad)]).astype(
+            np.float32), place)
     self._rows = rows
+    self._allowed = place
+    self._search = {}
 
   def search(self, queries, k, allowed=None):
     """(Q, d) queries -> ((Q, k) int64 indices, (Q, k) float32 distances)."""
@@ -151,9 +198,11 @@ class Exact:
     mask = np.zeros(self._rows, bool)
     mask[:n] = True if allowed is None else allowed
     k_run = min(k, self._rows)
-    _, idx = _exact_top_k(jnp.asarray(queries, jnp.float32), self._items,
-                          self._items_t, jnp.asarray(mask),
-                          jnp.float32(self.curv), k_run, self.chunk)
+    if k_run not in self._search:
+      self._search[k_run] = _sharded_search(self._mesh, k_run, self.chunk)
+    idx = self._search[k_run](
+        jnp.asarray(queries, jnp.float32), self._items, self._items_t,
+        jax.device_put(mask, self._allowed), jnp.float32(self.curv))
     idx = np.asarray(idx).astype(np.int64)
     idx = np.where(mask[np.maximum(idx, 0)] & (idx >= 0), idx, -1)
     if k_run < k:
