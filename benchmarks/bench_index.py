@@ -16,7 +16,9 @@ In one run, baseline and index in the same process:
   (FAISS, re-ranked);
 - recall@10 of approx against exact, on `--queries` queries;
 - resident memory (peak RSS) after each stage.
-Each timing is the median of `--repeats` runs after a warm-up.
+Each timing is the median of `--repeats` runs after a warm-up, the
+contenders interleaved within each repeat (a shared machine's load changes
+then hit all of them alike).
 
   .venv/bin/python benchmarks/bench_index.py                 # N = 10^6
   .venv/bin/python benchmarks/bench_index.py --n 20000 --repeats 2  # dry run
@@ -27,6 +29,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 
@@ -34,7 +37,6 @@ import numpy as np
 
 # This checkout's package first (not an installed copy).
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from timing import median_seconds  # pylint: disable=g-import-not-at-top,wrong-import-position
 from timing import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -161,18 +163,29 @@ def main():
   progress(f"recall@10 approx vs exact {recall:.4f} ({len(q)} queries); "
            f"exact vs NumPy {agree:.4f} (64 queries)")
 
-  results = {}
+  # Interleaved: each repeat times every contender in turn, so that a load
+  # change on this shared machine hits all of them alike.
   single = queries[:args.single]
-  for name, fn in (
-      ("numpy", lambda x: numpy_search(x, points, points_t, K)),
-      ("exact", lambda x: exact.search(x, K)),
-      ("approx", lambda x: approx.search(x, K))):
-    t1 = median_seconds(lambda fn=fn: [fn(single[i:i + 1])
-                                       for i in range(len(single))],
-                        args.repeats, f"{name} batch 1")
-    t256 = median_seconds(lambda fn=fn: fn(queries[:256]), args.repeats,
-                          f"{name} batch 256")
-    results[name] = (len(single) / t1, 256 / t256)
+  contenders = {
+      "numpy": lambda x: numpy_search(x, points, points_t, K),
+      "exact": lambda x: exact.search(x, K),
+      "approx": lambda x: approx.search(x, K)}
+  tasks = {(name, batch): (
+      (lambda fn=fn: [fn(single[i:i + 1]) for i in range(len(single))])
+      if batch == 1 else (lambda fn=fn: fn(queries[:256])))
+           for name, fn in contenders.items() for batch in (1, 256)}
+  times = {key: [] for key in tasks}
+  for repeat in range(args.repeats + 1):  # the first is the warm-up
+    for key, task in tasks.items():
+      start = time.perf_counter()
+      task()
+      if repeat:
+        times[key].append(time.perf_counter() - start)
+    progress(f"repeat {repeat}/{args.repeats} done" if repeat else
+             "warm-up done")
+  results = {name: (len(single) / statistics.median(times[name, 1]),
+                    256 / statistics.median(times[name, 256]))
+             for name in contenders}
   print(f"\nN = {args.n}, d = {DIM}, k = {K}, median of {args.repeats}")
   print(f"build: exact {exact_build:.1f} s, approx ({params['kind']}) "
         f"{approx_build:.1f} s")

@@ -8,8 +8,8 @@
 the lower item index), each `{"rank", "index", "label", "distance",
 "unsafe"}`, the `top_k` records of `python -m hysac_jax.predict --pool`
 with the item's flag added. The same records come from both back-ends
-(`backends`): "exact" (JAX, on device) and "approx" (FAISS; the index must
-have been built with one). `traversal` ("none", "release", "geodesic")
+(`backends`): "exact" (JAX, on the local devices) and "approx" (FAISS;
+the index must have been built with one). `traversal` ("none", "release", "geodesic")
 first moves a query farther than b' toward the origin, with the bound of
 the gallery's modality (`safety.traverse_to_safe`, as the evaluation's
 safety retrieval); `safe_only` leaves out items flagged unsafe at the b'
