@@ -346,6 +346,13 @@ def test_a_corrupt_shard_is_named_in_one_line(capsys, built, images,
     (line,) = err
     assert line.startswith(SEARCH_PROG) and f"shard {shard}" in line
     assert lines[0]["index"] == str(broken)
+  # A readable shard holding a NaN point fails closed, named too.
+  good = gallery.read_shard(built / gallery.shard_name(1))
+  good["points"][0, 0] = np.nan
+  gallery.write_shard(broken, 1, *(good[k] for k in gallery.SHARD_KEYS))
+  code, _, (line,) = run_cli(capsys, "search", "--index", broken, "--text",
+                             "a cat")
+  assert code == 1 and f"shard {shard}" in line and "non-finite" in line
 
 
 def test_cli_errors_are_one_line(capsys, built, model_dir, images, tmp_path,
