@@ -62,9 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 from jax import export as jax_export
-from safetensors.numpy import save_file
 
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
@@ -258,12 +256,8 @@ def stablehlo_exports(src, platforms=DEFAULT_PLATFORMS):
 def export_stablehlo(src, out_dir, platforms=DEFAULT_PLATFORMS):
   """Writes serialised `jax.export` functions, params and hysac_head.json."""
   os.makedirs(out_dir, exist_ok=True)
-  for name, exported in stablehlo_exports(src, platforms).items():
-    with open(os.path.join(out_dir, name + STABLEHLO_SUFFIX), "wb") as f:
-      f.write(exported.serialize())
-  flat = traverse_util.flatten_dict(src.params, sep="/")
-  save_file({k: np.array(v, np.float32, order="C") for k, v in flat.items()},
-            os.path.join(out_dir, STABLEHLO_PARAMS_FILE))
+  exports.write_stablehlo(out_dir, stablehlo_exports(src, platforms),
+                          src.params)
   _write_head(out_dir, src, "stablehlo")
   return out_dir
 

@@ -40,12 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
-from jax import export as jax_export
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from safetensors.numpy import load_file
 
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import finite
@@ -61,7 +58,7 @@ from hysac_jax.formats import run_dir
 from hysac_jax.formats.exports import (  # pylint: disable=unused-import
     EXPORT_FORMAT, EXPORT_KINDS, HEAD_FILE, ORBAX_PARAMS_DIR,
     STABLEHLO_FUNCTIONS, STABLEHLO_PARAMS_FILE, STABLEHLO_SUFFIX,
-    ModelDirError, read_head)
+    ModelDirError, read_head, read_stablehlo)
 from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models.clip import CLIPConfig
@@ -331,27 +328,7 @@ def _load_orbax(directory, dtype, devices):
 def _load_stablehlo(directory, dtype, devices):
   del dtype, devices  # the exported functions fixed both (float32, 1 device)
   head = read_head(directory, "stablehlo")
-  if head.get("version", 1) < 2:
-    raise ModelDirError(f"{directory} is a version-{head.get('version', 1)} "
-                        "stablehlo export, whose safety functions take no "
-                        "alpha: export the model again")
-  functions = {}
-  for name in STABLEHLO_FUNCTIONS:
-    path = os.path.join(directory, name + STABLEHLO_SUFFIX)
-    if not os.path.isfile(path):
-      raise ModelDirError(f"stablehlo export incomplete: {path} is missing")
-    with open(path, "rb") as f:
-      functions[name] = jax_export.deserialize(bytearray(f.read()))
-  params_file = os.path.join(directory, STABLEHLO_PARAMS_FILE)
-  try:
-    params = traverse_util.unflatten_dict(load_file(params_file), sep="/")
-  except FileNotFoundError:
-    raise ModelDirError(f"stablehlo export incomplete: {params_file} is "
-                        "missing") from None
-  except Exception as e:  # pylint: disable=broad-except
-    # SafetensorError (a truncated file) is no OSError or ValueError.
-    raise ModelDirError(f"{params_file} is not a readable safetensors file: "
-                        f"{e}") from e
+  functions, params = read_stablehlo(directory, head)
   return StableHLOModel(head, head.get("bounds"), functions, params,
                         bounds_source=os.path.join(directory, HEAD_FILE))
 

@@ -13,12 +13,18 @@ Each export kind is one directory, `OUT/<kind>/`, holding `hysac_head.json`
 | `stablehlo` | `<function>.jax_exported` for `STABLEHLO_FUNCTIONS`, `params.safetensors` |
 
 `head_json` / `write_head` write the head file and `read_head` reads and
-checks it; `hysac_jax.export` writes the weights and `hysac_jax.serving`
-loads them.
+checks it; `write_stablehlo` / `read_stablehlo` the stablehlo files.
+`hysac_jax.export` makes what they hold (and the hf and orbax weights),
+`hysac_jax.serving` loads them.
 """
 
 import json
 import os
+
+import numpy as np
+from flax import traverse_util
+from jax import export as jax_export
+from safetensors.numpy import load_file, save_file
 
 from hysac_jax import finite
 from hysac_jax import safety
@@ -121,3 +127,52 @@ def read_head(directory, kind):
     head["bounds"] = safety.validate_bounds(head["bounds"],
                                             f"{path}: bounds")
   return head
+
+
+def write_stablehlo(out_dir, functions, params):
+  """Writes a stablehlo export's functions and params to `out_dir`.
+
+  Args:
+    out_dir: the directory (exists).
+    functions: {name: `jax.export.Exported`} for `STABLEHLO_FUNCTIONS`.
+    params: the params tree the functions take (float32, saved with
+      `/`-joined paths as keys).
+  """
+  for name, exported in functions.items():
+    with open(os.path.join(out_dir, name + STABLEHLO_SUFFIX), "wb") as f:
+      f.write(exported.serialize())
+  flat = traverse_util.flatten_dict(params, sep="/")
+  save_file({k: np.array(v, np.float32, order="C") for k, v in flat.items()},
+            os.path.join(out_dir, STABLEHLO_PARAMS_FILE))
+
+
+def read_stablehlo(directory, head):
+  """({name: `jax.export.Exported`}, params) of the stablehlo export in
+  `directory`, whose head file `head` (`read_head`) is already read.
+
+  Raises:
+    ModelDirError: a version-1 export (its safety functions take no alpha),
+      a missing function or params file, or an unreadable params file.
+  """
+  if head.get("version", 1) < 2:
+    raise ModelDirError(f"{directory} is a version-{head.get('version', 1)} "
+                        "stablehlo export, whose safety functions take no "
+                        "alpha: export the model again")
+  functions = {}
+  for name in STABLEHLO_FUNCTIONS:
+    path = os.path.join(directory, name + STABLEHLO_SUFFIX)
+    if not os.path.isfile(path):
+      raise ModelDirError(f"stablehlo export incomplete: {path} is missing")
+    with open(path, "rb") as f:
+      functions[name] = jax_export.deserialize(bytearray(f.read()))
+  params_file = os.path.join(directory, STABLEHLO_PARAMS_FILE)
+  try:
+    params = traverse_util.unflatten_dict(load_file(params_file), sep="/")
+  except FileNotFoundError:
+    raise ModelDirError(f"stablehlo export incomplete: {params_file} is "
+                        "missing") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # SafetensorError (a truncated file) is no OSError or ValueError.
+    raise ModelDirError(f"{params_file} is not a readable safetensors file: "
+                        f"{e}") from e
+  return functions, params
