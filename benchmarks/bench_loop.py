@@ -87,8 +87,9 @@ def bare_rates(config, steps):
   image_size = model.clip.vision.image_size
 
   def batches():
-    return pipeline.make_dataset(config.data, "train", image_size,
-                                 seed=config.seed, num_epochs=1)
+    return pipeline.make_dataset(
+        config.data, "train", image_size, seed=config.seed, num_epochs=1,
+        context_length=model.clip.text.max_position_embeddings)
 
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   state = step_lib.create_train_state(

@@ -19,6 +19,7 @@ import ml_collections
 
 from hysac_jax import compilation_cache
 from hysac_jax import finite
+from hysac_jax.data.tokenizer import CONTEXT_LENGTH
 from hysac_jax.formats import detect
 from hysac_jax.formats.run_dir import CONFIG_FILE  # pylint: disable=unused-import
 from hysac_jax.models import clip as clip_lib
@@ -59,6 +60,9 @@ def base_config():
   # axis (encoder/layers). False unrolls them (layers_0 ... layers_{n-1}),
   # a little faster per step on GPUs. A run keeps the layout it started in.
   c.model.scan_layers = True
+  # Text positions (token ids per caption); 0 = the CLIP's own (77). Only a
+  # random-init tower may differ: `tiny` uses 32, its captions' length.
+  c.model.context_length = 0
   c.model.train_base = False  # True: fine-tune the CLIP weights too (random-init towers)
   c.model.curv_init = 1.0
   c.model.lora = ml_collections.ConfigDict()
@@ -149,6 +153,15 @@ def _check_model(m):
     _check_init_from(m.init_from)
   if not isinstance(m.remat, bool) and m.remat not in clip_lib.REMAT_POLICIES:
     _bad("model.remat", m.remat, f"one of {clip_lib.REMAT_POLICIES}")
+  if (isinstance(m.context_length, bool)
+      or not isinstance(m.context_length, int)
+      or not 0 <= m.context_length <= CONTEXT_LENGTH):
+    _bad("model.context_length", m.context_length,
+         f"0 (the CLIP's own) or a number of positions up to "
+         f"{CONTEXT_LENGTH}")
+  if m.context_length and m.clip:
+    _bad("model.context_length", m.context_length,
+         "0 with a pretrained config.model.clip (its positions are learned)")
   if not isinstance(m.scan_layers, bool):
     _bad("model.scan_layers", m.scan_layers, "true or false")
   if m.attention not in clip_lib.ATTENTION_IMPLEMENTATIONS:

@@ -46,7 +46,8 @@ def embed_quadruples(model, config, split):
   pipeline.prepare(config.data, model.image_size)
   batches = pipeline.make_dataset(config.data, split, model.image_size,
                                   seed=config.seed, train=False,
-                                  local_device_count=1)
+                                  local_device_count=1,
+                                  context_length=model.context_length)
   emb, _ = embed_lib.embed_split(quadruple_encoder(model), batches,
                                  desc=f"embedding {split}")
   return emb
@@ -105,9 +106,15 @@ def _check_inputs(config, workdir, model_dir, split):
   return source, config
 
 
+def load(source, config, checkpoint=ckpt_lib.BEST_RECALL):
+  """The served model of a run or model directory, at the config's dtype."""
+  return serving.load_model(source, checkpoint=checkpoint,
+                            dtype=config.model.dtype)
+
+
 def run(config=None, workdir=None, model_dir=None, split="test",
         checkpoint=ckpt_lib.BEST_RECALL, out_dir=None, plots=True,
-        traversal_alpha=None):
+        traversal_alpha=None, model=None):
   """Evaluates and writes the report; returns (report, out_dir).
 
   Args:
@@ -120,6 +127,8 @@ def run(config=None, workdir=None, model_dir=None, split="test",
     plots: write the PNG plots too.
     traversal_alpha: alpha of the traversal threshold; default
       `config.eval.traversal_alpha` (0.8, the release's, when unset).
+    model: the `serving.Model` of the source, when the caller loaded it
+      already (eval.py's --zeroshot uses it for both); else loaded here.
   """
   source, config = _check_inputs(config, workdir, model_dir, split)
   if out_dir is None:
@@ -127,8 +136,8 @@ def run(config=None, workdir=None, model_dir=None, split="test",
     check_default_out(out_dir)
   # The model's own bounds (a run's bounds.json, an export's head), read
   # before its weights: a bad bounds file fails before the slow restore.
-  model = serving.load_model(source, checkpoint=checkpoint,
-                             dtype=config.model.dtype)
+  if model is None:
+    model = load(source, config, checkpoint)
   bounds, bounds_path = model.bounds, model.bounds_source
   emb = embed_quadruples(model, config, split)
   if traversal_alpha is None:

@@ -11,6 +11,8 @@ directory the run starts from. The files are read by the formats
 module and the params and reads no file.
 """
 
+import dataclasses
+
 from hysac_jax.config import DTYPES
 from hysac_jax.formats import converted
 from hysac_jax.formats import hf_clip
@@ -32,6 +34,8 @@ def model_from_config(config):
                    or sizes.clip_config_from_hf(m.clip))
   else:
     clip_config = sizes.get_clip_config(m.size)
+  clip_config = _with_context_length(clip_config, m.get("context_length", 0),
+                                     m.clip)
   lora = None
   if m.lora.rank > 0:
     lora = clip_lib.LoRAConfig(rank=m.lora.rank, alpha=m.lora.alpha,
@@ -48,6 +52,23 @@ def model_from_config(config):
                          curv_init=m.curv_init,
                          attention=None if attention == "auto" else attention,
                          scan_layers=bool(m.scan_layers))
+
+
+def _with_context_length(clip_config, context_length, pretrained):
+  """`clip_config` with `config.model.context_length` text positions (0: its
+  own). Only a random-init text tower may change it: a pretrained one has
+  learned exactly its own positions."""
+  own = clip_config.text.max_position_embeddings
+  if not context_length or context_length == own:
+    return clip_config
+  if pretrained:
+    raise ValueError(
+        f"config.model.context_length={context_length}: the CLIP of "
+        f"config.model.clip ({pretrained}) has {own} text positions; leave "
+        "it 0 (or equal) for a pretrained CLIP")
+  text = dataclasses.replace(clip_config.text,
+                             max_position_embeddings=int(context_length))
+  return dataclasses.replace(clip_config, text=text)
 
 
 def initial_params(config):

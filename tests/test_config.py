@@ -52,3 +52,36 @@ def test_a_saved_config_compares_equal_to_the_config_it_came_from(tmp_path):
   config_lib.save_config(c, tmp_path)  # tuples come back from JSON lists
   assert config_lib.resume_conflicts(config_lib.load_run_config(tmp_path),
                                      c) == []
+
+
+@pytest.mark.parametrize("value", [-1, 78, True, "32", 32.0])
+def test_a_bad_context_length_is_named(value):
+  c = _config(**{"model.clip": "", "model.size": "tiny",
+                 "data.name": "synthetic_visu"})
+  with c.ignore_type():
+    c.model.context_length = value
+  with pytest.raises(ValueError, match="model.context_length"):
+    config_lib.check_config(c)
+
+
+def test_a_pretrained_clip_keeps_its_own_context_length():
+  c = _config(**{"model.context_length": 32})  # clip: the OpenAI ViT-L/14
+  with pytest.raises(ValueError, match="model.context_length.*pretrained"):
+    config_lib.check_config(c)
+
+
+def test_context_length_sets_the_text_positions_of_a_random_tower():
+  from hysac_jax import pretrained
+  for length, want in ((0, 77), (77, 77), (32, 32)):
+    c = _config(**{"model.clip": "", "model.size": "tiny",
+                   "model.context_length": length,
+                   "data.name": "synthetic_visu"})
+    config_lib.check_config(c)
+    text = pretrained.model_from_config(c).clip.text
+    assert text.max_position_embeddings == want
+
+
+def test_context_length_defines_the_run():
+  conflicts = config_lib.resume_conflicts(
+      _config(), _config(**{"model.context_length": 32}))
+  assert len(conflicts) == 1 and "model.context_length" in conflicts[0]

@@ -73,6 +73,18 @@ def test_batch_has_contract_shapes_and_the_planned_examples(data_config,
         batch["safe_ids"][r], tokenizer.tokenize(rec["safe_caption"].decode())[0])
 
 
+def test_captions_are_tokenized_at_the_given_context_length(data_config,
+                                                            source):
+  """A 32-position text tower gets (B, 32) ids: the same tokens as at 77,
+  cut before the padding."""
+  short = next(_make(data_config, "train", seed=1, context_length=32))
+  full = next(_make(data_config, "train", seed=1))
+  assert short["safe_ids"].shape == (2, 32)
+  for key in ("safe_ids", "unsafe_ids"):
+    np.testing.assert_array_equal(short[key], full[key][:, :32])
+    assert (full[key][:, 32:] == full[key][0, -1]).all()  # only padding cut
+
+
 def test_training_order_is_deterministic_by_seed_and_changes_per_epoch():
   plan = pipeline.BatchPlan(num_examples=40, batch_size=4, process_index=0,
                             process_count=1, train=True, seed=3)

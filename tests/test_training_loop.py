@@ -256,7 +256,7 @@ def test_early_stopping_ends_training_when_validation_loss_rises(
   calls = []
 
   def rising_validation(state, config, mesh, eval_step, image_size,
-                        desc="validation"):
+                        context_length, desc="validation"):
     calls.append(desc)
     n = len(calls)
     emb = {g: np.full((4, 8), 0.1 * n, np.float32) for g in "SUVG"}

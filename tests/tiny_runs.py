@@ -90,12 +90,13 @@ def hook_train_batches(monkeypatch, on_next):
   monkeypatch.setattr(pipeline, "make_dataset", make_dataset)
 
 
-def random_inputs(n):
+def random_inputs(n, context_length=32):
   """n token-id rows (end of text at varied positions) and n NHWC 32x32
-  images, the tiny towers' inputs (seed 0)."""
+  images, the tiny towers' inputs (seed 0). 32 tokens, configs/tiny.py's
+  `model.context_length`, fit the 77-position towers as well."""
   rng = np.random.default_rng(0)
-  ids = rng.integers(1, 49406, size=(n, 77)).astype(np.int32)
-  ids[np.arange(n), rng.integers(3, 40, size=n)] = 49407
+  ids = rng.integers(1, 49406, size=(n, context_length)).astype(np.int32)
+  ids[np.arange(n), rng.integers(3, min(40, context_length), size=n)] = 49407
   pixels = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
   return ids, pixels
 

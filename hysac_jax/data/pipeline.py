@@ -111,8 +111,9 @@ class _LoadBatch:
   """grain map: batch index -> dict of numpy arrays (runs in workers)."""
 
   def __init__(self, source, plan, image_size, augment, text_only,
-               jpeg_draft=False):
+               jpeg_draft=False, context_length=tokenizer_lib.CONTEXT_LENGTH):
     self.source, self.plan = source, plan
+    self.context_length = context_length
     self.image_size, self.augment = image_size, augment
     self.text_only, self.jpeg_draft = text_only, jpeg_draft
 
@@ -127,7 +128,8 @@ class _LoadBatch:
     texts = []
     for r in records:
       texts += [_text(r["safe_caption"]), _text(r["unsafe_caption"])]
-    ids = tokenizer_lib.tokenize(texts, tokenizer=_tokenizer())
+    ids = tokenizer_lib.tokenize(texts, max_len=self.context_length,
+                                 tokenizer=_tokenizer())
     ids = ids.reshape(len(records), 2, -1)
     out = {"safe_ids": ids[:, 0], "unsafe_ids": ids[:, 1], "mask": mask}
     if self.text_only:
@@ -258,6 +260,7 @@ def make_iterator(source, *, batch_size, image_size=None, train,
                   seed=0, num_epochs=None, augment=False, text_only=False,
                   process_index=None, process_count=None, num_workers=0,
                   num_threads=None, prefetch=2, jpeg_draft=False,
+                  context_length=tokenizer_lib.CONTEXT_LENGTH,
                   clock=time.perf_counter):
   """A batch iterator over any random-access source of records.
 
@@ -279,6 +282,7 @@ def make_iterator(source, *, batch_size, image_size=None, train,
     jpeg_draft: decode JPEGs at a reduced scale before the centre-crop
       resize (`preprocess` module docstring); the augmentation path always
       decodes at full size.
+    context_length: token ids per caption (the text tower's positions).
     clock: time source of the input-wait accounting (tests).
   """
   if process_index is None or process_count is None:
@@ -301,7 +305,7 @@ def make_iterator(source, *, batch_size, image_size=None, train,
         f"batch of {plan.global_batch_size}")
   epochs = 1 if not train else (num_epochs or _FOREVER // plan.steps_per_epoch)
   loader = _LoadBatch(source, plan, image_size, augment and train, text_only,
-                      jpeg_draft)
+                      jpeg_draft, context_length)
   if num_threads is None:
     num_threads = 1 if num_workers else 4
   return InputIterator(source, plan, plan.steps_per_epoch * epochs, loader,
@@ -356,7 +360,8 @@ def check_data(data_config, image_size=None):
 
 def make_dataset(data_config, split, image_size, *, seed=0, num_epochs=None,
                  train=None, process_index=None, process_count=None,
-                 local_device_count=None, num_workers=None):
+                 local_device_count=None, num_workers=None,
+                 context_length=tokenizer_lib.CONTEXT_LENGTH):
   """The trainer's entry point: image quadruple batches for one split.
 
   Args:
@@ -372,6 +377,7 @@ def make_dataset(data_config, split, image_size, *, seed=0, num_epochs=None,
     process_index, process_count: override `jax.process_*()` (tests).
     local_device_count: override `jax.local_device_count()` (tests).
     num_workers: override `data_config.num_workers`.
+    context_length: token ids per caption (the text tower's positions).
 
   Returns:
     An `InputIterator` of per-process batches.
@@ -389,7 +395,7 @@ def make_dataset(data_config, split, image_size, *, seed=0, num_epochs=None,
       source, batch_size=per_device * local_device_count,
       image_size=image_size, train=train, seed=seed, num_epochs=num_epochs,
       augment=data_config.augment,
-      jpeg_draft=data_config.jpeg_draft,
+      jpeg_draft=data_config.jpeg_draft, context_length=context_length,
       process_index=process_index, process_count=process_count,
       num_workers=(data_config.num_workers if num_workers is None
                    else num_workers))

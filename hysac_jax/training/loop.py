@@ -111,12 +111,14 @@ def state_encoder(state, mesh, eval_step):
   return encode
 
 
-def validate(state, config, mesh, eval_step, image_size, desc="validation"):
+def validate(state, config, mesh, eval_step, image_size, context_length,
+             desc="validation"):
   """Validation loss terms and recall sum over the whole validation split."""
   # The input pipeline (grain, TFDS) is heavy: imported when data is read.
   from hysac_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   batches = pipeline.make_dataset(config.data, "validation", image_size,
-                                  seed=config.seed)
+                                  seed=config.seed,
+                                  context_length=context_length)
   emb, metrics = embed_lib.embed_split(state_encoder(state, mesh, eval_step), batches,
                              desc=desc)
   head = {k: state.params[k] for k in hysac_lib.HEAD_NAMES}  # not the towers
@@ -479,6 +481,7 @@ class _Run:
   startup: object
   mesh: object = None
   image_size: int = 0
+  context_length: int = 0
   batches: object = None
   steps_per_epoch: int = 0
   total_steps: int = 0
@@ -526,12 +529,14 @@ def _open_run(config, workdir, startup):
   run.mesh = step_lib.make_mesh()
   model = pretrained.model_from_config(config)
   run.image_size = model.clip.vision.image_size
+  run.context_length = model.clip.text.max_position_embeddings
   pipeline.prepare(config.data, run.image_size)
   # Two batches on the devices ahead of the step; a checkpoint's data
   # position counts consumed batches only.
   run.batches = prefetch_lib.DevicePrefetch(
       pipeline.make_dataset(config.data, "train", run.image_size,
-                            seed=config.seed, num_epochs=config.train.epochs),
+                            seed=config.seed, num_epochs=config.train.epochs,
+                            context_length=run.context_length),
       place=functools.partial(step_lib.shard_batch, mesh=run.mesh),
       depth=PREFETCH_BATCHES)
   run.steps_per_epoch = run.batches.steps_per_epoch
@@ -687,7 +692,7 @@ def _peak_memory():
 def _end_of_epoch(run):
   """Validates, updates early stopping, saves; True when it says stop."""
   _, val, _ = validate(run.state, run.config, run.mesh, run.eval_step,
-                       run.image_size)
+                       run.image_size, run.context_length)
   loss_better, recall_better, stop = run.stopper.update(val["loss"],
                                                         val["recall_sum"])
   run.log.write(run.step, dict(val, patience_left=run.stopper.remaining),
@@ -778,7 +783,7 @@ def _final_bounds(run):
     return None
   best = restore_lib.restore_into(checkpoints, run.state, run.step_key)
   emb, _, curv = validate(best, config, run.mesh, run.eval_step,
-                          run.image_size, desc="bounds")
+                          run.image_size, run.context_length, desc="bounds")
   bounds = safety.compute_bounds(emb["S"], emb["U"], emb["V"], emb["G"],
                                  curv)
   if jax.process_index() == 0:
