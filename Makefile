@@ -29,9 +29,8 @@ venv: $(STAMP)
 
 demo: $(RUNTIME)
 	$(PY) train.py --config configs/tiny.py --workdir runs/tiny
-	$(PY) eval.py --config configs/tiny.py --workdir runs/tiny
-	$(PY) eval.py --workdir runs/tiny --task zeroshot --dataset synthetic_visu:shape
-	$(PY) eval.py --workdir runs/tiny --task zeroshot --dataset synthetic_visu:colour
+	$(PY) eval.py --config configs/tiny.py --workdir runs/tiny \
+	    --zeroshot synthetic_visu:shape,synthetic_visu:colour
 	$(PY) -m hysac_jax.demo runs/tiny
 
 test: $(STAMP)

@@ -8,6 +8,11 @@ Prints the report and writes WORKDIR/eval/<split>/ (report.json, report.md,
 distance histograms, Poincaré-disk view, ROC curves). Bounds come from the
 run's bounds.json (validation split) when there is one.
 
+  python eval.py --workdir runs/tiny --zeroshot synthetic_visu:shape,synthetic_visu:colour
+
+adds zero-shot tables after the report, with the model loaded once (what
+`make demo` runs); each goes to <model>/eval/zeroshot-<dataset>/.
+
 Other tasks (hysac_jax/evaluate_tasks.py; reports in
 <model>/eval/<task>-<dataset>/ unless --out):
 
@@ -65,6 +70,10 @@ _TASK = flags.DEFINE_enum(
 _DATASET = flags.DEFINE_string(
     "dataset", None, "zeroshot / unsafe_prompts: synthetic_visu:shape|colour,"
     " a TFDS name or prepared directory, or an image folder DIR/<class>/.")
+_ZEROSHOT = flags.DEFINE_list(
+    "zeroshot", [], "report: then classify these datasets zero-shot too "
+    "(comma-separated, as --dataset of --task zeroshot), with the model "
+    "loaded once: one call for the report and every zero-shot table.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 _CAPTIONS = flags.DEFINE_string(
     "captions", None, "retrieval: Karpathy-split JSON or COCO "
@@ -123,19 +132,30 @@ def main(argv):
                              else config.train.compilation_cache_dir)
     distributed.initialize()  # Multi-host under Slurm, Open MPI, TPU pods.
     if _TASK.value != "report":
+      if _ZEROSHOT.value:
+        return cli.fail(PROG, "--zeroshot goes with --task report (the "
+                        "default); use --dataset with --task zeroshot",
+                        cli.EXIT_USAGE)
       return _run_task(config)
+    source = os.path.abspath(os.path.expanduser(_WORKDIR.value
+                                                or _MODEL.value))
+    model = evaluate_tasks.LazyModel(lambda: evaluate_run.load(
+        source, config, _CHECKPOINT.value))
     report, out_dir = evaluate_run.run(
         config=config, workdir=_WORKDIR.value, model_dir=_MODEL.value,
         split=_SPLIT.value, checkpoint=_CHECKPOINT.value, out_dir=_OUT.value,
-        traversal_alpha=_ALPHA.value)
+        traversal_alpha=_ALPHA.value, model=model)
+    from hysac_jax import evaluation
+    print(evaluation.format_console(report))
+    print(_evaluated_line(report.get("evaluated")))
+    print(f"report written to {os.path.abspath(out_dir)}", flush=True)
+    for dataset in _ZEROSHOT.value:
+      _run_task(config, task="zeroshot", dataset=dataset, model=model,
+                out_dir=None)
   except (ValueError, OSError, ConnectionError) as e:
     # ValueError: bad config values, corrupt checkpoints (CheckpointError),
     # bounds and model directories; OSError: missing files.
     return cli.fail(PROG, e)
-  from hysac_jax import evaluation
-  print(evaluation.format_console(report))
-  print(_evaluated_line(report.get("evaluated")))
-  print(f"report written to {os.path.abspath(out_dir)}")
   return 0
 
 
@@ -151,26 +171,30 @@ def _evaluated_line(evaluated):
   return line
 
 
-def _run_task(config):
-  """`--task` other than the ViSU report (hysac_jax/evaluate_tasks.py)."""
-  task = _TASK.value
+def _run_task(config, task=None, dataset=None, model=None, out_dir=False):
+  """`--task` other than the ViSU report (hysac_jax/evaluate_tasks.py); or
+  the given task on `dataset` with an already loaded `model` (--zeroshot:
+  out_dir None, each dataset's own default directory)."""
+  task = task or _TASK.value
+  dataset = dataset or _DATASET.value
+  out_dir = _OUT.value if out_dir is False else out_dir
   common = dict(batch_size=_BATCH.value, skip_unreadable=_SKIP.value,
                 max_examples=_MAX.value)
   if task == "zeroshot":
-    kwargs = dict(dataset=_DATASET.value, split=_SPLIT.value, config=config,
+    kwargs = dict(dataset=dataset, split=_SPLIT.value, config=config,
                   data_dir=_DATA_DIR.value, prompts_file=_PROMPTS.value,
                   templates_file=_TEMPLATES.value, **common)
   elif task == "retrieval":
     kwargs = dict(captions_file=_CAPTIONS.value, images_dir=_IMAGES.value,
                   split=_SPLIT.value, **common)
   else:
-    kwargs = dict(dataset=_DATASET.value, split=_SPLIT.value, config=config,
+    kwargs = dict(dataset=dataset, split=_SPLIT.value, config=config,
                   data_dir=_DATA_DIR.value, safe_prompts=_SAFE_PROMPTS.value,
                   unsafe_prompts=_UNSAFE_PROMPTS.value, margin=_MARGIN.value,
                   traversal_alpha=_ALPHA.value, **common)
   _, out_dir, text = evaluate_tasks.run(
-      task, _WORKDIR.value or _MODEL.value, out_dir=_OUT.value,
-      checkpoint=_CHECKPOINT.value, **kwargs)
+      task, _WORKDIR.value or _MODEL.value, out_dir=out_dir,
+      checkpoint=_CHECKPOINT.value, model=model, **kwargs)
   print(text)
   print(f"report written to {os.path.abspath(out_dir)}")
   return 0

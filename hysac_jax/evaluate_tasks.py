@@ -340,8 +340,9 @@ def run_unsafe_prompts(model, dataset=None, split="test", config=None,
 
 
 def run(task, source, out_dir=None, checkpoint="best_recall", plots=True,
-        **kwargs):
-  """Loads the model at `source`, runs `task`, writes its report.
+        model=None, **kwargs):
+  """Loads the model at `source` (unless `model`, already loaded from it, is
+  given), runs `task`, writes its report.
 
   Returns:
     (report, out_dir, console text).
@@ -354,7 +355,9 @@ def run(task, source, out_dir=None, checkpoint="best_recall", plots=True,
   _check_inputs(task, kwargs)
   if out_dir is None:  # SOURCE/eval/TASK-WHAT, WHAT known after the run
     evaluate_run.check_default_out(os.path.join(source, "eval"))
-  model = _LazyModel(lambda: serving.load_model(source, checkpoint=checkpoint))
+  if model is None:
+    model = LazyModel(lambda: serving.load_model(source,
+                                                  checkpoint=checkpoint))
   if task == "zeroshot":
     report = run_zeroshot(model, **kwargs)
     what, module = _slug(kwargs["dataset"]), zeroshot
@@ -376,7 +379,7 @@ def run(task, source, out_dir=None, checkpoint="best_recall", plots=True,
   return report, out_dir, module.format_console(report)
 
 
-class _LazyModel:
+class LazyModel:
   """Loads the model at its first use, so that the inputs a task can check
   without it (folders, prompt and caption files) fail first, in seconds."""
 

@@ -333,6 +333,34 @@ def test_cli_zeroshot_on_synthetic_colours_and_errors_in_one_line(
 
 
 @pytest.mark.slow
+def test_cli_report_and_zeroshot_tables_in_one_call(tmp_path):
+  """--zeroshot after the report: every table from one call, each zero-shot
+  report in its default directory; --zeroshot with another task is a usage
+  error in one line."""
+  source = tiny_runs.save_converted(tmp_path / "model", seed=3,
+                                    lora_b_scale=0.2, curv=CURV, alpha=0.5)
+  out = tmp_path / "out"
+  done = run_eval("--model", str(source), "--config",
+                  str(ROOT / "configs" / "tiny.py"),
+                  f"--config.data.data_dir={tmp_path / 'tfds'}",
+                  "--config.data.synthetic_sizes=(8,8,24)", "--out", str(out),
+                  "--zeroshot", "synthetic_visu:shape,synthetic_visu:colour")
+  assert done.returncode == 0, done.stderr
+  assert json.loads((out / "report.json").read_text())["split"] == "test"
+  for attribute, classes in (("shape", 4), ("colour", 5)):
+    report = json.loads((source / "eval" / f"zeroshot-synthetic_visu_"
+                         f"{attribute}" / "report.json").read_text())
+    assert report["num_classes"] == classes and report["n"] == 24
+  assert done.stdout.count("Zero-shot classification") == 2
+  assert "Retrieval recall" in done.stdout
+  done = run_eval("--model", str(source), "--task", "retrieval",
+                  "--zeroshot", "synthetic_visu:shape")
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines()[-1].startswith(
+      "eval.py: error: --zeroshot goes with --task report")
+
+
+@pytest.mark.slow
 def test_cli_unsafe_prompts_on_the_configs_visu_split(tmp_path, model_dir):
   out = tmp_path / "out"
   done = run_eval("--model", str(model_dir), "--config",
