@@ -61,7 +61,6 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax import export as jax_export
 
 from hysac_jax import checkpoint as ckpt_lib
@@ -185,14 +184,7 @@ def export_orbax(src, out_dir):
   """Writes the merged HySAC params with Orbax (+ hysac_head.json)."""
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  target = os.path.join(out_dir, ORBAX_PARAMS_DIR)
-  def write():
-    with ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(target, src.params, force=True)
-      ckpt.wait_until_finished()
-
-  # A full disk: one line, not Orbax's thread tracebacks.
-  ckpt_lib.save_quietly(write, f"orbax export {target}")
+  exports.write_orbax(out_dir, src.params)
   _write_head(out_dir, src, "orbax")
   return out_dir
 

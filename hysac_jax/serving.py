@@ -39,7 +39,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -58,7 +57,7 @@ from hysac_jax.formats import run_dir
 from hysac_jax.formats.exports import (  # pylint: disable=unused-import
     EXPORT_FORMAT, EXPORT_KINDS, HEAD_FILE, ORBAX_PARAMS_DIR,
     STABLEHLO_FUNCTIONS, STABLEHLO_PARAMS_FILE, STABLEHLO_SUFFIX,
-    ModelDirError, read_head, read_stablehlo)
+    ModelDirError, read_head, read_orbax, read_stablehlo)
 from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models.clip import CLIPConfig
@@ -309,18 +308,7 @@ def _load_hf(directory, dtype, devices):
 
 def _load_orbax(directory, dtype, devices):
   head = read_head(directory, "orbax")
-  params_dir = os.path.join(directory, ORBAX_PARAMS_DIR)
-
-  def restore():
-    with ocp.StandardCheckpointer() as ckpt:
-      return ckpt.restore(params_dir)
-
-  # Orbax raises plain Exceptions for missing or damaged files.
-  params, cause = ckpt_lib.call_quietly(restore)
-  if cause is not None:
-    raise ModelDirError(f"orbax export {params_dir} cannot be restored: "
-                        f"{cause}")
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  params = read_orbax(directory)
   return _from_export_params("orbax", directory, head, params, dtype,
                              devices)
 

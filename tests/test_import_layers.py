@@ -15,20 +15,20 @@ import pytest
 PACKAGE = "hysac_jax"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # What a format module may import: the formats, the models, geometry,
-# bounds, image normalisation and generic IO; nothing of serving, training,
-# evaluation or the CLIs.
+# bounds, image normalisation and generic IO (Orbax's one-line errors
+# included); nothing of serving, training, evaluation or the CLIs.
 FORMATS = f"{PACKAGE}.formats"
 FORMATS_MAY_IMPORT = (FORMATS, f"{PACKAGE}.models", f"{PACKAGE}.lorentz",
                       f"{PACKAGE}.safety", f"{PACKAGE}.data.preprocess",
                       f"{PACKAGE}.finite", f"{PACKAGE}.outdir",
-                      f"{PACKAGE}.input_file")
+                      f"{PACKAGE}.input_file", f"{PACKAGE}.orbax_errors")
 # The layers, bottom first: (name, the modules in it, by prefix; the longest
 # prefix that matches places a module). The README's "Where things live"
 # draws the same map.
 LAYERS = (
     ("primitives", ("lorentz", "finite", "outdir", "input_file", "cli",
                     "run_log", "run_lock", "compilation_cache",
-                    "distributed")),
+                    "distributed", "orbax_errors")),
     ("models", ("models",)),
     ("metrics, losses, safety, data",
      ("evaluation", "losses", "safety", "data")),

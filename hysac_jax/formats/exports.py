@@ -13,20 +13,24 @@ Each export kind is one directory, `OUT/<kind>/`, holding `hysac_head.json`
 | `stablehlo` | `<function>.jax_exported` for `STABLEHLO_FUNCTIONS`, `params.safetensors` |
 
 `head_json` / `write_head` write the head file and `read_head` reads and
-checks it; `write_stablehlo` / `read_stablehlo` the stablehlo files.
-`hysac_jax.export` makes what they hold (and the hf and orbax weights),
+checks it; `write_orbax` / `read_orbax` the orbax params,
+`write_stablehlo` / `read_stablehlo` the stablehlo files (the hf weights
+are `formats.hf_clip`'s). `hysac_jax.export` makes what they hold,
 `hysac_jax.serving` loads them.
 """
 
 import json
 import os
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax import export as jax_export
 from safetensors.numpy import load_file, save_file
 
 from hysac_jax import finite
+from hysac_jax import orbax_errors
 from hysac_jax import safety
 from hysac_jax.models import hysac as hysac_lib
 
@@ -176,3 +180,38 @@ def read_stablehlo(directory, head):
     raise ModelDirError(f"{params_file} is not a readable safetensors file: "
                         f"{e}") from e
   return functions, params
+
+
+def write_orbax(out_dir, params):
+  """Writes an orbax export's params tree to `out_dir/params/` (`out_dir`
+  absolute); a failed write is one `CheckpointWriteError` line."""
+  target = os.path.join(out_dir, ORBAX_PARAMS_DIR)
+
+  def write():
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(target, params, force=True)
+      ckpt.wait_until_finished()
+
+  # A full disk: one line, not Orbax's thread tracebacks.
+  orbax_errors.save_quietly(write, f"orbax export {target}")
+
+
+def read_orbax(directory):
+  """The params tree (float32 NumPy) of the orbax export in `directory`.
+
+  Raises:
+    ModelDirError: the params cannot be restored (missing or damaged files;
+      one line naming the innermost cause).
+  """
+  params_dir = os.path.join(directory, ORBAX_PARAMS_DIR)
+
+  def restore():
+    with ocp.StandardCheckpointer() as ckpt:
+      return ckpt.restore(params_dir)
+
+  # Orbax raises plain Exceptions for missing or damaged files.
+  params, cause = orbax_errors.call_quietly(restore)
+  if cause is not None:
+    raise ModelDirError(f"orbax export {params_dir} cannot be restored: "
+                        f"{cause}")
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
