@@ -34,8 +34,10 @@ def quadruple_encoder(model):
   return encode
 
 
-def embed_quadruples(model, config, split):
-  """{"S", "U", "V", "G": (N, D)} embeddings of the config's `split`.
+def embed_split_groups(model, config, split):
+  """{"S", "U", "V", "G": (N, D)} embeddings of the config's `split`
+  through a served `model` (not `training.step.embed_quadruples`, one batch
+  through one apply).
 
   `model`'s jitted encoders run on one device per process, so each
   process's batch is `eval_batch_size_per_device` (not that times the local
@@ -51,6 +53,10 @@ def embed_quadruples(model, config, split):
   emb, _ = embed_lib.embed_split(quadruple_encoder(model), batches,
                                  desc=f"embedding {split}")
   return emb
+
+
+# Its old name, still importable.
+embed_quadruples = embed_split_groups
 
 
 def saved_config(directory, flag):
@@ -139,7 +145,7 @@ def run(config=None, workdir=None, model_dir=None, split="test",
   if model is None:
     model = load(source, config, checkpoint)
   bounds, bounds_path = model.bounds, model.bounds_source
-  emb = embed_quadruples(model, config, split)
+  emb = embed_split_groups(model, config, split)
   if traversal_alpha is None:
     traversal_alpha = config.eval.traversal_alpha
   traversal_alpha = finite.check_number(  # fail closed: a NaN b' is "safe"

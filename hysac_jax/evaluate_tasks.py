@@ -281,7 +281,7 @@ def _visu_groups(model, config, split):
                      "and unsafe/ folders")
   config_lib.check_config(config)
   pipeline.check_data(config.data)
-  emb = evaluate_run.embed_quadruples(model, config, split)
+  emb = evaluate_run.embed_split_groups(model, config, split)
   return {"text": (emb["S"], emb["U"]), "image": (emb["V"], emb["G"])}
 
 

@@ -76,8 +76,8 @@ def test_the_evaluation_report_equals_the_one_device_report(
     reports[name], _ = evaluate_run.run(config, model_dir=model_dir,
                                         out_dir=tmp_path / name, plots=False)
     assert loaded[0].mesh.size == (4 if devices is None else 1)
-    embeddings[name] = evaluate_run.embed_quadruples(loaded[0], config,
-                                                     "test")
+    embeddings[name] = evaluate_run.embed_split_groups(loaded[0], config,
+                                                       "test")
   monkeypatch.undo()
   for group in "SUVG":
     got, want = embeddings["sharded"][group], embeddings["single"][group]
