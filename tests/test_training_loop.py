@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 import pytest
 
 from hysac_jax import checkpoint as ckpt_lib
@@ -593,6 +594,24 @@ def test_model_paths_are_saved_absolute_and_hub_ids_as_given(tmp_path,
   assert got.model.clip == str(tmp_path / "converted")
   assert got.model.init_from == ""
   assert config.model.clip == "converted"  # the caller's config unchanged
+
+
+def test_a_warmup_cosine_run_restores_for_evaluation(data_dir, tmp_path):
+  """The schedule needs the run's length, which a restore does not know:
+  a cosine run still restores, with its trained leaves."""
+  config = micro_config(data_dir, **{"optim.schedule": "warmup_cosine",
+                                     "optim.warmup_steps": 2})
+  loop_lib.train_and_evaluate(config, tmp_path)
+  step, saved = final_state(tmp_path)
+  _, state = restore_lib.restore_run(tmp_path, ckpt_lib.LAST)
+  assert int(state.step) == step
+  want = traverse_util.flatten_dict(saved["trainable"])
+  lora = [k for k in want if k[-1] == "lora_B"]
+  assert lora
+  got = traverse_util.flatten_dict(jax.device_get(state.params))
+  for k in lora:
+    np.testing.assert_array_equal(got[k], want[k])
+    assert np.abs(want[k]).max() > 0
 
 
 def test_restoring_a_run_without_checkpoints_names_the_kind_asked(tmp_path):

@@ -51,8 +51,12 @@ def restore_run(workdir, kind=ckpt_lib.BEST_RECALL, config=None):
   if config is None:
     config = config_lib.load_run_config(workdir)
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
-  state = step_lib.create_train_state(config, init_key,
-                                      pretrained.initial_params(config))
+  # A restored run is evaluated or exported, never stepped: its schedule's
+  # length shapes no state leaf, but a warm-up-cosine schedule needs one
+  # longer than its warm-up to be built at all.
+  state = step_lib.create_train_state(
+      config, init_key, pretrained.initial_params(config),
+      total_steps=int(config.optim.warmup_steps) + 1)
   # Read-only: evaluating or exporting a run creates nothing in it.
   checkpoints = ckpt_lib.RunCheckpoints(workdir, config.train.keep_last,
                                         read_only=True)
