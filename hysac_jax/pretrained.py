@@ -31,7 +31,7 @@ def model_from_config(config):
   m = config.model
   if m.clip:
     clip_config = (converted.converted_clip_config(m.clip)
-                   or sizes.clip_config_from_hf(m.clip))
+                   or hf_clip.read_clip_config(m.clip))
   else:
     clip_config = sizes.get_clip_config(m.size)
   clip_config = _with_context_length(clip_config, m.get("context_length", 0),

@@ -375,12 +375,26 @@ def test_named_sizes_match_openai_dims():
     sizes.get_clip_config("vit_huge")
 
 
-def test_clip_config_from_hf_reads_legacy_eos_and_refuses_non_clip(tmp_path):
+def test_clip_config_from_hf_reads_legacy_eos_and_refuses_non_clip():
   cfg = sizes.clip_config_from_hf({
       "text_config": {"eos_token_id": 2, "hidden_size": 768},
       "vision_config": {"patch_size": 14}, "projection_dim": 768})
   assert cfg.text.eos_token_id == 2 and cfg.text.hidden_size == 768
   assert cfg.vision.patch_size == 14 and cfg.projection_dim == 768
+  with pytest.raises(ValueError, match="bert.json is not a Hugging Face "
+                     "CLIPModel config"):
+    sizes.clip_config_from_hf({"model_type": "bert"}, source="bert.json")
+  with pytest.raises(TypeError, match="expected a dict or a path"):
+    sizes.clip_config_from_hf(["text_config"])
+
+
+def test_clip_config_from_hf_of_a_path_warns_and_still_reads(tmp_path):
+  (tmp_path / "config.json").write_text(
+      '{"text_config": {}, "vision_config": {"patch_size": 14}}')
+  with pytest.warns(DeprecationWarning, match="hf_clip.read_clip_config"):
+    cfg = sizes.clip_config_from_hf(tmp_path)
+  assert cfg.vision.patch_size == 14
   (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-  with pytest.raises(ValueError, match="not a Hugging Face CLIPModel config"):
-    sizes.clip_config_from_hf(tmp_path)
+  with pytest.warns(DeprecationWarning), pytest.raises(
+      ValueError, match="config.json is not a Hugging Face CLIPModel config"):
+    sizes.clip_config_from_hf(tmp_path / "config.json")

@@ -2,6 +2,7 @@
 the converted directory with serving.load_model."""
 
 import copy
+import json
 import math
 import re
 
@@ -17,6 +18,7 @@ import hysac_jax
 from hysac_jax import convert
 from hysac_jax import export
 from hysac_jax import serving
+from hysac_jax.formats import hf_clip
 from hysac_jax.models import sizes
 from hysac_jax.models.clip import CLIPModel
 from numerics import (assert_float32_parity, assert_float64_parity,
@@ -290,6 +292,20 @@ def test_non_clip_files_are_refused_clearly(hf_dirs, tmp_path):
   with pytest.raises(convert.CheckpointError,
                      match="does not look like a CLIP checkpoint"):
     convert.clip_params_from_hf(hf_like)
+
+
+def test_read_clip_config_reads_a_directory_or_its_file(hf_dirs, tmp_path):
+  _, st, _ = hf_dirs
+  want = sizes.clip_config_from_hf(
+      json.loads((st / "config.json").read_text()))
+  assert hf_clip.read_clip_config(st) == want
+  assert hf_clip.read_clip_config(st / "config.json") == want
+  with pytest.raises(FileNotFoundError, match="CLIP config not found"):
+    hf_clip.read_clip_config(tmp_path)
+  (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+  with pytest.raises(ValueError, match="config.json is not a Hugging Face "
+                     "CLIPModel config"):
+    hf_clip.read_clip_config(tmp_path)
 
 
 def test_unreachable_hub_id_and_bad_directories_fail_clearly(tmp_path,

@@ -280,3 +280,19 @@ def test_the_train_step_reads_no_file_format(graph):
   step = edges[f"{PACKAGE}.training.step"]
   assert [t for t in step if _within(t, (FORMATS, f"{PACKAGE}.convert",
                                          f"{PACKAGE}.serving"))] == []
+
+
+def test_the_models_read_no_file():
+  sources = package_sources()
+  models = [m for m in sources if _within(m, (f"{PACKAGE}.models",))]
+  readers = []
+  for module in models:
+    for node in ast.walk(ast.parse(sources[module][0])):
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+          and node.func.id == "open"):
+        readers.append(f"{module}:{node.lineno}")
+  # The one exception: the deprecated path argument of
+  # sizes.clip_config_from_hf, which goes when it does.
+  assert [r for r in readers
+          if not r.startswith(f"{PACKAGE}.models.sizes:")] == []
+

@@ -1,7 +1,8 @@
 """The Hugging Face `CLIPModel` directory: `config.json` + `model.safetensors`.
 
 Its reader (`clip_params_from_hf`: a directory or hub id -> `(CLIPConfig,
-params)`, with the one hub resolution, `hub_path`) and its writer
+params)`, with the one hub resolution, `hub_path`; `read_clip_config`: its
+config.json -> `CLIPConfig`) and its writer
 (`write_hf_clip`: the directory `transformers.CLIPModel.from_pretrained`
 reads, for `export --format hf` and the `clip/` of a release export). State
 dicts keyed as HF `CLIPModel` become params in `params_from_state_dict`.
@@ -21,9 +22,9 @@ from hysac_jax.formats.torch_state import (StateDictError, key_mismatch,
                                            load_safetensors, load_torch_file,
                                            to_flax_layout, to_torch_layout,
                                            torch_key, torch_shape)
+from hysac_jax.models import sizes
 from hysac_jax.models.clip import CLIPModel, dummy_inputs
 from hysac_jax.models.lora import LORA_A, LORA_B
-from hysac_jax.models.sizes import clip_config_from_hf
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -145,6 +146,27 @@ def hub_path(path_or_id, config_only=False):
         "the directory.") from e
 
 
+def read_clip_config(path):
+  """The `CLIPConfig` of a Hugging Face CLIP `config.json`.
+
+  Args:
+    path: the config.json, or a directory holding one (a hub id goes
+      through `hub_path(..., config_only=True)` first). Keys it omits take
+      Hugging Face's defaults (`models.sizes.clip_config_from_hf`).
+
+  Raises:
+    FileNotFoundError: there is no such file.
+    ValueError: it is not a `CLIPModel` config.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"CLIP config not found: {path}")
+  with open(path) as f:
+    return sizes.clip_config_from_hf(json.load(f), source=path)
+
+
 def load_hf_state_dict(directory):
   """The weights of a HF CLIP directory as {key: float32 numpy array}.
 
@@ -237,7 +259,7 @@ def clip_params_from_hf(path):
     (float32 numpy leaves), without LoRA.
   """
   directory = hub_path(path)
-  config = clip_config_from_hf(directory)
+  config = read_clip_config(directory)
   state = load_hf_state_dict(directory)
   return config, params_from_state_dict(state, config, None, source=directory)
 

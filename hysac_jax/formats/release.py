@@ -44,14 +44,14 @@ from flax import traverse_util
 from hysac_jax import finite
 from hysac_jax import safety
 from hysac_jax.formats.hf_clip import (clip_template, hub_path,
-                                       params_from_state_dict, write_hf_clip)
+                                       params_from_state_dict,
+                                       read_clip_config, write_hf_clip)
 from hysac_jax.formats.torch_state import (StateDictError, load_torch_file,
                                            preview, to_torch_layout,
                                            torch_key)
 from hysac_jax.models import hysac as hysac_lib
 from hysac_jax.models.clip import CLIPConfig, LoRAConfig
 from hysac_jax.models.lora import LORA_A, LORA_B
-from hysac_jax.models.sizes import clip_config_from_hf
 
 MODEL_FILE = "hysac_model.pth"
 BOUNDS_FILE = "hysac_bounds.json"
@@ -379,7 +379,7 @@ def hysac_params_from_pytorch(checkpoint, clip_path, lora_alpha=1.0,
   """
   state, source = _read_state(checkpoint)
   config = clip_path if isinstance(clip_path, CLIPConfig) else (
-      clip_config_from_hf(hub_path(clip_path, config_only=True)))
+      read_clip_config(hub_path(clip_path, config_only=True)))
   canonical, head = _split_state(state, source)
   lora = _lora_from_state(canonical, lora_alpha, lora_dropout)
   clip = params_from_state_dict(canonical, config, lora, source=source,

@@ -1,4 +1,4 @@
-"""Named CLIP sizes, and CLIP configs read from Hugging Face `config.json`.
+"""Named CLIP sizes, and the CLIP config a Hugging Face `config.json` dict says.
 
 | name | image / patch | vision width, layers, heads | text width, layers, heads | proj |
 | --- | --- | --- | --- | --- |
@@ -11,11 +11,13 @@
 
 All use the OpenAI vocabulary (49408 ids, so the real tokenizer works),
 context 77, MLP width 4× and quick-GELU; the real sizes match the
-`openai/clip-vit-*` checkpoints.
+`openai/clip-vit-*` checkpoints. The file itself is read in
+`hysac_jax.formats.hf_clip` (`read_clip_config`); this module reads no file.
 """
 
 import json
 import os
+import warnings
 
 from hysac_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
 
@@ -71,28 +73,25 @@ _HF_VISION_DEFAULTS = dict(image_size=224, patch_size=32, hidden_size=768,
 _HF_PROJECTION_DIM = 512
 
 
-def clip_config_from_hf(config):
-  """A `CLIPConfig` from a Hugging Face CLIP `config.json`.
+def clip_config_from_hf(config, source="config dict"):
+  """A `CLIPConfig` from a Hugging Face CLIP `config.json`, parsed.
 
   Args:
-    config: a dict (the parsed JSON), a path to `config.json`, or a
-      directory holding one. It must be a `CLIPModel` config (with
+    config: the parsed JSON, a dict. It must be a `CLIPModel` config (with
       `text_config` and `vision_config`); keys it omits take Hugging Face's
-      defaults, as `transformers` would.
+      defaults, as `transformers` would. A path (to `config.json`, or a
+      directory holding one) still works for this release, with a
+      `DeprecationWarning` pointing at `formats.hf_clip.read_clip_config`.
+    source: the file the dict came from, for error messages.
 
   Returns:
     `CLIPConfig`.
   """
-  source = "config dict"
   if isinstance(config, (str, os.PathLike)):
-    path = os.fspath(config)
-    if os.path.isdir(path):
-      path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"CLIP config not found: {path}")
-    with open(path) as f:
-      config = json.load(f)
-    source = path
+    warnings.warn("sizes.clip_config_from_hf(path) is deprecated: read the "
+                  "file with hysac_jax.formats.hf_clip.read_clip_config",
+                  DeprecationWarning, stacklevel=2)
+    config, source = _read_deprecated(os.fspath(config))
   if not isinstance(config, dict):
     raise TypeError(f"expected a dict or a path, got {type(config).__name__}")
   missing = [k for k in ("text_config", "vision_config") if k not in config]
@@ -109,3 +108,15 @@ def clip_config_from_hf(config):
       text=TextConfig(**pick("text_config", _HF_TEXT_DEFAULTS)),
       vision=VisionConfig(**pick("vision_config", _HF_VISION_DEFAULTS)),
       projection_dim=config.get("projection_dim", _HF_PROJECTION_DIM))
+
+
+def _read_deprecated(path):
+  """(parsed config.json, its path) for the deprecated path argument of
+  `clip_config_from_hf`; goes when it does (the reader is
+  `formats.hf_clip.read_clip_config`)."""
+  if os.path.isdir(path):
+    path = os.path.join(path, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"CLIP config not found: {path}")
+  with open(path) as f:
+    return json.load(f), path
