@@ -5,12 +5,12 @@
 
 `configs/*.py` start from `base_config()` and override values; no field is
 added elsewhere, and library code reads fields directly (no `.get`
-fallbacks). A run saves its resolved config as WORKDIR/config.json;
-`load_run_config` reads it back onto the base, so a run saved before a
-field existed gets that field's default.
+fallbacks). A run saves its resolved config as WORKDIR/config.json
+(`save_config`; the file is `formats.run_dir`'s); `load_run_config` reads
+it back onto the base, so a run saved before a field existed gets that
+field's default.
 """
 
-import json
 import os
 
 import jax
@@ -21,6 +21,8 @@ from hysac_jax import compilation_cache
 from hysac_jax import finite
 from hysac_jax.data.tokenizer import CONTEXT_LENGTH
 from hysac_jax.formats import detect
+from hysac_jax.formats import run_dir
+# Its old home, still importable: the run's config file name.
 from hysac_jax.formats.run_dir import CONFIG_FILE  # pylint: disable=unused-import
 from hysac_jax.models import clip as clip_lib
 from hysac_jax.models import sizes
@@ -304,9 +306,7 @@ def resume_conflicts(saved, config):
 def save_config(config, workdir):
   """Writes the resolved config as workdir/config.json (process 0)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    run_dir.write_config(workdir, config)
 
 
 def _merge(base, saved, prefix, path):
@@ -333,15 +333,7 @@ def load_run_config(workdir):
   `base_config` defaults, except `model.scan_layers`, False: such runs
   saved unrolled layers. A field the schema lacks is an error naming it.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training "
-                            "run directory? (pass --config as well)")
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from None
+  saved, path = run_dir.read_config(workdir)
   config = base_config()
   # Runs saved before `model.scan_layers` existed hold unrolled layers.
   config.model.scan_layers = False

@@ -3,6 +3,7 @@
 import pytest
 
 from hysac_jax import config as config_lib
+from hysac_jax.formats import run_dir
 
 
 def _config(**fields):
@@ -52,6 +53,20 @@ def test_a_saved_config_compares_equal_to_the_config_it_came_from(tmp_path):
   config_lib.save_config(c, tmp_path)  # tuples come back from JSON lists
   assert config_lib.resume_conflicts(config_lib.load_run_config(tmp_path),
                                      c) == []
+
+
+def test_the_run_dir_writes_and_reads_its_config_file(tmp_path):
+  c = _config(**{"optim.lr": 3e-4})
+  run_dir.write_config(tmp_path / "run", c)
+  saved, path = run_dir.read_config(tmp_path / "run")
+  assert path == str(tmp_path / "run" / run_dir.CONFIG_FILE)
+  assert saved["optim"]["lr"] == 3e-4 and saved["model"]["mode"] == "hyp"
+  with pytest.raises(FileNotFoundError, match="a training run directory"):
+    run_dir.read_config(tmp_path)
+  (tmp_path / run_dir.CONFIG_FILE).write_text('{"model": {')
+  with pytest.raises(ValueError, match="config.json is not valid JSON"):
+    config_lib.load_run_config(tmp_path)
+  assert config_lib.CONFIG_FILE == run_dir.CONFIG_FILE
 
 
 @pytest.mark.parametrize("value", [-1, 78, True, "32", 32.0])
