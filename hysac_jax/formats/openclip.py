@@ -47,8 +47,8 @@ from flax import traverse_util
 from hysac_jax.data import preprocess
 from hysac_jax.formats.converted import initial_head, save_pretrained
 from hysac_jax.formats.hf_clip import clip_template
-from hysac_jax.formats.torch_state import (key_mismatch, load_safetensors,
-                                           load_torch_file)
+from hysac_jax.formats.torch_state import (key_mismatch, load_weights_file,
+                                           to_flax_layout)
 from hysac_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
 
 # OpenCLIP's `PreprocessCfg` defaults (open_clip/constants.py): OpenAI's
@@ -497,8 +497,10 @@ def _block_keys(prefix, root, cfg):
 def key_map(config):
   """{OpenCLIP key: (our param path, kind, OpenCLIP shape)} for `config`.
 
-  kind: "copy" (as is), "linear" (transpose), "conv" (OIHW -> HWIO),
-  "in_proj_w" / "in_proj_b" (packed q, k, v: split, and transpose weights).
+  kind: "copy" (as is: embeddings, norms, and the projections open_clip
+  uses as `x @ P`), "linear" / "conv" (a torch `nn.Linear` / `nn.Conv2d`
+  weight: `torch_state.to_flax_layout`), "in_proj_w" / "in_proj_b" (packed
+  q, k, v: split in three, then each as "linear").
   """
   t, v = config.text, config.vision
   e = config.projection_dim
@@ -576,15 +578,13 @@ def params_from_openclip_state(state, config, source="checkpoint"):
   flat = {}
   for key, (path, kind, _) in expected.items():
     a = np.asarray(state[key], np.float32)
-    if kind == "linear":
-      flat[path] = a.T
-    elif kind == "conv":
-      flat[path] = a.transpose(2, 3, 1, 0)
-    elif kind in ("in_proj_w", "in_proj_b"):
+    if kind in ("in_proj_w", "in_proj_b"):
+      leaf = "kernel" if kind == "in_proj_w" else "bias"
       for name, part in zip(("q_proj", "k_proj", "v_proj"),
                             np.split(a, 3, axis=0)):
-        leaf = "kernel" if kind == "in_proj_w" else "bias"
-        flat[path + (name, leaf)] = part.T if leaf == "kernel" else part
+        flat[path + (name, leaf)] = to_flax_layout(path + (name, leaf), part)
+    elif kind in ("linear", "conv"):
+      flat[path] = to_flax_layout(path, a)
     else:
       flat[path] = a
   flat = {k: np.ascontiguousarray(v) for k, v in flat.items()}
@@ -598,14 +598,13 @@ def params_from_openclip_state(state, config, source="checkpoint"):
 
 
 def load_state(checkpoint):
-  """{key: numpy array} of a `.safetensors` or `torch.save`d file."""
+  """{key: numpy array} of a `.safetensors` or `torch.save`d file
+  (`torch_state.load_weights_file`; bfloat16 becomes float32 exactly in
+  `params_from_openclip_state`)."""
   path = os.fspath(checkpoint)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"OpenCLIP checkpoint not found: {path}")
-  if path.endswith(".safetensors"):
-    # bfloat16 becomes float32 exactly in params_from_openclip_state.
-    return load_safetensors(path)
-  return load_torch_file(path)
+  return load_weights_file(path)
 
 
 def convert_openclip(config_name_or_path, checkpoint, out, curv_init=1.0,

@@ -1,4 +1,4 @@
-"""PyTorch state dicts: key names, layouts both ways, the `torch.save` reader.
+"""PyTorch state dicts: key names, layouts both ways, the weights-file readers.
 
 Our param names are the Hugging Face `CLIPModel` names (see
 `hysac_jax/models/clip.py`), so a Flax leaf and its PyTorch key differ by a
@@ -14,11 +14,11 @@ rename plus a transpose:
 | `layers_3` | `layers.3` | |
 """
 
+import os
 import re
 
 import numpy as np
 from safetensors.numpy import load_file
-
 
 from hysac_jax.models.lora import LORA_A, LORA_B
 
@@ -158,6 +158,16 @@ def load_torch_file(path):
     raise StateDictError(f"{path} is not a readable PyTorch checkpoint: "
                           f"{type(e).__name__}: {first}") from e
   return _state_dict_to_numpy(obj, path)
+
+
+def load_weights_file(path):
+  """A weights file -> {key: numpy array}: `.safetensors` by
+  `load_safetensors` (no torch needed), anything else (`.pt`, `.pth`,
+  `.bin`) by `load_torch_file`."""
+  path = os.fspath(path)
+  if path.endswith(".safetensors"):
+    return load_safetensors(path)
+  return load_torch_file(path)
 
 
 def _state_dict_to_numpy(obj, source):
