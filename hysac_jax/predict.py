@@ -67,7 +67,6 @@ import numpy as np
 
 from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
-from hysac_jax import convert
 from hysac_jax import input_file
 from hysac_jax import finite
 from hysac_jax import index as index_lib
@@ -75,8 +74,10 @@ from hysac_jax import lorentz
 from hysac_jax import safety
 from hysac_jax import serving
 from hysac_jax.data import preprocess
+from hysac_jax.data.tokenizer import load_tokenizer, tokenize
 from hysac_jax.evaluation import embed as embed_lib
 from hysac_jax.formats import gallery
+from hysac_jax.formats import torch_state
 
 BATCH = 32
 NO_BOUNDS_NOTE = ("no bounds: unsafe classification and traversal need the "
@@ -110,6 +111,7 @@ def read_image(path, image_size):
       `input_file.MAX_IMAGE_BYTES`), or one that is no regular file (a FIFO,
       socket or device).
   """
+  # PIL loads with the first image, not for text-only calls.
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     # Regular files only (a FIFO would block), at most MAX_IMAGE_BYTES.
@@ -137,7 +139,6 @@ def check_text(text, context_length):
   """
   if not text or not text.strip():
     raise InputError("empty text")
-  from hysac_jax.data.tokenizer import load_tokenizer, tokenize  # pylint: disable=g-import-not-at-top
   n = len(load_tokenizer()(text)["input_ids"])
   return tokenize(text, max_len=context_length)[0], n > context_length
 
@@ -211,7 +212,6 @@ def load_pool(path, model):
   captions = [line.strip() for line in text.splitlines() if line.strip()]
   if not captions:
     raise PoolError(f"pool {path} holds no captions")
-  from hysac_jax.data.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
   ids = tokenize(captions, max_len=model.context_length)
   emb = embed_lib.encode_batched(model.encode_text, ids, BATCH,
                                  desc="embedding pool")
@@ -308,67 +308,83 @@ def answer(model, emb, modality, pool=None, top_k=5, redirect=False,
     N dicts (without "type" / "input").
   """
   records = [{} for _ in range(len(emb))]
-  has_bounds = model.bounds is not None
-  hyp = model.mode == "hyp"
-  if hyp:
-    dist = np.asarray(safety.origin_distance(emb, model.curv))
-    for rec, d in zip(records, dist):
-      rec["distance_from_origin"] = float(d)
-    if has_bounds:
-      unsafe, _ = model.classify_unsafe(emb, modality)
-      threshold = model.threshold(modality)
-      for rec, u, d in zip(records, unsafe, dist):
-        rec.update(unsafe=bool(u), unsafe_score=float(d - threshold),
-                   threshold=threshold, alpha=model.traversal_alpha)
-    else:
-      for rec in records:
-        rec.update(unsafe=None, unsafe_score=None, note=NO_BOUNDS_NOTE)
-  else:
-    for rec in records:
-      rec.update(distance_from_origin=None, unsafe=None, unsafe_score=None,
-                 note=EUC_NOTE)
-  can_traverse = hyp and has_bounds
+  dist = _verdicts(model, emb, modality, records)
+  can_traverse = model.mode == "hyp" and model.bounds is not None
   target = pool.modality if pool is not None else modality
   traversed = model.traverse_to_safe(emb, target) if can_traverse else None
   shown = emb
   if redirect:
-    if can_traverse:
-      shown = traversed
-      moved = np.any(traversed != np.asarray(emb), axis=-1)
-      new_dist = np.asarray(safety.origin_distance(traversed, model.curv))
-      for rec, m, d in zip(records, moved, new_dist):
-        rec["redirected"] = {"moved": bool(m), "bound_of": target,
-                             "distance_from_origin": float(d)}
-    else:
-      for rec in records:
-        rec["redirected"] = None
+    shown = _redirected(model, emb, traversed, target, records)
   if embedding:
     for rec, e in zip(records, np.asarray(shown)):
       rec["embedding"] = [float(v) for v in e]
   # Fail closed: an input whose embedding or distance is not finite (NaN
-  # weights, say) gets an error record, never a verdict.
+  # weights, say) gets an error record, never a verdict or a retrieval.
   finite_rows = np.all(np.isfinite(np.asarray(emb)), axis=-1)
-  if hyp:
+  if dist is not None:
     finite_rows &= np.isfinite(dist)
   for i in np.flatnonzero(~finite_rows):
     records[i] = {"error": NON_FINITE_ERROR}
-  if index is not None:
-    rows = np.flatnonzero(finite_rows)
-    if len(rows):
-      for i, hits in zip(rows, index.hits(np.asarray(emb)[rows], top_k)):
-        records[i].update(top_k=hits, index=index.describe())
-  if pool is not None:
-    for rec, hits in zip(records, rank(emb, pool, model.curv, model.mode,
-                                       top_k)):
-      rec["top_k"] = hits
-    if can_traverse:
-      for rec, hits in zip(records, rank(traversed, pool, model.curv,
-                                         model.mode, top_k)):
-        rec["top_k_traversed"] = hits
-    else:
-      for rec in records:
-        rec["top_k_traversed"] = None
+  rows = np.flatnonzero(finite_rows)
+  if index is not None and len(rows):
+    for i, hits in zip(rows, index.hits(np.asarray(emb)[rows], top_k)):
+      records[i].update(top_k=hits, index=index.describe())
+  if pool is not None and len(rows):
+    _rank_into(records, rows, model, emb, traversed, pool, top_k)
   return records
+
+
+def _verdicts(model, emb, modality, records):
+  """Fills each record's distance and unsafe verdict; returns the distances
+  from the origin (None in "euc" mode)."""
+  if model.mode != "hyp":
+    for rec in records:
+      rec.update(distance_from_origin=None, unsafe=None, unsafe_score=None,
+                 note=EUC_NOTE)
+    return None
+  dist = np.asarray(safety.origin_distance(emb, model.curv))
+  for rec, d in zip(records, dist):
+    rec["distance_from_origin"] = float(d)
+  if model.bounds is None:
+    for rec in records:
+      rec.update(unsafe=None, unsafe_score=None, note=NO_BOUNDS_NOTE)
+    return dist
+  unsafe, _ = model.classify_unsafe(emb, modality)
+  threshold = model.threshold(modality)
+  for rec, u, d in zip(records, unsafe, dist):
+    rec.update(unsafe=bool(u), unsafe_score=float(d - threshold),
+               threshold=threshold, alpha=model.traversal_alpha)
+  return dist
+
+
+def _redirected(model, emb, traversed, target, records):
+  """Fills "redirected"; returns the embeddings to report (the traversed
+  ones when traversal applies)."""
+  if traversed is None:
+    for rec in records:
+      rec["redirected"] = None
+    return emb
+  moved = np.any(traversed != np.asarray(emb), axis=-1)
+  new_dist = np.asarray(safety.origin_distance(traversed, model.curv))
+  for rec, m, d in zip(records, moved, new_dist):
+    rec["redirected"] = {"moved": bool(m), "bound_of": target,
+                         "distance_from_origin": float(d)}
+  return traversed
+
+
+def _rank_into(records, rows, model, emb, traversed, pool, top_k):
+  """Fills "top_k" (and "top_k_traversed") of the records `rows` from the
+  in-memory pool."""
+  emb = np.asarray(emb)[rows]
+  for i, hits in zip(rows, rank(emb, pool, model.curv, model.mode, top_k)):
+    records[i]["top_k"] = hits
+  if traversed is None:
+    for i in rows:
+      records[i]["top_k_traversed"] = None
+    return
+  for i, hits in zip(rows, rank(np.asarray(traversed)[rows], pool,
+                                model.curv, model.mode, top_k)):
+    records[i]["top_k_traversed"] = hits
 
 
 def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
@@ -423,7 +439,7 @@ def predict(model, images=(), texts=(), pool=None, top_k=5, redirect=False,
 PROG = "python -m hysac_jax.predict"
 # What `serving.load_model` raises for a model, --bounds or weights that
 # cannot be read (OSError: a missing --bounds file, unreadable weights).
-MODEL_ERRORS = (serving.ModelDirError, convert.CheckpointError,
+MODEL_ERRORS = (serving.ModelDirError, torch_state.StateDictError,
                 ckpt_lib.CheckpointError, OSError, ValueError, KeyError)
 
 

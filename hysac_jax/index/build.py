@@ -176,27 +176,10 @@ def build(model, out, *, images=None, captions=None, split="test",
     BuildError, gallery.GalleryError, outdir.OutputExistsError: naming the
       source, the output or the partial build at fault.
   """
-  if (images is None) == (captions is None):
-    raise BuildError("give exactly one of --images and --captions")
-  if model.mode != "hyp":
-    raise BuildError("a Euclidean-mode (euc) model has no Lorentz distance "
-                     "to index")
-  if shard_size < 1:
-    raise BuildError(f"--shard-size {shard_size}: expected at least 1")
-  if approx not in backends.APPROX_KINDS:
-    raise BuildError(f"--approx {approx!r}: expected one of "
-                     f"{backends.APPROX_KINDS}")
+  _check_build_args(model, images, captions, shard_size, approx)
   outdir.check(out, overwrite, "--out")
-  modality = "image" if images is not None else "text"
-  if modality == "image":
-    source = image_source(images, split)
-    names = source.item_names
-    described = {"images": os.path.abspath(images) if os.path.exists(images)
-                 else images, "split": None if os.path.isdir(images) and
-                 not labelled_images.is_tfds_dir(images) else split}
-  else:
-    source = names = caption_source(captions)
-    described = {"captions": os.path.abspath(captions)}
+  modality, source, names, described = _gallery_source(images, captions,
+                                                       split)
   record = index_lib.model_record(model, modality)
   described.update(count=len(names), digest=_digest(names))
   work = gallery.begin(out, {"model": record["fingerprint"],
@@ -226,6 +209,33 @@ def build(model, out, *, images=None, captions=None, split="test",
         on_shard(i)
   return _finish(work, out, modality, record, described, n_shards, approx,
                  build_args)
+
+
+def _check_build_args(model, images, captions, shard_size, approx):
+  """Raises BuildError naming the flag a build cannot start with."""
+  if (images is None) == (captions is None):
+    raise BuildError("give exactly one of --images and --captions")
+  if model.mode != "hyp":
+    raise BuildError("a Euclidean-mode (euc) model has no Lorentz distance "
+                     "to index")
+  if shard_size < 1:
+    raise BuildError(f"--shard-size {shard_size}: expected at least 1")
+  if approx not in backends.APPROX_KINDS:
+    raise BuildError(f"--approx {approx!r}: expected one of "
+                     f"{backends.APPROX_KINDS}")
+
+
+def _gallery_source(images, captions, split):
+  """(modality, source, item names, the source as the manifest records
+  it)."""
+  if images is None:
+    source = caption_source(captions)
+    return "text", source, source, {"captions": os.path.abspath(captions)}
+  source = image_source(images, split)
+  described = {"images": os.path.abspath(images) if os.path.exists(images)
+               else images, "split": None if os.path.isdir(images) and
+               not labelled_images.is_tfds_dir(images) else split}
+  return "image", source, source.item_names, described
 
 
 def _finish(work, out, modality, record, described, n_shards, approx,
