@@ -9,6 +9,8 @@ def load_pretrained(path, dtype=None, merge=False):
   Reads any model directory `serving.load_model` reads (a converted
   directory, a run, an export); `merge` folds LoRA into the base weights.
   """
+  # A deprecated alias: serving (jax, the models) loads only when it is used,
+  # not on `import hysac_jax`.
   import warnings  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from hysac_jax import serving  # pylint: disable=g-import-not-at-top

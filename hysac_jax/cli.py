@@ -62,6 +62,8 @@ def run_guarded(prog, fn, *args, expected=(), **kwargs):
   EXIT_INTERRUPTED, each after one line `PROG: error: ...`. Anything else
   propagates: a traceback means a bug.
   """
+  # absl is for the absl tools (train.py, eval.py); the argparse ones
+  # (convert, export, predict, index) need not load it.
   from absl import app
   try:
     return fn(*args, **kwargs)
@@ -168,7 +170,7 @@ def absl_flags_parser(prog):
   one line with EXIT_USAGE: unknown flags, bad values, missing required
   flags, unknown `--config.FIELD` overrides and config files that do not
   load (ml_collections raises these outside absl's flags.Error)."""
-  from absl import flags
+  from absl import flags  # As in run_guarded: absl tools only.
 
   def parse(argv):
     try:

@@ -56,6 +56,7 @@ def detected_cluster(environ=None):
 
 def _on_cloud_tpu_vm():
   try:  # JAX's own check (libtpu and TPU device files); private, so guarded.
+    # A private JAX module: imported under the guard, for this check only.
     from jax._src import cloud_tpu_init
     return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
   except (ImportError, AttributeError):

@@ -65,6 +65,7 @@ class RunLog:
     path = os.path.join(workdir, "metrics.jsonl")
     self.discarded = discard_after(path, start_step)
     self._jsonl = open(path, "a", encoding="utf-8")
+    # tensorboardX brings protobuf: imported when a run starts logging.
     from tensorboardX import SummaryWriter
     tb_dir = os.path.join(workdir, "tensorboard")
     earlier = os.path.isdir(tb_dir) and bool(os.listdir(tb_dir))
@@ -72,7 +73,7 @@ class RunLog:
                              purge_step=start_step + 1 if earlier else None)
     if use_wandb:
       try:
-        import wandb
+        import wandb  # An optional dependency.
       except ImportError as e:
         raise ImportError("config.train.use_wandb=True but wandb is not "
                           "installed: pip install wandb") from e

@@ -64,6 +64,7 @@ class ImageSet:
     Raises:
       UnreadableImage: naming the image.
     """
+    # PIL and preprocessing load with the first image read, not on import.
     from PIL import Image  # pylint: disable=g-import-not-at-top
     from hysac_jax.data import preprocess  # pylint: disable=g-import-not-at-top
     try:
@@ -186,6 +187,7 @@ def from_tfds(name_or_dir, split="test", data_dir=None,
     ValueError: the dataset has no such feature, its label is no
       ClassLabel, it is not prepared, or the split is unknown.
   """
+  # TFDS is heavy: imported for TFDS sources only.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   where = os.fspath(name_or_dir)
   try:
@@ -234,6 +236,7 @@ def from_tfds(name_or_dir, split="test", data_dir=None,
 def from_synthetic(attribute="shape", split="test", num=1024, seed=0,
                    image_size=32) -> ImageSet:
   """The classification view of synthetic ViSU (shapes or colours)."""
+  # The synthetic builder imports TFDS: loaded for this view only.
   from hysac_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   images, labels, classes = synthetic.classification_view(
       attribute, split, num, seed, image_size)

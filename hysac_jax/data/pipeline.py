@@ -196,6 +196,7 @@ class InputIterator:
         # grain caps the reader threads at the buffer size.
         prefetch_buffer_size=max(self._prefetch, self._num_threads)))
     if self._num_workers > 0:
+      # absl only matters when grain starts worker processes.
       from absl import flags
       if not flags.FLAGS.is_parsed():
         # grain's worker processes read absl flags; outside an absl app
@@ -316,6 +317,7 @@ def _builder_kwargs(data_config, image_size):
   name = data_config.name
   kwargs = {}
   if name == "synthetic_visu":
+    # The builder registers itself with TFDS on import: only when named.
     from hysac_jax.data import synthetic
     sizes = data_config.synthetic_sizes
     kwargs["config"] = synthetic.synthetic_config(
@@ -341,6 +343,7 @@ def prepare(data_config, image_size):
   Every process opens the TFDS files afterwards; letting them all build at
   once would race on the same directory.
   """
+  # Not at module level: grain workers need no JAX.
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
@@ -384,7 +387,7 @@ def make_dataset(data_config, split, image_size, *, seed=0, num_epochs=None,
   """
   train = split == "train" if train is None else train
   if local_device_count is None:
-    import jax
+    import jax  # Not at module level: grain workers need no JAX.
     local_device_count = jax.local_device_count()
   per_device = (data_config.batch_size_per_device if train
                 else data_config.eval_batch_size_per_device)

@@ -57,6 +57,7 @@ def load_tokenizer(name_or_path=None):
     name_or_path: None for the bundled OpenAI CLIP vocabulary (offline), or a
       local tokenizer directory, or a Hugging Face hub id.
   """
+  # transformers takes seconds to import: only when a tokenizer is built.
   from transformers import CLIPTokenizer
   if name_or_path is None:
     vocab, merges = _vocab_and_merges()

@@ -31,7 +31,7 @@ def read_rows(path):
   """
   ext = os.path.splitext(path)[1].lower().lstrip(".")
   if ext == "parquet":
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # Heavy, and needed for Parquet only.
     try:
       rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several unrelated types.

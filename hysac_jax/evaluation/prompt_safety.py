@@ -66,7 +66,7 @@ def read_prompts(path) -> list[str]:
 
 def default_prompts() -> dict[str, list[str]]:
   """{"safe": [...], "unsafe": [...]}: the shipped prompt sets."""
-  import importlib_resources
+  import importlib_resources  # Only when the shipped prompts are read.
   root = importlib_resources.files("hysac_jax.data.assets") / "zeroshot"
   out = {}
   for side, name in DEFAULT_PROMPT_FILES.items():
