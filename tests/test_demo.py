@@ -2,10 +2,15 @@
 
 import copy
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
 from hysac_jax import demo
+
+import tiny_runs
 
 
 def good_reports():
@@ -99,3 +104,52 @@ def test_a_missing_report_or_field_is_one_line(tmp_path, capsys):
   assert demo.main([str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "'retrieval'" in err[0]
+
+
+# --- the demo's own output ------------------------------------------------
+
+# Not reduced: fewer steps lose the unsafe-image AUROC promise (half the
+# training set, 192 steps: 66 %; the suite's four devices, 96 steps: 54 %),
+# so this is `make demo`'s own run: six epochs of 4,096 quadruples on one
+# device, about two minutes on the 2-core CPU.
+DEMO = {}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  """train.py and eval.py as `make demo` calls them (its own data dir)."""
+  tmp = tmp_path_factory.mktemp("demo")
+  run = tmp / "run"
+  flags = tiny_runs.tiny_cli_flags(tmp / "tfds", DEMO)
+  # One CPU device, as `make demo` has: the suite's four simulated devices
+  # would make the global batch 4x and the run 4x fewer steps.
+  env = tiny_runs.run_env()
+  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
+                            "", env.get("XLA_FLAGS", ""))
+  for script, extra in (
+      ("train.py", [f"--workdir={run}"]),
+      ("eval.py", [f"--workdir={run}", "--zeroshot",
+                   "synthetic_visu:shape,synthetic_visu:colour"])):
+    done = subprocess.run(
+        [sys.executable, str(tiny_runs.ROOT / script), *flags, *extra],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+  return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("promise", [
+    "U farther than S", "G farther than V", "unsafe-image AUROC >= 95 %",
+    "S->V R@10 >= 5x chance",
+    "traversal cuts unsafe top-1 of unsafe image queries",
+    "zero-shot colour >= chance + 10 points",
+    pytest.param("zero-shot shape >= chance + 10 points",
+                 # Shape at 32 px stays near chance (29 % in the full demo,
+                 # against the 35 % promised): issue 26's open point.
+                 marks=pytest.mark.xfail(strict=True, reason="issue 26"))])
+def test_the_demo_keeps_its_promises_on_its_own_output(demo_run, promise):
+  checks = {name: (value, ok) for name, value, ok in
+            demo.properties(*demo.reports(demo_run))}
+  assert set(checks) >= {promise}
+  value, ok = checks[promise]
+  assert ok, f"{promise}: {value}"
