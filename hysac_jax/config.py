@@ -161,9 +161,6 @@ def _check_model(m):
     _bad("model.context_length", m.context_length,
          f"0 (the CLIP's own) or a number of positions up to "
          f"{CONTEXT_LENGTH}")
-  if m.context_length and m.clip:
-    _bad("model.context_length", m.context_length,
-         "0 with a pretrained config.model.clip (its positions are learned)")
   if not isinstance(m.scan_layers, bool):
     _bad("model.scan_layers", m.scan_layers, "true or false")
   if m.attention not in clip_lib.ATTENTION_IMPLEMENTATIONS:

@@ -79,10 +79,22 @@ def test_a_bad_context_length_is_named(value):
     config_lib.check_config(c)
 
 
-def test_a_pretrained_clip_keeps_its_own_context_length():
-  c = _config(**{"model.context_length": 32})  # clip: the OpenAI ViT-L/14
-  with pytest.raises(ValueError, match="model.context_length.*pretrained"):
-    config_lib.check_config(c)
+def test_a_pretrained_clip_keeps_its_own_context_length(tmp_path):
+  """A pretrained tower has learned exactly its positions: another length
+  is refused by name, its own (or 0) is taken."""
+  from hysac_jax import pretrained
+  import tiny_runs
+  source = tiny_runs.save_converted(tmp_path / "clip", seed=0,
+                                    lora_b_scale=0.0, curv=1.0, alpha=0.5)
+  c = _config(**{"model.clip": str(source), "model.size": "tiny"})
+  own = pretrained.model_from_config(c).clip.text.max_position_embeddings
+  c.model.context_length = own - 1
+  with pytest.raises(ValueError, match=rf"model.context_length={own - 1}.* "
+                                       rf"{own} text positions"):
+    pretrained.model_from_config(c)
+  c.model.context_length = own
+  assert pretrained.model_from_config(
+      c).clip.text.max_position_embeddings == own
 
 
 def test_context_length_sets_the_text_positions_of_a_random_tower():

@@ -479,6 +479,9 @@ def test_run_compatibility_checks_towers_and_mean_std(open_clip, tmp_path):
   OpenAI's mean/std: a converted model must agree on both."""
   from hysac_jax.models import sizes
   tiny = sizes.get_clip_config("tiny")
+  # configs/tiny.py's towers: 32 text positions (model.context_length).
+  tiny = dataclasses.replace(tiny, text=dataclasses.replace(
+      tiny.text, max_position_embeddings=32))
   cfg = tiny_size_cfg()
   torch_model = openclip_model(open_clip, cfg)
   same = tmp_path / "same"
@@ -513,11 +516,12 @@ TRAIN_OVERRIDES = {**tiny_runs.MICRO_OVERRIDES, "train.epochs": 1}
 
 
 def tiny_size_cfg(quick_gelu=True):
-  """OpenCLIP's config of `sizes.get_clip_config("tiny")` (configs/tiny.py)."""
+  """OpenCLIP's config of configs/tiny.py's towers (`sizes` "tiny", with
+  its 32 text positions)."""
   return {"embed_dim": 64, "quick_gelu": quick_gelu,
           "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64,
                          "layers": 2, "head_width": 32},
-          "text_cfg": {"context_length": 77, "vocab_size": 49408,
+          "text_cfg": {"context_length": 32, "vocab_size": 49408,
                        "width": 64, "heads": 2, "layers": 2}}
 
 
