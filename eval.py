@@ -136,7 +136,7 @@ def main(argv):
         return cli.fail(PROG, "--zeroshot goes with --task report (the "
                         "default); use --dataset with --task zeroshot",
                         cli.EXIT_USAGE)
-      return _run_task(config)
+      return _run_task(config, _TASK.value, _DATASET.value, _OUT.value)
     source = os.path.abspath(os.path.expanduser(_WORKDIR.value
                                                 or _MODEL.value))
     model = evaluate_tasks.LazyModel(lambda: evaluate_run.load(
@@ -150,8 +150,7 @@ def main(argv):
     print(_evaluated_line(report.get("evaluated")))
     print(f"report written to {os.path.abspath(out_dir)}", flush=True)
     for dataset in _ZEROSHOT.value:
-      _run_task(config, task="zeroshot", dataset=dataset, model=model,
-                out_dir=None)
+      _run_task(config, "zeroshot", dataset, out_dir=None, model=model)
   except (ValueError, OSError, ConnectionError) as e:
     # ValueError: bad config values, corrupt checkpoints (CheckpointError),
     # bounds and model directories; OSError: missing files.
@@ -171,13 +170,10 @@ def _evaluated_line(evaluated):
   return line
 
 
-def _run_task(config, task=None, dataset=None, model=None, out_dir=False):
-  """`--task` other than the ViSU report (hysac_jax/evaluate_tasks.py); or
-  the given task on `dataset` with an already loaded `model` (--zeroshot:
-  out_dir None, each dataset's own default directory)."""
-  task = task or _TASK.value
-  dataset = dataset or _DATASET.value
-  out_dir = _OUT.value if out_dir is False else out_dir
+def _run_task(config, task, dataset, out_dir, model=None):
+  """A task other than the ViSU report (hysac_jax/evaluate_tasks.py) on
+  `dataset`; `out_dir` None writes the task's default directory, `model`
+  is one already loaded (--zeroshot)."""
   common = dict(batch_size=_BATCH.value, skip_unreadable=_SKIP.value,
                 max_examples=_MAX.value)
   if task == "zeroshot":
