@@ -84,6 +84,12 @@ _PROMPTS = flags.DEFINE_string(
     "{'templates': [...], 'classes': [...]}.")
 _TEMPLATES = flags.DEFINE_string(
     "templates", None, "zeroshot: text file, one template a line with {}.")
+_POOLING = flags.DEFINE_enum(
+    "prompt_pooling", None, evaluate_tasks.POOLINGS,
+    "zeroshot: mean: a class is its prompts' mean (CLIP's prompt ensemble); "
+    "nearest: a class scores by its nearest prompt. Default: nearest for "
+    "synthetic_visu (its prompts are every caption of a class), mean "
+    "otherwise.")
 _SAFE_PROMPTS = flags.DEFINE_string(
     "safe_prompts", None, "unsafe_prompts: safe prompts, one a line "
     "(default: the shipped set).")
@@ -179,7 +185,8 @@ def _run_task(config, task, dataset, out_dir, model=None):
   if task == "zeroshot":
     kwargs = dict(dataset=dataset, split=_SPLIT.value, config=config,
                   data_dir=_DATA_DIR.value, prompts_file=_PROMPTS.value,
-                  templates_file=_TEMPLATES.value, **common)
+                  templates_file=_TEMPLATES.value, pooling=_POOLING.value,
+                  **common)
   elif task == "retrieval":
     kwargs = dict(captions_file=_CAPTIONS.value, images_dir=_IMAGES.value,
                   split=_SPLIT.value, **common)

@@ -39,6 +39,7 @@ from hysac_jax.evaluation import prompt_safety
 from hysac_jax.evaluation import zeroshot
 
 TASKS = ("zeroshot", "retrieval", "unsafe_prompts")
+POOLINGS = zeroshot.POOLINGS
 SHIPPED_CLASS_PROMPTS = ("imagenet2012", "cifar10", "cifar100")
 GENERIC_TEMPLATE = "a photo of a {}."
 SYNTHETIC_PREFIXES = ("synthetic_visu:", "synthetic:")
@@ -199,8 +200,16 @@ def _note_skipped(skipped):
 
 def run_zeroshot(model, dataset, split="test", config=None, data_dir=None,
                  prompts_file=None, templates_file=None, batch_size=None,
-                 skip_unreadable=False, max_examples=None):
-  """Zero-shot classification of `dataset`; returns the report dict."""
+                 skip_unreadable=False, max_examples=None, pooling=None):
+  """Zero-shot classification of `dataset`; returns the report dict.
+
+  `pooling` (`zeroshot.POOLINGS`) combines each class's prompts; None takes
+  "nearest" for the synthetic view's own captions (every caption of a
+  class, one per scene: their mean blurs the classes together) and "mean"
+  (CLIP's prompt ensemble) for templates and prompt files.
+  """
+  if pooling is not None:
+    zeroshot.check_pooling(pooling)
   image_set = _prefix(open_image_set(dataset, split, model, config,
                                      data_dir), max_examples)
   attribute = _synthetic_attribute(dataset)
@@ -210,6 +219,7 @@ def run_zeroshot(model, dataset, split="test", config=None, data_dir=None,
     by_class = synthetic.class_prompts(attribute)
     prompts = [by_class[c] for c in image_set.class_names]
     names, source = image_set.class_names, "synthetic captions"
+    pooling = pooling or "nearest"
   else:
     prompts, names, source = class_prompts(
         image_set.class_names, image_set.tfds_name, prompts_file,
@@ -217,14 +227,13 @@ def run_zeroshot(model, dataset, split="test", config=None, data_dir=None,
   flat = [p for group in prompts for p in group]
   text = embed_lib.embed_texts(model, flat, desc="prompts")
   bounds = np.cumsum([0] + [len(g) for g in prompts])
-  class_emb = zeroshot.class_embeddings(
-      [text[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])], model.curv,
-      model.mode)
   emb, kept, skipped = embed_lib.embed_images(
       model, image_set, batch_size or embed_lib.IMAGE_BATCH, desc="images",
       skip_unreadable=skip_unreadable)
-  report = zeroshot.evaluate(emb, image_set.labels[kept], class_emb, names,
-                             model.curv, model.mode)
+  report = zeroshot.evaluate_prompts(
+      emb, image_set.labels[kept],
+      [text[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])], names,
+      model.curv, model.mode, pooling or "mean")
   report.update(dataset=str(dataset), split=split, prompts_source=source,
                 prompts_per_class=[len(g) for g in prompts],
                 skipped=skipped)
@@ -402,5 +411,7 @@ def _check_inputs(task, kwargs):
                               "not exist")
   if task == "zeroshot" and not kwargs.get("dataset"):
     raise ValueError("--task zeroshot needs --dataset NAME_OR_DIR")
+  if kwargs.get("pooling") is not None:
+    zeroshot.check_pooling(kwargs["pooling"])
   if task == "retrieval" and not kwargs.get("captions_file"):
     raise ValueError("--task retrieval needs --captions JSON")

@@ -217,9 +217,24 @@ def test_zeroshot_on_an_image_folder_matches_the_reference(tmp_path,
   confusion = np.zeros((3, 3), int)
   np.add.at(confusion, (labels, preds), 1)
   np.testing.assert_array_equal(report["confusion"], confusion)
-  assert "Zero-shot" in text
+  assert "Zero-shot" in text and report["pooling"] == "mean"
   assert {p.name for p in Path(out_dir).iterdir()} == {
       "report.json", "report.md", "confusion_matrix.png"}
+
+  # Nearest pooling: each class scores by its best prompt.
+  report, _, text = evaluate_tasks.run(
+      "zeroshot", model_dir, out_dir=tmp_path / "nearest", dataset=str(root),
+      templates_file=str(templates), batch_size=4, pooling="nearest")
+  scores = -np.array([[min(ref_dist(x, texts[2 * k + j], CURV)
+                           for j in range(2)) for k in range(3)]
+                      for x in images])
+  assert_no_near_ties(scores, enumerate(labels))
+  preds = scores.argmax(axis=1)
+  assert report["pooling"] == "nearest" and " nearest " in text
+  assert report["top1"] == pytest.approx(np.mean(preds == labels))
+  confusion = np.zeros((3, 3), int)
+  np.add.at(confusion, (labels, preds), 1)
+  np.testing.assert_array_equal(report["confusion"], confusion)
 
 
 def test_unreadable_image_fails_with_its_name_or_is_skipped_and_counted(
@@ -318,7 +333,15 @@ def test_cli_zeroshot_on_synthetic_colours_and_errors_in_one_line(
   assert report["num_classes"] == 5 and report["n"] == 40
   assert report["chance_top1"] == pytest.approx(0.2)
   assert report["prompts_per_class"] == [72] * 5
+  assert report["pooling"] == "nearest"  # the synthetic captions' default
   assert "Zero-shot classification" in done.stdout
+
+  done = run_eval("--model", str(model_dir), "--task", "zeroshot",
+                  "--dataset", "synthetic_visu:colour", "--prompt_pooling",
+                  "max")
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  assert done.stderr.strip().splitlines()[-1].startswith(
+      "eval.py: error: ") and "prompt_pooling" in done.stderr
 
   root = make_folder(tmp_path / "data", ["red"], per_class=1)
   (root / "blue").mkdir()
@@ -399,6 +422,9 @@ def test_bad_inputs_fail_before_the_model_loads(tmp_path):
   with pytest.raises(ValueError, match="class folder .*/blue holds no image"):
     evaluate_tasks.run("zeroshot", not_a_model, dataset=str(root))
   (root / "blue" / "0.png").write_bytes(png(COLOURS["blue"], 0))
+  with pytest.raises(ValueError, match="unknown prompt pooling 'max'"):
+    evaluate_tasks.run("zeroshot", not_a_model, dataset=str(root),
+                       pooling="max")
   prompts = tmp_path / "p.json"
   prompts.write_text(json.dumps({"prompts": {"red": ["a red one"]}}))
   with pytest.raises(ValueError, match="class 'blue' has no prompt"):

@@ -227,3 +227,93 @@ def test_markdown_class_names_keep_one_row_each():
   assert "| c\\|d | 1 | 0.00 |" in md
   rows = [line for line in md.splitlines() if line.startswith("|")]
   assert len(rows) == 3 + 4  # summary: header, rule, row; classes: 2 rows
+
+
+# --- nearest-prompt pooling -----------------------------------------------
+
+
+def ref_nearest_scores(images, prompt_groups, c, mode):
+  """(N, C): each class's best prompt score, by a loop over prompts."""
+  return np.stack([ref_scores(images, g, c, mode).max(axis=1)
+                   for g in prompt_groups], axis=1)
+
+
+@pytest.mark.parametrize("mode", ["hyp", "euc"])
+def test_nearest_pooling_matches_float64_bruteforce(mode):
+  rng = np.random.default_rng(7)
+  c, d = 5, 6
+  # Classes of 1-4 prompts scattered widely: the nearest prompt, not the
+  # mean, decides.
+  groups = [points(rng, p, d, scale=1.2) for p in (1, 3, 4, 2, 3)]
+  labels = rng.integers(0, c, 70)
+  picks = [groups[t][rng.integers(len(groups[t]))] for t in labels]
+  images = ref_exp0(ref_log0(np.stack(picks), CURV)
+                    + 0.7 * rng.normal(size=(70, d)), CURV)
+  names = [f"class{i}" for i in range(c)]
+  scores = ref_nearest_scores(images, groups, CURV, mode)
+  want = ref_metrics(scores, labels, c)
+  assert 0.1 < want["top1"] < 0.95  # the fixture discriminates
+  with jax.enable_x64(True):
+    got = zeroshot.evaluate_prompts(images, labels, groups, names, CURV,
+                                    mode, pooling="nearest", chunk_size=16)
+  assert got["pooling"] == "nearest"
+  for key in ("top1", "top5", "mean_per_class_recall"):
+    assert got[key] == pytest.approx(want[key], abs=1e-12), key
+  confusion = np.zeros((c, c), int)
+  for t, p in zip(labels, want["preds"]):
+    confusion[t, p] += 1
+  np.testing.assert_array_equal(got["confusion"], confusion)
+  # float32: the same ranks when no two class scores are near-ties.
+  assert min_gap(scores) > 1e-5
+  got32 = zeroshot.evaluate_prompts(
+      images.astype(np.float32), labels,
+      [g.astype(np.float32) for g in groups], names, CURV, mode,
+      pooling="nearest")
+  for key in ("top1", "top5", "mean_per_class_recall"):
+    assert got32[key] == pytest.approx(want[key], abs=1e-12), key
+
+
+def test_nearest_pooling_finds_a_sub_concept_the_mean_blurs():
+  """Class 0 is two far-apart prompts, -2 and 2, whose mean is the origin;
+  class 1 is one prompt at 1.2. Images at 2 and 1.8 lie nearer 1.2 than the
+  origin, but nearer class 0's prompt 2 than 1.2 (1-D, where the Lorentz
+  distance is |asinh(sqrt(c) a) - asinh(sqrt(c) b)| / sqrt(c), monotone)."""
+  groups = [np.array([[-2.0], [2.0]]), np.array([[1.2]])]
+  images = np.array([[2.0], [1.8]])
+  labels = [0, 0]
+  with jax.enable_x64(True):
+    mean = zeroshot.evaluate_prompts(images, labels, groups, ["a", "b"],
+                                     CURV, "hyp", pooling="mean")
+    nearest = zeroshot.evaluate_prompts(images, labels, groups, ["a", "b"],
+                                        CURV, "hyp", pooling="nearest")
+  assert mean["top1"] == 0.0 and mean["pooling"] == "mean"
+  assert nearest["top1"] == 1.0
+
+
+def test_nearest_pooling_ties_chunks_and_bad_input():
+  rng = np.random.default_rng(8)
+  p = points(rng, 2, 4)
+  # Class 1's best prompt is class 0's: a tie, ranked to the lower index.
+  groups = [p, np.concatenate([p[:1], points(rng, 1, 4)])]
+  ranks, preds = zeroshot.nearest_prompt_ranks(p[:1].repeat(2, 0), groups,
+                                               [0, 1], CURV)
+  np.testing.assert_array_equal(ranks, [0, 1])
+  np.testing.assert_array_equal(preds, [0, 0])
+
+  images, labels = points(rng, 23, 4), rng.integers(0, 2, 23)
+  a = zeroshot.nearest_prompt_ranks(images, groups, labels, CURV,
+                                    chunk_size=4)
+  b = zeroshot.nearest_prompt_ranks(images, groups, labels, CURV,
+                                    chunk_size=1000)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+
+  with pytest.raises(ValueError, match="class 1: prompt embeddings"):
+    zeroshot.nearest_prompt_ranks(images, [p, p[:0]], labels, CURV)
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+    zeroshot.nearest_prompt_ranks(images, groups, labels + 1, CURV)
+  with pytest.raises(ValueError, match="different widths"):
+    zeroshot.nearest_prompt_ranks(images, [p, p[:, :3]], labels, CURV)
+  with pytest.raises(ValueError, match="unknown prompt pooling 'max'"):
+    zeroshot.evaluate_prompts(images, labels, groups, ["a", "b"], CURV,
+                              pooling="max")

@@ -8,6 +8,14 @@ hyperboloid. An image is assigned the class at the smallest Lorentz distance.
 In `euc` mode (plain CLIP) the prompts' L2-normalised embeddings are averaged
 and renormalised, and images are scored by cosine, as CLIP does.
 
+That mean (`pooling="mean"`, CLIP's prompt ensemble) suits templates of one
+class name. When a class is a union of distinct sub-concepts, as the
+synthetic set's classes are (every caption of a shape, over colours, counts,
+sizes and backgrounds), the mean of far-apart prompts lands near the other
+classes' means and blurs them together. `pooling="nearest"` scores a class
+by its best prompt instead: an image goes to the class of its nearest prompt
+(smallest Lorentz distance in hyp mode, largest cosine in euc mode).
+
 Ranking follows the package convention (`retrieval`): classes are ordered by
 descending score (−distance or cosine), ties to the lower class index, so the
 true class is in the top K iff fewer than K classes come before it.
@@ -21,6 +29,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -32,6 +43,11 @@ from hysac_jax.models import hysac as hysac_lib
 
 DEFAULT_K = (1, 5)
 DEFAULT_CHUNK = 1024
+POOLINGS = ("mean", "nearest")
+# Nearest pooling scores a chunk of images against every prompt at once:
+# the chunk shrinks so that this (chunk, prompts) matrix stays under 2^24
+# floats (64 MB).
+_NEAREST_SCORES = 1 << 24
 # Confusion matrices (report and plot) are kept for up to this many classes.
 MAX_CONFUSION_CLASSES = 100
 
@@ -122,18 +138,9 @@ def true_class_ranks(image_emb, class_emb, labels, curv, mode="hyp",
   """
   hysac_lib.check_mode(mode)
   images, classes = lorentz.at_least_float32(image_emb), lorentz.at_least_float32(class_emb)
+  _check_scored(images, classes, labels, classes.shape[0])
   labels = np.asarray(labels).astype(np.int32).reshape(-1)
-  n, c = images.shape[0], classes.shape[0]
-  if (images.ndim != 2 or classes.ndim != 2
-      or images.shape[1] != classes.shape[1]):
-    raise ValueError(f"images and classes must be (N, D) and (C, D), got "
-                     f"{images.shape} and {classes.shape}")
-  if labels.shape != (n,):
-    raise ValueError(f"labels must be ({n},), got {labels.shape}")
-  if n and (labels.min() < 0 or labels.max() >= c):
-    raise ValueError(f"labels must lie in [0, {c}), got range "
-                     f"[{labels.min()}, {labels.max()}]")
-  if not n:
+  if not images.shape[0]:
     return np.zeros(0, np.int32), np.zeros(0, np.int32)
   # Each image's positive is its true class: the retrieval ranking (ties to
   # the lower index; the Lorentz inner product orders as −distance does).
@@ -174,6 +181,102 @@ def metrics_from_ranks(ranks, predictions, labels, num_classes,
   return out
 
 
+def check_pooling(pooling):
+  if pooling not in POOLINGS:
+    raise ValueError(f"unknown prompt pooling {pooling!r}; expected one of "
+                     f"{POOLINGS}")
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "chunk_size",
+                                             "num_classes"))
+def _nearest_kernel(images, prompts, prompt_class, labels, curv, mode,
+                    chunk_size, num_classes):
+  """Rank of the true class and top-1 class, each class scored by its best
+  prompt; images (N, D) with N a multiple of chunk_size."""
+  if mode == "euc":
+    prompts = hysac_lib.l2_normalize(prompts)
+  classes = jnp.arange(num_classes, dtype=jnp.int32)
+
+  def one_chunk(args):
+    q, label = args  # (C, D), (C,)
+    if mode == "euc":
+      scores = hysac_lib.l2_normalize(q) @ prompts.T
+    else:  # orders as -distance does (module docstring of `retrieval`)
+      scores = lorentz.pairwise_inner(q, prompts, curv)
+    best = jax.ops.segment_max(scores.T, prompt_class, num_classes,
+                               indices_are_sorted=True).T  # (C, classes)
+    true = jnp.take_along_axis(best, label[:, None], axis=1)
+    before = (best > true) | ((best == true) & (classes < label[:, None]))
+    return (jnp.sum(before, axis=1, dtype=jnp.int32),
+            jnp.argmax(best, axis=1).astype(jnp.int32))
+
+  d = images.shape[-1]
+  ranks, top1 = jax.lax.map(one_chunk, (images.reshape(-1, chunk_size, d),
+                                        labels.reshape(-1, chunk_size)))
+  return ranks.reshape(-1), top1.reshape(-1)
+
+
+def nearest_prompt_ranks(image_emb, prompt_embs: Sequence, labels, curv,
+                         mode="hyp", chunk_size=DEFAULT_CHUNK):
+  """`true_class_ranks` with each class scored by its nearest prompt.
+
+  Args:
+    image_emb: (N, D) image embeddings.
+    prompt_embs: per class, a (P_c, D) array of its prompts' embeddings.
+    labels: (N,) int true classes in [0, C).
+    curv: curvature magnitude (ignored in euc mode).
+    mode: "hyp" (class score: -min_p distance) or "euc" (max_p cosine).
+    chunk_size: most images scored per step (fewer when there are many
+      prompts, so that a step's score matrix stays under 64 MB).
+
+  Returns:
+    ranks (N,) int32 and predictions (N,) int32 NumPy arrays, ties to the
+    lower class index.
+  """
+  hysac_lib.check_mode(mode)
+  sizes = [np.shape(p)[0] if np.ndim(p) == 2 else -1 for p in prompt_embs]
+  for c, size in enumerate(sizes):
+    if size < 1:
+      raise ValueError(f"class {c}: prompt embeddings must be (P >= 1, D), "
+                       f"got {np.shape(prompt_embs[c])}")
+  widths = {np.shape(p)[1] for p in prompt_embs}
+  if len(widths) > 1:
+    raise ValueError(f"prompt embeddings of different widths {sorted(widths)}")
+  prompts = lorentz.at_least_float32(np.concatenate(
+      [np.asarray(p) for p in prompt_embs]))
+  images = lorentz.at_least_float32(image_emb)
+  _check_scored(images, prompts, labels, len(sizes))
+  labels = np.asarray(labels).astype(np.int32).reshape(-1)
+  n = images.shape[0]
+  if not n:
+    return np.zeros(0, np.int32), np.zeros(0, np.int32)
+  prompt_class = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+  chunk = max(1, min(chunk_size, n, _NEAREST_SCORES // len(prompt_class)))
+  pad = (-n) % chunk  # repeat the first image; its results are dropped
+  images = jnp.concatenate([images, jnp.repeat(images[:1], pad, 0)])
+  padded = np.concatenate([labels, np.repeat(labels[:1], pad)])
+  curv = jnp.asarray(1.0 if curv is None else curv, images.dtype)
+  ranks, top1 = _nearest_kernel(images, prompts, jnp.asarray(prompt_class),
+                                jnp.asarray(padded), curv, mode, chunk,
+                                len(sizes))
+  return np.asarray(ranks)[:n], np.asarray(top1)[:n]
+
+
+def _check_scored(images, classes, labels, num_classes):
+  """(N, D) images, (M, D) classes or prompts, (N,) labels in [0, C)."""
+  labels = np.asarray(labels).reshape(-1)
+  if (images.ndim != 2 or classes.ndim != 2
+      or images.shape[1] != classes.shape[1]):
+    raise ValueError(f"images and classes must be (N, D) and (C, D), got "
+                     f"{images.shape} and {classes.shape}")
+  n = images.shape[0]
+  if labels.shape != (n,):
+    raise ValueError(f"labels must be ({n},), got {labels.shape}")
+  if n and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"labels must lie in [0, {num_classes}), got range "
+                     f"[{labels.min()}, {labels.max()}]")
+
+
 def evaluate(image_emb, labels, class_emb, class_names: Sequence[str], curv,
              mode="hyp", k: Sequence[int] = DEFAULT_K,
              chunk_size=DEFAULT_CHUNK) -> dict:
@@ -186,12 +289,44 @@ def evaluate(image_emb, labels, class_emb, class_names: Sequence[str], curv,
     C <= MAX_CONFUSION_CLASSES]}.
   """
   class_names = list(class_names)
-  c = len(class_names)
-  if np.shape(class_emb)[0] != c:
-    raise ValueError(f"{np.shape(class_emb)[0]} class embeddings for {c} "
-                     "class names")
+  if np.shape(class_emb)[0] != len(class_names):
+    raise ValueError(f"{np.shape(class_emb)[0]} class embeddings for "
+                     f"{len(class_names)} class names")
   ranks, preds = true_class_ranks(image_emb, class_emb, labels, curv, mode,
                                   chunk_size)
+  return _report(ranks, preds, labels, class_names, curv, mode, k)
+
+
+def evaluate_prompts(image_emb, labels, prompt_embs: Sequence,
+                     class_names: Sequence[str], curv, mode="hyp",
+                     pooling="mean", k: Sequence[int] = DEFAULT_K,
+                     chunk_size=DEFAULT_CHUNK, progress=True) -> dict:
+  """The zero-shot report from each class's prompt embeddings.
+
+  `pooling` "mean" embeds each class as its prompts' mean
+  (`class_embeddings`), then calls `evaluate`; "nearest" scores each class
+  by its nearest prompt (`nearest_prompt_ranks`). The report is
+  `evaluate`'s, with "pooling" added.
+  """
+  check_pooling(pooling)
+  class_names = list(class_names)
+  if len(prompt_embs) != len(class_names):
+    raise ValueError(f"prompts of {len(prompt_embs)} classes for "
+                     f"{len(class_names)} class names")
+  if pooling == "mean":
+    report = evaluate(image_emb, labels,
+                      class_embeddings(prompt_embs, curv, mode, progress),
+                      class_names, curv, mode, k, chunk_size)
+  else:
+    ranks, preds = nearest_prompt_ranks(image_emb, prompt_embs, labels, curv,
+                                        mode, chunk_size)
+    report = _report(ranks, preds, labels, class_names, curv, mode, k)
+  report["pooling"] = pooling
+  return report
+
+
+def _report(ranks, preds, labels, class_names, curv, mode, k):
+  c = len(class_names)
   m = metrics_from_ranks(ranks, preds, labels, c, k)
   support = m["confusion"].sum(axis=1)
   report = {"task": "zeroshot", "mode": mode,
@@ -220,9 +355,10 @@ def _pct(x):
 def summary_rows(report: Mapping) -> tuple[list[str], list[list[str]]]:
   """(header, rows) of the zero-shot table, values in %."""
   ks = [f"top{kk}" for kk in report["k"]]
-  header = (["dataset", "mode", "n", "classes"] + [f"{k} (%)" for k in ks]
+  header = (["dataset", "mode", "pooling", "n", "classes"] + [f"{k} (%)" for k in ks]
             + ["mean per-class recall (%)", "chance top1 (%)"])
-  row = ([str(report.get("dataset", "-")), report["mode"], str(report["n"]),
+  row = ([str(report.get("dataset", "-")), report["mode"],
+          report.get("pooling", "mean"), str(report["n"]),
           str(report["num_classes"])] + [_pct(report[k]) for k in ks]
          + [_pct(report["mean_per_class_recall"]),
             _pct(report["chance_top1"])])
