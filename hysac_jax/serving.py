@@ -324,9 +324,11 @@ def _load_stablehlo(directory, dtype, devices):
 def _load_run(directory, checkpoint, dtype, merge_lora, bounds_path,
               devices):
   # Before the restore: a bad bounds file fails in a second, not a minute;
-  # an explicit one is the only one read.
+  # an explicit one is the only one read. The checkpoint's own bounds come
+  # first (each best checkpoint has its own); the run's bounds.json is that
+  # of best_recall.
   bounds, bounds_source = find_bounds(
-      [directory, os.path.join(directory, checkpoint)], bounds_path)
+      [os.path.join(directory, checkpoint), directory], bounds_path)
   config, state = restore_run(directory, checkpoint)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32),
                         jax.device_get(state.params))

@@ -21,9 +21,13 @@ from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
 from hysac_jax import config as config_lib
 from hysac_jax import evaluate_run
+from hysac_jax import safety
+from hysac_jax import serving
+from hysac_jax.models import sizes
 from hysac_jax.training import loop as loop_lib
 from hysac_jax.training import restore as restore_lib
 
+import numerics
 import tiny_runs
 
 ROOT = tiny_runs.ROOT
@@ -547,6 +551,37 @@ def test_finished_run_writes_logs_checkpoints_and_bounds(finished_run):
   assert set(bounds) == {"S", "U", "V", "G"}
   for group in bounds.values():
     assert group["low_05"] <= group["avg"] <= group["up_95"]
+
+
+@pytest.mark.slow
+def test_each_best_checkpoint_has_the_bounds_of_its_own_weights(
+    finished_run, data_dir):
+  """best_recall/ and best_loss/ each hold the bounds of their own weights
+  on the validation split (recomputed here through the served model), the
+  run's bounds.json those of best_recall, and a served checkpoint reads
+  its own."""
+  workdir, summary = finished_run
+  config = micro_config(data_dir)
+  default = safety.load_bounds(workdir / "bounds.json")
+  assert default == safety.load_bounds(workdir / "best_recall" / "bounds.json")
+  assert summary["bounds"] == default
+  clip = sizes.get_clip_config(config.model.size)
+  k, depth = max(numerics.tower_error_terms(clip, t)
+                 for t in ("vision", "text"))
+  for kind in ("best_recall", "best_loss"):
+    path = workdir / kind / safety.BOUNDS_FILE
+    model = serving.load_model(str(workdir), checkpoint=kind,
+                               dtype="float32")
+    assert model.bounds_source == str(path)
+    emb = evaluate_run.embed_split_groups(model, config, "validation")
+    want = safety.compute_bounds(emb["S"], emb["U"], emb["V"], emb["G"],
+                                 model.curv)
+    saved = safety.load_bounds(path)
+    for group, stats in want.items():
+      for key, value in stats.items():
+        # The exp map and the distance add two roundings to the towers'.
+        atol = numerics.float32_atol(value, k, depth + 2)
+        assert abs(saved[group][key] - value) <= atol, (kind, group, key)
 
 
 @pytest.mark.slow

@@ -774,23 +774,35 @@ def _agree(flag):
 
 
 def _final_bounds(run):
-  """Bounds (SPEC §4) of the best-recall checkpoint on the validation split.
+  """Bounds (SPEC §4) of each best checkpoint on the validation split.
 
-  Written to workdir/bounds.json and beside the best checkpoints.
+  Each best checkpoint's bounds come from its own weights and are written
+  beside it (`best_recall/bounds.json`, `best_loss/bounds.json`; one pass
+  when both are the same step); workdir/bounds.json holds the best-recall
+  checkpoint's, the run's default. Returns those.
   """
   config, checkpoints = run.config, run.checkpoints
   if config.model.mode != "hyp":  # no bounds: skip the validation pass
     return None
-  best = restore_lib.restore_into(checkpoints, run.state, run.step_key)
-  emb, _, curv = validate(best, config, run.mesh, run.eval_step,
-                          run.image_size, run.context_length, desc="bounds")
-  bounds = safety.compute_bounds(emb["S"], emb["U"], emb["V"], emb["G"],
-                                 curv)
+  by_step, out = {}, None
+  for kind in (ckpt_lib.BEST_RECALL, ckpt_lib.BEST_LOSS):
+    step = checkpoints.latest_step(kind)
+    if step is None and kind != ckpt_lib.BEST_RECALL:
+      continue
+    if step not in by_step:
+      best = restore_lib.restore_into(checkpoints, run.state, run.step_key,
+                                      kind)
+      emb, _, curv = validate(best, config, run.mesh, run.eval_step,
+                              run.image_size, run.context_length,
+                              desc=f"bounds ({kind})")
+      by_step[step] = safety.compute_bounds(emb["S"], emb["U"], emb["V"],
+                                            emb["G"], curv)
+    bounds = by_step[step]
+    out = bounds if out is None else out
+    d = os.path.join(checkpoints.workdir, kind)
+    if jax.process_index() == 0 and os.path.isdir(d):
+      safety.save_bounds(bounds, os.path.join(d, safety.BOUNDS_FILE))
   if jax.process_index() == 0:
-    safety.save_bounds(bounds, os.path.join(checkpoints.workdir,
-                                            safety.BOUNDS_FILE))
-    for k in (ckpt_lib.BEST_RECALL, ckpt_lib.BEST_LOSS):
-      d = os.path.join(checkpoints.workdir, k)
-      if os.path.isdir(d):
-        safety.save_bounds(bounds, os.path.join(d, safety.BOUNDS_FILE))
-  return bounds
+    safety.save_bounds(out, os.path.join(checkpoints.workdir,
+                                         safety.BOUNDS_FILE))
+  return out
