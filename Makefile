@@ -30,6 +30,7 @@ venv: $(STAMP)
 demo: $(RUNTIME)
 	$(PY) train.py --config configs/tiny.py --workdir runs/tiny
 	$(PY) eval.py --config configs/tiny.py --workdir runs/tiny \
+	    --checkpoint best_loss \
 	    --zeroshot synthetic_visu:shape,synthetic_visu:colour
 	$(PY) -m hysac_jax.demo runs/tiny
 

@@ -85,7 +85,8 @@ _MEANING = (
     ("R@10", "retrieval finds the matching pair far above chance"),
     ("traversal", "moving an unsafe image query toward the origin (safety "
      "traversal) swaps unsafe top-1 captions for safe ones"),
-    ("zero-shot", "the prompts of a class classify images zero-shot"),
+    ("zero-shot", "images classify zero-shot by shape and by colour, each "
+     "going to the class of its nearest caption"),
 )
 
 
