@@ -75,6 +75,16 @@ def ref_metrics(scores, labels, num_classes):
           "mean_per_class_recall": np.mean(recalls), "preds": preds}
 
 
+def assert_report_matches(got, want, labels, num_classes):
+  """A zero-shot report against `ref_metrics`: metrics and confusion."""
+  for key in ("top1", "top5", "mean_per_class_recall"):
+    assert got[key] == pytest.approx(want[key], abs=1e-12), key
+  confusion = np.zeros((num_classes, num_classes), int)
+  for t, p in zip(labels, want["preds"]):
+    confusion[t, p] += 1
+  np.testing.assert_array_equal(got["confusion"], confusion)
+
+
 def points(rng, n, d, scale=0.6):
   return ref_exp0(scale * rng.normal(size=(n, d)), CURV)
 
@@ -137,12 +147,7 @@ def test_topk_and_mean_per_class_recall_match_bruteforce(mode):
   with jax.enable_x64(True):
     got = zeroshot.evaluate(images, labels, classes, names, CURV, mode,
                             chunk_size=16)
-  for key in ("top1", "top5", "mean_per_class_recall"):
-    assert got[key] == pytest.approx(want[key], abs=1e-12), key
-  confusion = np.zeros((c, c), int)
-  for t, p in zip(labels, want["preds"]):
-    confusion[t, p] += 1
-  np.testing.assert_array_equal(got["confusion"], confusion)
+  assert_report_matches(got, want, labels, c)
   assert got["chance_top1"] == pytest.approx(1 / c)
 
   # float32, what users run: same ranks when no two scores are near-ties.
@@ -257,12 +262,7 @@ def test_nearest_pooling_matches_float64_bruteforce(mode):
     got = zeroshot.evaluate_prompts(images, labels, groups, names, CURV,
                                     mode, pooling="nearest", chunk_size=16)
   assert got["pooling"] == "nearest"
-  for key in ("top1", "top5", "mean_per_class_recall"):
-    assert got[key] == pytest.approx(want[key], abs=1e-12), key
-  confusion = np.zeros((c, c), int)
-  for t, p in zip(labels, want["preds"]):
-    confusion[t, p] += 1
-  np.testing.assert_array_equal(got["confusion"], confusion)
+  assert_report_matches(got, want, labels, c)
   # float32: the same ranks when no two class scores are near-ties.
   assert min_gap(scores) > 1e-5
   got32 = zeroshot.evaluate_prompts(

@@ -79,6 +79,17 @@ def _mean_prompt(x, curv, mode):
   return lorentz.exp_map0(jnp.mean(lorentz.log_map0(x, curv), axis=-2), curv)
 
 
+def _prompt_counts(prompt_embs):
+  """The prompt count of each class; a class without a (P >= 1, D) array
+  of prompts is refused by its index."""
+  sizes = [np.shape(p)[0] if np.ndim(p) == 2 else -1 for p in prompt_embs]
+  for c, size in enumerate(sizes):
+    if size < 1:
+      raise ValueError(f"class {c}: prompt embeddings must be (P >= 1, D), "
+                       f"got {np.shape(prompt_embs[c])}")
+  return sizes
+
+
 def class_embeddings(prompt_embs: Sequence, curv, mode="hyp",
                      progress=True):
   """`class_embedding` of each class, in time linear in the classes.
@@ -97,11 +108,7 @@ def class_embeddings(prompt_embs: Sequence, curv, mode="hyp",
     (C, D) class embeddings.
   """
   hysac_lib.check_mode(mode)
-  sizes = [np.shape(p)[0] if np.ndim(p) == 2 else -1 for p in prompt_embs]
-  for c, size in enumerate(sizes):
-    if size < 1:
-      raise ValueError(f"class {c}: prompt embeddings must be (P >= 1, D), "
-                       f"got {np.shape(prompt_embs[c])}")
+  sizes = _prompt_counts(prompt_embs)
   by_size = {}
   for c, size in enumerate(sizes):
     by_size.setdefault(size, []).append(c)
@@ -234,11 +241,7 @@ def nearest_prompt_ranks(image_emb, prompt_embs: Sequence, labels, curv,
     lower class index.
   """
   hysac_lib.check_mode(mode)
-  sizes = [np.shape(p)[0] if np.ndim(p) == 2 else -1 for p in prompt_embs]
-  for c, size in enumerate(sizes):
-    if size < 1:
-      raise ValueError(f"class {c}: prompt embeddings must be (P >= 1, D), "
-                       f"got {np.shape(prompt_embs[c])}")
+  sizes = _prompt_counts(prompt_embs)
   widths = {np.shape(p)[1] for p in prompt_embs}
   if len(widths) > 1:
     raise ValueError(f"prompt embeddings of different widths {sorted(widths)}")
