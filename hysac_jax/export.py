@@ -323,7 +323,8 @@ def main(argv=None):
                       choices=WRITE_FORMATS,
                       help="one or more of: %(choices)s")
   parser.add_argument("--bounds", default=None,
-                      help="bounds JSON (default: bounds.json in --model)")
+                      help="bounds JSON (default: the model's own: a run's "
+                      "checkpoint, then the run)")
   parser.add_argument("--checkpoint", default=ckpt_lib.BEST_RECALL,
                       choices=ckpt_lib.KINDS,
                       help="which checkpoint of a training run")
