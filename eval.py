@@ -41,6 +41,7 @@ from hysac_jax import checkpoint as ckpt_lib
 from hysac_jax import cli
 from hysac_jax import evaluate_run
 from hysac_jax import evaluate_tasks
+from hysac_jax.evaluation import zeroshot
 
 PROG = "eval.py"
 
@@ -85,7 +86,7 @@ _PROMPTS = flags.DEFINE_string(
 _TEMPLATES = flags.DEFINE_string(
     "templates", None, "zeroshot: text file, one template a line with {}.")
 _POOLING = flags.DEFINE_enum(
-    "prompt_pooling", None, evaluate_tasks.POOLINGS,
+    "prompt_pooling", None, zeroshot.POOLINGS,
     "zeroshot: mean: a class is its prompts' mean (CLIP's prompt ensemble); "
     "nearest: a class scores by its nearest prompt. Default: nearest for "
     "synthetic_visu (its prompts are every caption of a class), mean "

@@ -39,7 +39,6 @@ from hysac_jax.evaluation import prompt_safety
 from hysac_jax.evaluation import zeroshot
 
 TASKS = ("zeroshot", "retrieval", "unsafe_prompts")
-POOLINGS = zeroshot.POOLINGS
 SHIPPED_CLASS_PROMPTS = ("imagenet2012", "cifar10", "cifar100")
 GENERIC_TEMPLATE = "a photo of a {}."
 SYNTHETIC_PREFIXES = ("synthetic_visu:", "synthetic:")
@@ -208,7 +207,7 @@ def run_zeroshot(model, dataset, split="test", config=None, data_dir=None,
   class, one per scene: their mean blurs the classes together) and "mean"
   (CLIP's prompt ensemble) for templates and prompt files.
   """
-  if pooling is not None:
+  if pooling is not None:  # before the (lazy) model loads
     zeroshot.check_pooling(pooling)
   image_set = _prefix(open_image_set(dataset, split, model, config,
                                      data_dir), max_examples)
@@ -219,11 +218,12 @@ def run_zeroshot(model, dataset, split="test", config=None, data_dir=None,
     by_class = synthetic.class_prompts(attribute)
     prompts = [by_class[c] for c in image_set.class_names]
     names, source = image_set.class_names, "synthetic captions"
-    pooling = pooling or "nearest"
+    default_pooling = "nearest"
   else:
     prompts, names, source = class_prompts(
         image_set.class_names, image_set.tfds_name, prompts_file,
         templates_file)
+    default_pooling = "mean"
   flat = [p for group in prompts for p in group]
   text = embed_lib.embed_texts(model, flat, desc="prompts")
   bounds = np.cumsum([0] + [len(g) for g in prompts])
@@ -233,7 +233,7 @@ def run_zeroshot(model, dataset, split="test", config=None, data_dir=None,
   report = zeroshot.evaluate_prompts(
       emb, image_set.labels[kept],
       [text[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])], names,
-      model.curv, model.mode, pooling or "mean")
+      model.curv, model.mode, pooling or default_pooling)
   report.update(dataset=str(dataset), split=split, prompts_source=source,
                 prompts_per_class=[len(g) for g in prompts],
                 skipped=skipped)
@@ -411,7 +411,5 @@ def _check_inputs(task, kwargs):
                               "not exist")
   if task == "zeroshot" and not kwargs.get("dataset"):
     raise ValueError("--task zeroshot needs --dataset NAME_OR_DIR")
-  if kwargs.get("pooling") is not None:
-    zeroshot.check_pooling(kwargs["pooling"])
   if task == "retrieval" and not kwargs.get("captions_file"):
     raise ValueError("--task retrieval needs --captions JSON")

@@ -145,8 +145,7 @@ def true_class_ranks(image_emb, class_emb, labels, curv, mode="hyp",
   """
   hysac_lib.check_mode(mode)
   images, classes = lorentz.at_least_float32(image_emb), lorentz.at_least_float32(class_emb)
-  _check_scored(images, classes, labels, classes.shape[0])
-  labels = np.asarray(labels).astype(np.int32).reshape(-1)
+  labels = _check_scored(images, classes, labels, classes.shape[0])
   if not images.shape[0]:
     return np.zeros(0, np.int32), np.zeros(0, np.int32)
   # Each image's positive is its true class: the retrieval ranking (ties to
@@ -248,8 +247,7 @@ def nearest_prompt_ranks(image_emb, prompt_embs: Sequence, labels, curv,
   prompts = lorentz.at_least_float32(np.concatenate(
       [np.asarray(p) for p in prompt_embs]))
   images = lorentz.at_least_float32(image_emb)
-  _check_scored(images, prompts, labels, len(sizes))
-  labels = np.asarray(labels).astype(np.int32).reshape(-1)
+  labels = _check_scored(images, prompts, labels, len(sizes))
   n = images.shape[0]
   if not n:
     return np.zeros(0, np.int32), np.zeros(0, np.int32)
@@ -266,7 +264,8 @@ def nearest_prompt_ranks(image_emb, prompt_embs: Sequence, labels, curv,
 
 
 def _check_scored(images, classes, labels, num_classes):
-  """(N, D) images, (M, D) classes or prompts, (N,) labels in [0, C)."""
+  """(N, D) images, (M, D) classes or prompts, (N,) labels in [0, C);
+  returns the labels as int32."""
   labels = np.asarray(labels).reshape(-1)
   if (images.ndim != 2 or classes.ndim != 2
       or images.shape[1] != classes.shape[1]):
@@ -278,6 +277,7 @@ def _check_scored(images, classes, labels, num_classes):
   if n and (labels.min() < 0 or labels.max() >= num_classes):
     raise ValueError(f"labels must lie in [0, {num_classes}), got range "
                      f"[{labels.min()}, {labels.max()}]")
+  return labels.astype(np.int32)
 
 
 def evaluate(image_emb, labels, class_emb, class_names: Sequence[str], curv,
@@ -358,7 +358,8 @@ def _pct(x):
 def summary_rows(report: Mapping) -> tuple[list[str], list[list[str]]]:
   """(header, rows) of the zero-shot table, values in %."""
   ks = [f"top{kk}" for kk in report["k"]]
-  header = (["dataset", "mode", "pooling", "n", "classes"] + [f"{k} (%)" for k in ks]
+  header = (["dataset", "mode", "pooling", "n", "classes"]
+            + [f"{k} (%)" for k in ks]
             + ["mean per-class recall (%)", "chance top1 (%)"])
   row = ([str(report.get("dataset", "-")), report["mode"],
           report.get("pooling", "mean"), str(report["n"]),

@@ -784,11 +784,10 @@ def _final_bounds(run):
   config, checkpoints = run.config, run.checkpoints
   if config.model.mode != "hyp":  # no bounds: skip the validation pass
     return None
-  by_step, out = {}, None
-  for kind in (ckpt_lib.BEST_RECALL, ckpt_lib.BEST_LOSS):
+  by_step = {}  # checkpoint step -> bounds: one pass per distinct step
+
+  def bounds_of(kind):  # collective: every process validates
     step = checkpoints.latest_step(kind)
-    if step is None and kind != ckpt_lib.BEST_RECALL:
-      continue
     if step not in by_step:
       best = restore_lib.restore_into(checkpoints, run.state, run.step_key,
                                       kind)
@@ -797,12 +796,18 @@ def _final_bounds(run):
                               desc=f"bounds ({kind})")
       by_step[step] = safety.compute_bounds(emb["S"], emb["U"], emb["V"],
                                             emb["G"], curv)
-    bounds = by_step[step]
-    out = bounds if out is None else out
-    d = os.path.join(checkpoints.workdir, kind)
-    if jax.process_index() == 0 and os.path.isdir(d):
-      safety.save_bounds(bounds, os.path.join(d, safety.BOUNDS_FILE))
+    return by_step[step]
+
+  # best_recall falls back to the latest checkpoint when it has none.
+  default = bounds_of(ckpt_lib.BEST_RECALL)
+  beside = {ckpt_lib.BEST_RECALL: default}
+  if checkpoints.latest_step(ckpt_lib.BEST_LOSS) is not None:
+    beside[ckpt_lib.BEST_LOSS] = bounds_of(ckpt_lib.BEST_LOSS)
   if jax.process_index() == 0:
-    safety.save_bounds(out, os.path.join(checkpoints.workdir,
-                                         safety.BOUNDS_FILE))
-  return out
+    safety.save_bounds(default, os.path.join(checkpoints.workdir,
+                                             safety.BOUNDS_FILE))
+    for kind, bounds in beside.items():
+      d = os.path.join(checkpoints.workdir, kind)
+      if os.path.isdir(d):
+        safety.save_bounds(bounds, os.path.join(d, safety.BOUNDS_FILE))
+  return default
